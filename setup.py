@@ -1,0 +1,43 @@
+"""vidit: video diffusion transformers in JAX/Flax, from a laptop CPU to a TPU pod."""
+from setuptools import find_packages, setup
+
+# Versions pinned together: this set installs and is tested on Python 3.11.
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "grain==0.2.18",
+    "tensorflow-datasets==4.9.10",
+    "array-record==0.8.6",
+    "ml-collections==1.1.0",
+    "absl-py>=2.1",
+    "numpy>=1.26",
+    "scikit-learn>=1.5",  # ships the handwritten digits the embedded dataset is made from
+    "safetensors>=0.4",
+    "imageio>=2.34",
+    "pillow>=10",
+    "tensorboardX>=2.6",
+    "tqdm>=4.66",
+]
+
+EXTRAS = {
+    "test": ["pytest>=8", "pytest-xdist>=3.5"],
+    "video": ["av>=12"],
+    "tpu": ["libtpu==0.0.52"],
+    "gpu": ["jax-cuda12-plugin[with-cuda]==0.10.2"],
+}
+
+setup(
+    name="vidit",
+    version="0.1.0",
+    description="Video diffusion transformers in JAX/Flax at TPU-pod scale",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["vidit", "vidit.*", "data_pipelines", "data_pipelines.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    license="Apache-2.0",
+)
