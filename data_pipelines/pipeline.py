@@ -1,0 +1,283 @@
+"""Grain input pipeline: TFDS ArrayRecord video datasets -> per-process batches.
+
+The pipeline is a chain of random-access `grain.MapDataset`s, so every batch is
+a pure function of (seed, step, row):
+
+  source -> shuffle(seed) -> repeat (train) -> preprocess(rng of the global index)
+         -> this process's rows of each global batch -> batch -> iterator
+
+Because nothing depends on how many hosts read the data, a run can be resumed
+on a different number of processes and still see the same global batches, and
+the iterator state is just "next step", which Grain checkpoints (alone via
+`get_state`/`set_state`, or inside Orbax via `grain.checkpoint.CheckpointSave`
+and `CheckpointRestore`).
+
+`data_cfg` fields (an `ml_collections.ConfigDict`; see `default_data_config`):
+  name, data_dir, num_frames, frame_stride, height, width, channels,
+  batch_size (global), text_len, num_workers, builder_kwargs.
+"""
+import dataclasses
+import functools
+import os
+
+import grain
+from absl import flags
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+
+from data_pipelines import moving_digits
+from data_pipelines import tokenize
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+    """The data config with its defaults (the tiny embedded moving-digits set)."""
+    return ml_collections.ConfigDict(dict(
+        name=moving_digits.NAME,
+        data_dir=None,  # None: $VIDIT_DATA_DIR or ~/.cache/vidit/tensorflow_datasets
+        num_frames=8,
+        frame_stride=1,
+        height=32,
+        width=32,
+        channels=1,
+        batch_size=16,  # global: summed over all processes
+        text_len=32,
+        num_workers=0,  # 0: preprocess in this process; >0: Grain worker processes
+        builder_kwargs={},
+    ))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    """The config values the per-element transform needs (small and picklable for workers)."""
+
+    num_frames: int
+    frame_stride: int
+    height: int
+    width: int
+    channels: int
+    text_len: int
+
+    @property
+    def span(self) -> int:
+        """Stored frames one clip covers."""
+        return self.num_frames * self.frame_stride
+
+
+def _spec(data_cfg) -> _Spec:
+    return _Spec(**{field.name: int(data_cfg[field.name]) for field in dataclasses.fields(_Spec)})
+
+
+def _check_span(spec: _Spec, clip_length: int) -> None:
+    if spec.span > clip_length:
+        raise ValueError(
+            f"data.num_frames * data.frame_stride = {spec.num_frames} * {spec.frame_stride} = "
+            f"{spec.span} exceeds the stored clip length {clip_length}")
+
+
+# --------------------------------------------------------------------------- #
+# Per-element preprocessing (runs in Grain threads or worker processes).
+# --------------------------------------------------------------------------- #
+
+def _resize_matrix(n_out: int, n_in: int) -> np.ndarray:
+    """[n_out, n_in] triangle-filter weights: bilinear when enlarging, antialiased when shrinking."""
+    support = max(1.0, n_in / n_out)  # widen the filter when shrinking so no pixel is skipped
+    centres = (np.arange(n_out) + 0.5) * n_in / n_out - 0.5
+    weights = np.maximum(0.0, 1.0 - np.abs(np.arange(n_in)[None, :] - centres[:, None]) / support)
+    return (weights / weights.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def _resize_and_crop(video: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Scales float [T, H, W, C] to cover (height, width), then centre-crops to it."""
+    _, in_h, in_w, _ = video.shape
+    scale = max(height / in_h, width / in_w)
+    out_h, out_w = max(height, round(in_h * scale)), max(width, round(in_w * scale))
+    video = np.einsum("yh,thwc,xw->tyxc", _resize_matrix(out_h, in_h), video,
+                      _resize_matrix(out_w, in_w), optimize=True)
+    top, left = (out_h - height) // 2, (out_w - width) // 2
+    return video[:, top:top + height, left:left + width]
+
+
+def _convert_channels(video: np.ndarray, channels: int) -> np.ndarray:
+    """Grey -> any (repeat), any -> grey (mean); other mismatches are an error."""
+    stored = video.shape[-1]
+    if stored == channels:
+        return video
+    if stored == 1:
+        return np.repeat(video, channels, axis=-1)
+    if channels == 1:
+        return video.mean(axis=-1, keepdims=True)
+    raise ValueError(f"data.channels={channels} cannot be made from {stored} stored channels")
+
+
+def _temporal_crop(video: np.ndarray, spec: _Spec, rng: np.random.Generator, train: bool):
+    """`num_frames` frames `frame_stride` apart: a random window when training, else the first."""
+    _check_span(spec, len(video))  # also catches variable-length clips that are too short
+    start = int(rng.integers(len(video) - spec.span + 1)) if train else 0
+    return video[start:start + spec.span:spec.frame_stride]
+
+
+def _preprocess(element: dict, rng: np.random.Generator, *, spec: _Spec, train: bool) -> dict:
+    """One stored example -> {'video' float32 [-1, 1], 'label' int32, 'text' int32 tokens}."""
+    video = _temporal_crop(np.asarray(element["video"]), spec, rng, train)
+    video = video.astype(np.float32)
+    if video.shape[1:3] != (spec.height, spec.width):
+        video = _resize_and_crop(video, spec.height, spec.width)
+    video = _convert_channels(video, spec.channels)
+    caption = element.get("caption", tokenize.NULL)  # datasets without captions get the null one
+    if isinstance(caption, bytes):
+        caption = caption.decode("utf-8")
+    return {
+        "video": video / 127.5 - 1.0,
+        "label": np.int32(element["label"]),
+        "text": tokenize.encode(caption, spec.text_len),
+    }
+
+
+# --------------------------------------------------------------------------- #
+# Multi-host slicing.
+# --------------------------------------------------------------------------- #
+
+class ProcessRowsMapDataset(grain.MapDataset):
+    """This process's rows of every global batch, in order.
+
+    Element k is global element (k // b) * B + p * b + k % b, where B is the
+    global batch, b = B / process_count and p the process index, so batching
+    this by b gives rows [p*b, (p+1)*b) of global batch k // b. Unlike
+    `ds[p::P]`, the global batches do not depend on the number of processes.
+    Only whole global batches are kept.
+    """
+
+    _MUTATES_ELEMENT_SPEC = False  # only reorders elements (informs Grain's statistics)
+
+    def __init__(self, parent: grain.MapDataset, *, global_batch: int,
+                 process_index: int, process_count: int):
+        super().__init__(parent)
+        self._global_batch = global_batch
+        self._local_batch = global_batch // process_count
+        self._offset = process_index * self._local_batch
+        self._length = len(parent) // global_batch * self._local_batch
+
+    def __len__(self) -> int:
+        return self._length
+
+    def _parent_index(self, index: int) -> int:
+        step, row = divmod(index, self._local_batch)
+        return step * self._global_batch + self._offset + row
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        with self._stats.record_self_time():
+            parent_index = self._parent_index(index)
+        return self._parent[parent_index]
+
+    def _getitems(self, indices):
+        with self._stats.record_self_time(num_elements=len(indices)):
+            parent_indices = [self._parent_index(index) for index in indices]
+        return self._parent._getitems(parent_indices)  # pylint: disable=protected-access
+
+    def __str__(self) -> str:
+        return (f"ProcessRowsMapDataset(global_batch={self._global_batch}, "
+                f"local_batch={self._local_batch}, offset={self._offset})")
+
+
+# --------------------------------------------------------------------------- #
+# Assembly.
+# --------------------------------------------------------------------------- #
+
+def _load_builder(data_cfg) -> tfds.core.DatasetBuilder:
+    """The prepared TFDS builder for `data.name`; moving_digits is generated on first use."""
+    builder_kwargs = dict(data_cfg.get("builder_kwargs") or {})
+    if data_cfg.name == moving_digits.NAME:
+        return moving_digits.load_builder(data_cfg.data_dir, **builder_kwargs)
+    data_dir = data_cfg.data_dir or moving_digits.default_data_dir()
+    builder = tfds.builder(data_cfg.name, data_dir=data_dir, **builder_kwargs)
+    if not builder.is_prepared():
+        raise ValueError(
+            f"data.name={data_cfg.name!r} is not prepared under data.data_dir={data_dir!r}; "
+            "prepare it first with builder.download_and_prepare(file_format='array_record')")
+    return builder
+
+
+def _data_source(data_cfg, split: str, spec: _Spec):
+    """Random-access source for `split`, after checking the split and the clip length."""
+    builder = _load_builder(data_cfg)
+    base_split = split.split("[")[0]  # allow TFDS slicing such as "train[:10%]"
+    if base_split not in builder.info.splits:
+        raise ValueError(f"split={split!r} does not exist in data.name={data_cfg.name!r}; "
+                         f"available: {sorted(builder.info.splits)}")
+    stored_length = builder.info.features["video"].shape[0]
+    if stored_length is not None:  # variable-length clips are checked per element
+        _check_span(spec, stored_length)
+    return builder.as_data_source(split)
+
+
+def _process_index_and_count(process_index, process_count):
+    """Defaults to JAX's view of the job; imported lazily so worker processes skip JAX."""
+    if process_index is None or process_count is None:
+        import jax  # pylint: disable=g-import-not-at-top
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} must lie in [0, process_count={process_count})")
+    return process_index, process_count
+
+
+def _read_options() -> grain.ReadOptions:
+    """A few threads and a short buffer: each element is already a whole batch."""
+    threads = min(8, os.cpu_count() or 1)
+    return grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)
+
+
+def _ensure_flags_parsed() -> None:
+    """Grain reads absl flags when starting workers; outside `absl.app.run` (pytest,
+    notebooks, plain scripts) nothing has parsed them, so take their defaults."""
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def make_iterator(data_cfg, split: str, *, seed: int, train: bool,
+                  process_index: int | None = None,
+                  process_count: int | None = None) -> grain.DatasetIterator:
+    """Iterator over this process's rows of each global batch of `split`.
+
+    Args:
+      data_cfg: data config (fields as in `default_data_config`; missing ones take defaults).
+      split: TFDS split name, e.g. "train", "validation" or "train[:10%]".
+      seed: fixes the shuffle order and the augmentations.
+      train: repeat forever with random temporal crops; otherwise one pass
+        (whole global batches only) with the first frames of every clip.
+      process_index, process_count: this process's place among the data-loading
+        processes; default to `jax.process_index()` / `jax.process_count()`.
+
+    Returns:
+      A checkpointable `grain.DatasetIterator` of dicts with numpy arrays
+      `video` float32 [b, num_frames, height, width, channels] in [-1, 1],
+      `label` int32 [b] and `text` int32 [b, text_len], b = batch_size / process_count.
+    """
+    cfg = default_data_config()
+    cfg.update(data_cfg)
+    process_index, process_count = _process_index_and_count(process_index, process_count)
+    if cfg.batch_size % process_count:
+        raise ValueError(f"data.batch_size={cfg.batch_size} does not divide by "
+                         f"process_count={process_count}")
+    spec = _spec(cfg)
+    # Independent streams for the order and the augmentations, both from `seed`.
+    shuffle_seed, augment_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))
+
+    ds = grain.MapDataset.source(_data_source(cfg, split, spec)).shuffle(seed=shuffle_seed)
+    if train:
+        ds = ds.repeat()  # reshuffled every epoch
+    # After `repeat`, the index random_map seeds from is the global element index.
+    ds = ds.random_map(functools.partial(_preprocess, spec=spec, train=train), seed=augment_seed)
+    ds = ProcessRowsMapDataset(ds, global_batch=cfg.batch_size,
+                               process_index=process_index, process_count=process_count)
+    ds = ds.batch(cfg.batch_size // process_count, drop_remainder=True)
+    iter_ds = ds.to_iter_dataset(_read_options())
+    if cfg.num_workers > 0:
+        _ensure_flags_parsed()
+        # Workers take whole batches round-robin, so the output order is unchanged.
+        iter_ds = iter_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
+    return iter(iter_ds)

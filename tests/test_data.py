@@ -1,0 +1,251 @@
+"""Tests for the embedded moving-digits dataset, the caption tokenizer and the Grain pipeline."""
+import sys
+
+import grain
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import tensorflow_datasets as tfds
+
+from data_pipelines import moving_digits as md
+from data_pipelines import pipeline
+from data_pipelines import tokenize
+
+TINY = {"num_train": 64, "num_validation": 16}
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """A tiny moving_digits build shared by every test of the session."""
+    path = tmp_path_factory.mktemp("tfds")
+    md.load_builder(str(path), **TINY)
+    return str(path)
+
+
+@pytest.fixture
+def cfg(data_dir):
+    cfg = pipeline.default_data_config()
+    cfg.data_dir = data_dir
+    cfg.builder_kwargs = dict(TINY)
+    cfg.batch_size = 8
+    return cfg
+
+
+def _take(iterator, n):
+    return [next(iterator) for _ in range(n)]
+
+
+def _assert_batches_equal(got, want):
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def _bbox_corner(frame):
+    """Top-left corner of the nonzero pixels; integer shifts move it exactly with the digit."""
+    rows, cols = np.nonzero(frame[..., 0])
+    return np.array([rows.min(), cols.min()])
+
+
+# --------------------------------------------------------------------------- #
+# Dataset generation.
+# --------------------------------------------------------------------------- #
+
+def test_make_clip_is_deterministic_with_expected_shape():
+    image, label = np.arange(64).reshape(8, 8) % 17, 3
+    video, caption = md.make_clip(np.random.default_rng(7), image, label)
+    again, caption_again = md.make_clip(np.random.default_rng(7), image, label)
+    other, _ = md.make_clip(np.random.default_rng(8), image, label)
+    assert video.shape == (md.NUM_FRAMES, 32, 32, 1) and video.dtype == np.uint8
+    np.testing.assert_array_equal(video, again)
+    assert caption == caption_again
+    assert not np.array_equal(video, other)
+    assert video.max() > 200 and video.min() == 0
+    assert all(frame.any() for frame in video)  # the digit is on every frame
+
+
+def test_caption_describes_the_motion():
+    images, labels = md._source_images("validation")
+    for index in range(40):
+        rng = np.random.default_rng(index)
+        video, caption = md.make_clip(rng, images[index], labels[index])
+        corners = np.stack([_bbox_corner(frame) for frame in video])
+        steps = np.diff(corners, axis=0)
+        assert np.abs(steps).max() <= md.MAX_SPEED
+        dy, dx = steps[0]  # no bounce on the first step, so it shows the captioned velocity
+        assert caption.startswith(f"a {labels[index]} moving ")
+        assert ("up" in caption) == (dy < 0) and ("down" in caption) == (dy > 0)
+        assert ("left" in caption) == (dx < 0) and ("right" in caption) == (dx > 0)
+
+
+def _source_indices(frame, upscaled):
+    """Indices of the source digits whose upscaled image appears in `frame`."""
+    y, x = _bbox_corner(frame)
+    matches = []
+    for index, digit in enumerate(upscaled):
+        dy, dx = _bbox_corner(digit[..., None])
+        top, left = y - dy, x - dx
+        if 0 <= top <= 16 and 0 <= left <= 16 and np.array_equal(
+                frame[top:top + 16, left:left + 16, 0], digit):
+            matches.append(index)
+    return matches
+
+
+def test_generate_is_deterministic_and_splits_use_disjoint_digits():
+    first = list(md.generate("validation", 4, seed=1))
+    again = list(md.generate("validation", 4, seed=1))
+    for (key, ex), (key_again, ex_again) in zip(first, again):
+        assert key == key_again and ex["caption"] == ex_again["caption"]
+        np.testing.assert_array_equal(ex["video"], ex_again["video"])
+    from sklearn.datasets import load_digits
+
+    upscaled = [md.upscale_digit(image) for image in load_digits().images]
+    for split, allowed in (("train", range(0, md.NUM_TRAIN_IMAGES)),
+                           ("validation", range(md.NUM_TRAIN_IMAGES, len(upscaled)))):
+        for _, example in md.generate(split, 4, seed=1):
+            sources = _source_indices(example["video"][0], upscaled)
+            assert any(index in allowed for index in sources), split
+
+
+def test_builder_round_trip_without_tensorflow(data_dir):
+    builder = md.load_builder(data_dir, **TINY)
+    assert builder.info.splits["train"].num_examples == 64
+    assert builder.info.splits["validation"].num_examples == 16
+    source = tfds.data_source(md.NAME, split="validation", data_dir=data_dir, builder_kwargs=TINY)
+    stored = sorted((ex["caption"].decode(), ex["video"].tobytes()) for ex in source)
+    generated = sorted((ex["caption"], ex["video"].tobytes())
+                       for _, ex in md.generate("validation", 16, seed=0))
+    assert stored == generated  # same clips; TFDS only reorders them
+    assert "tensorflow" not in sys.modules
+
+
+def test_load_builder_reuses_the_files(data_dir, capsys):
+    md.load_builder(data_dir, **TINY)
+    assert "Building" not in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- #
+# Tokenizer.
+# --------------------------------------------------------------------------- #
+
+def test_tokenizer_round_trip_padding_and_truncation():
+    tokens = tokenize.encode("a 3 é", 10)
+    assert tokens.dtype == np.int32 and tokens.shape == (10,)
+    assert tokens[0] == tokenize.BOS and tokens[-1] == tokenize.PAD
+    assert tokens[1] == ord("a") + 2 and tokens.max() < tokenize.VOCAB_SIZE == 258
+    assert tokenize.decode(tokens) == "a 3 é"
+    assert tokenize.decode(tokenize.encode("abcdef", 4)) == "abc"  # BOS + 3 bytes
+    np.testing.assert_array_equal(tokenize.encode(tokenize.NULL, 4), [1, 0, 0, 0])
+    np.testing.assert_array_equal(tokenize.null_tokens(4), [1, 0, 0, 0])
+
+
+# --------------------------------------------------------------------------- #
+# Pipeline.
+# --------------------------------------------------------------------------- #
+
+def test_pipeline_elements(cfg):
+    batch = next(pipeline.make_iterator(cfg, "train", seed=0, train=True,
+                                        process_index=0, process_count=1))
+    assert batch["video"].shape == (8, 8, 32, 32, 1) and batch["video"].dtype == np.float32
+    assert batch["video"].min() >= -1 and batch["video"].max() <= 1
+    assert batch["video"].min() == -1 and batch["video"].max() > 0.5
+    assert batch["label"].shape == (8,) and batch["label"].dtype == np.int32
+    assert batch["text"].shape == (8, 32) and batch["text"].dtype == np.int32
+    for label, text in zip(batch["label"], batch["text"]):
+        assert tokenize.decode(text).startswith(f"a {label} moving")  # rows stay aligned
+
+
+def test_pipeline_resizes_converts_channels_and_strides(cfg):
+    cfg.update(dict(height=24, width=20, channels=3, num_frames=4, frame_stride=3))
+    video = next(pipeline.make_iterator(cfg, "train", seed=0, train=True,
+                                        process_index=0, process_count=1))["video"]
+    assert video.shape == (8, 4, 24, 20, 3)
+    assert video.min() >= -1 and video.max() <= 1
+    np.testing.assert_array_equal(video[..., 0], video[..., 2])  # grey repeated to RGB
+
+
+def test_eval_is_one_pass_over_first_frames(cfg, data_dir):
+    batches = list(pipeline.make_iterator(cfg, "validation", seed=0, train=False,
+                                          process_index=0, process_count=1))
+    assert len(batches) == 16 // 8
+    source = tfds.data_source(md.NAME, split="validation", data_dir=data_dir, builder_kwargs=TINY)
+    want = sorted(ex["video"][:8].tobytes() for ex in source)
+    got = sorted(((row + 1) * 127.5).round().astype(np.uint8).tobytes()
+                 for batch in batches for row in batch["video"])
+    assert got == want  # every clip exactly once, starting at frame 0
+
+
+def test_pipeline_is_deterministic_in_seed(cfg):
+    def batches(seed):
+        return _take(pipeline.make_iterator(cfg, "train", seed=seed, train=True,
+                                            process_index=0, process_count=1), 3)
+
+    first = batches(0)
+    _assert_batches_equal(batches(0), first)
+    assert not np.array_equal(batches(1)[0]["video"], first[0]["video"])
+
+
+def test_resume_from_state(cfg):
+    iterator = pipeline.make_iterator(cfg, "train", seed=0, train=True,
+                                      process_index=0, process_count=1)
+    _take(iterator, 3)
+    state = iterator.get_state()
+    expected = _take(iterator, 2)  # crosses into the second epoch (64 clips / 8)
+    resumed = pipeline.make_iterator(cfg, "train", seed=0, train=True,
+                                     process_index=0, process_count=1)
+    resumed.set_state(state)
+    _assert_batches_equal(_take(resumed, 2), expected)
+
+
+def test_resume_through_orbax(cfg, tmp_path):
+    def make():
+        return pipeline.make_iterator(cfg, "train", seed=0, train=True,
+                                      process_index=0, process_count=1)
+
+    iterator = make()
+    _take(iterator, 3)
+    with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
+        manager.save(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(iterator)))
+        manager.wait_until_finished()
+    expected = _take(iterator, 2)
+    resumed = make()
+    with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
+        manager.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(resumed)))
+    _assert_batches_equal(_take(resumed, 2), expected)
+
+
+@pytest.mark.parametrize("process_count", [2, 4])
+def test_processes_split_the_same_global_batch(cfg, process_count):
+    whole = _take(pipeline.make_iterator(cfg, "train", seed=0, train=True,
+                                         process_index=0, process_count=1), 10)
+    parts = [_take(pipeline.make_iterator(cfg, "train", seed=0, train=True,
+                                          process_index=p, process_count=process_count), 10)
+             for p in range(process_count)]
+    joined = [{key: np.concatenate([part[step][key] for part in parts]) for key in whole[step]}
+              for step in range(10)]
+    _assert_batches_equal(joined, whole)
+
+
+def test_worker_processes_give_the_same_batches(cfg):
+    expected = _take(pipeline.make_iterator(cfg, "train", seed=0, train=True,
+                                            process_index=0, process_count=1), 3)
+    cfg.num_workers = 2
+    iterator = pipeline.make_iterator(cfg, "train", seed=0, train=True,
+                                      process_index=0, process_count=1)
+    try:
+        _assert_batches_equal(_take(iterator, 3), expected)
+    finally:
+        iterator.close()
+
+
+@pytest.mark.parametrize("change, split, key", [
+    (dict(batch_size=9), "train", "batch_size"),
+    (dict(), "test", "split"),
+    (dict(num_frames=9, frame_stride=2), "train", "num_frames"),
+])
+def test_bad_config_raises(cfg, change, split, key):
+    cfg.update(change)
+    with pytest.raises(ValueError, match=key):
+        pipeline.make_iterator(cfg, split, seed=0, train=True, process_index=0, process_count=2)

@@ -1,0 +1,137 @@
+"""The one default config every experiment file starts from, and the model size table.
+
+Experiment files under configs/ are small: `get_config(arg)` calls `base_config()` and changes
+what differs. `arg` is the text after ':' in `--config configs/x.py:arg`, e.g. "smoke" or
+"size=B,smoke"; see `parse_arg`.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from vidit import diffusion, sharding
+
+# depth, width, heads (DiT paper sizes, plus tiny ones for tests and CPU runs)
+SIZES = {
+    "tiny": (2, 64, 2),
+    "mini": (6, 192, 3),
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 16),
+}
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+    """'smoke,size=B' -> {'smoke': True, 'size': 'B'} over the given defaults.
+
+    Only keys named in `defaults` are accepted, so a mistyped variant is an error.
+    """
+    out = dict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, _, value = item.partition("=")
+        if key not in out:
+            raise ValueError(f"config variant '{key}' is unknown; valid: {sorted(out)}")
+        default = out[key]
+        if not value:
+            out[key] = True
+        elif isinstance(default, bool):
+            out[key] = value.lower() in ("1", "true", "yes")
+        elif isinstance(default, int):
+            out[key] = int(value)
+        elif isinstance(default, float):
+            out[key] = float(value)
+        else:
+            out[key] = value
+    return ml_collections.ConfigDict(out)
+
+
+def set_size(model: ml_collections.ConfigDict, size: str) -> None:
+    if size not in SIZES:
+        raise ValueError(f"model size '{size}' is unknown; valid: {sorted(SIZES)}")
+    model.size = size
+    model.depth, model.width, model.heads = SIZES[size]
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.data = dict(
+        name="moving_digits",
+        data_dir="",  # '' = ~/.cache/vidit/tensorflow_datasets (or $VIDIT_DATA_DIR)
+        num_frames=8,
+        frame_stride=1,
+        height=32,
+        width=32,
+        channels=1,
+        batch_size=16,  # global
+        text_len=32,
+        num_workers=0,
+        builder_kwargs={},
+    )
+
+    c.model = dict(
+        size="S",
+        depth=12,
+        width=384,
+        heads=6,
+        mlp_ratio=4.0,
+        patch=(1, 2, 2),  # (time, height, width)
+        channels=1,  # set to data.channels by experiment files
+        cond="class",  # class | text | none
+        num_classes=10,
+        text_len=32,
+        text_width=128,
+        text_depth=2,
+        text_heads=4,
+        rope_theta=10000.0,
+        dtype="float32",  # compute dtype
+        param_dtype="float32",
+        scan_layers=True,
+        remat="none",  # none | dots_saveable | full
+        attention="xla",
+    )
+
+    # Only the chosen objective's fields: a field of another objective is a config error.
+    # VP configs use diffusion.default_config("vp").
+    c.objective = diffusion.default_config("flow")
+
+    c.optim = dict(
+        lr=1e-4,
+        schedule="cosine",  # cosine | constant (both after linear warmup)
+        warmup_steps=100,
+        end_lr_fraction=0.1,
+        b1=0.9,
+        b2=0.999,
+        eps=1e-8,
+        weight_decay=0.0,
+        clip_norm=1.0,
+        grad_accum=1,
+    )
+    c.ema_decay = 0.999
+
+    c.train = dict(
+        steps=1000,
+        cond_drop_prob=0.1,
+        log_every=10,
+        eval_every=250,
+        eval_batches=2,
+        eval_times=8,  # fixed-t validation loss at this many evenly spaced t
+        ckpt_every=250,
+        keep_ckpts=3,
+        sample_every=0,  # 0 = only at the end
+        nonfinite="skip",  # skip the update | stop the run
+        progress=True,
+    )
+
+    c.sample = dict(
+        steps=50,
+        guidance=4.0,
+        num=8,
+        seed=0,
+        fps=8,
+    )
+
+    c.mesh = dict(data=1, fsdp=-1, tensor=1, sequence=1)
+    c.sharding_rules = [list(rule) for rule in sharding.DEFAULT_RULES]
+    return c

@@ -1,0 +1,284 @@
+"""Video DiT: a transformer over 3D spacetime patches with adaLN-Zero conditioning.
+
+x [B, T, H, W, C] -> patches [B, N, P] -> tokens [B, N, width] -> blocks -> patches -> video.
+Conditioning vector c = embed(t) + embed(class) or pooled text; with text, every block also
+cross-attends to the text tokens. Position enters only through 3D RoPE on q and k, so any
+(T, H, W) that divides by the patch size works with the same parameters.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vidit import sharding
+from vidit.models import layers
+from vidit.models.attention import attention
+from vidit.models.layers import Dense, RMSNorm
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+COND_KINDS = ("class", "text", "none")
+
+# Logical names of the activations that flow between blocks.
+TOKENS = ("activation_batch", "activation_length", "activation_embed")
+HEADS = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class SelfAttention(nnx.Module):
+    def __init__(self, cfg, *, rngs, dtype, param_dtype):
+        width, heads = cfg.width, cfg.heads
+        head_dim = width // heads
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.qkv = Dense((width,), (3, heads, head_dim), ("embed", None, "heads", "kv"), **kw)
+        self.q_norm = RMSNorm(head_dim, rngs=rngs, param_dtype=param_dtype)
+        self.k_norm = RMSNorm(head_dim, rngs=rngs, param_dtype=param_dtype)
+        self.out = Dense((heads, head_dim), (width,), ("heads", "kv", "embed"), **kw)
+        self.backend = cfg.attention
+
+    def __call__(self, x, rope):
+        qkv = self.qkv(x)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        q = layers.apply_rope(self.q_norm(q), *rope)
+        k = layers.apply_rope(self.k_norm(k), *rope)
+        q, k, v = (sharding.constrain(a, HEADS) for a in (q, k, v))
+        y = attention(q, k, v, backend=self.backend)
+        return self.out(sharding.constrain(y, HEADS))
+
+
+class CrossAttention(nnx.Module):
+    """Video tokens attend to text tokens (padding masked)."""
+
+    def __init__(self, cfg, *, rngs, dtype, param_dtype):
+        width, heads, text_width = cfg.width, cfg.heads, cfg.text_width
+        head_dim = width // heads
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.q = Dense((width,), (heads, head_dim), ("embed", "heads", "kv"), **kw)
+        self.kv = Dense((text_width,), (2, heads, head_dim), ("embed", None, "heads", "kv"), **kw)
+        self.q_norm = RMSNorm(head_dim, rngs=rngs, param_dtype=param_dtype)
+        self.k_norm = RMSNorm(head_dim, rngs=rngs, param_dtype=param_dtype)
+        self.out = Dense((heads, head_dim), (width,), ("heads", "kv", "embed"), **kw,
+                         kernel_init=nnx.initializers.zeros)
+        self.backend = cfg.attention
+
+    def __call__(self, x, text, text_mask):
+        q = self.q_norm(self.q(x))
+        kv = self.kv(text)
+        k, v = self.k_norm(kv[:, :, 0]), kv[:, :, 1]
+        return self.out(attention(q, k, v, text_mask, backend=self.backend))
+
+
+class Mlp(nnx.Module):
+    def __init__(self, width, hidden, *, rngs, dtype, param_dtype, names=("embed", "mlp")):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.fc1 = Dense((width,), (hidden,), names, **kw)
+        self.fc2 = Dense((hidden,), (width,), names[::-1], **kw)
+
+    def __call__(self, x):
+        h = jax.nn.gelu(self.fc1(x), approximate=True)
+        h = sharding.constrain(h, ("activation_batch", "activation_length", "activation_mlp"))
+        return self.fc2(h)
+
+
+class DiTBlock(nnx.Module):
+    """adaLN-Zero block: gates are zero at init, so the block starts as the identity."""
+
+    def __init__(self, cfg, *, rngs, dtype, param_dtype):
+        width = cfg.width
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.ada = Dense((width,), (6, width), ("embed", None, "mlp"), **kw,
+                         kernel_init=nnx.initializers.zeros)
+        self.attn = SelfAttention(cfg, **kw)
+        self.cross = CrossAttention(cfg, **kw) if cfg.cond == "text" else None
+        self.mlp = Mlp(width, int(width * cfg.mlp_ratio), **kw)
+
+    def __call__(self, x, c, rope, text=None, text_mask=None):
+        shift1, scale1, gate1, shift2, scale2, gate2 = jnp.moveaxis(
+            self.ada(jax.nn.silu(c)), 1, 0)
+        h = modulate(layers.layer_norm(x), shift1, scale1)
+        x = x + gate1[:, None] * self.attn(h, rope)
+        if self.cross is not None:
+            x = x + self.cross(layers.layer_norm(x), text, text_mask)
+        h = modulate(layers.layer_norm(x), shift2, scale2)
+        x = x + gate2[:, None] * self.mlp(h)
+        return sharding.constrain(x, TOKENS)
+
+
+class TextBlock(nnx.Module):
+    """Pre-LN transformer block for the small caption encoder."""
+
+    def __init__(self, width, heads, *, rngs, dtype, param_dtype):
+        head_dim = width // heads
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.qkv = Dense((width,), (3, heads, head_dim), ("embed", None, "heads", "kv"), **kw)
+        self.out = Dense((heads, head_dim), (width,), ("heads", "kv", "embed"), **kw)
+        self.mlp = Mlp(width, 4 * width, **kw)
+
+    def __call__(self, x, mask, backend):
+        qkv = self.qkv(layers.layer_norm(x))
+        x = x + self.out(attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], mask, backend=backend))
+        return x + self.mlp(layers.layer_norm(x))
+
+
+class TextEncoder(nnx.Module):
+    """Byte tokens -> contextual embeddings [B, L, text_width] and a pooled vector.
+
+    Trained with the DiT (the big systems use a frozen T5; a byte-level encoder keeps the embedded
+    dataset self-contained). Token 1 (BOS) is always present, so the null caption is not empty.
+    """
+
+    def __init__(self, cfg, *, rngs, dtype, param_dtype):
+        from data_pipelines import tokenize  # the tokenizer defines the vocabulary
+        width = cfg.text_width
+        self.embed = layers.param(rngs, nnx.initializers.normal(0.02),
+                                  (tokenize.VOCAB_SIZE, width), ("vocab", "embed"), param_dtype)
+        self.pos = layers.param(rngs, nnx.initializers.normal(0.02), (cfg.text_len, width),
+                                ("position", "embed"), param_dtype)
+        self.blocks = nnx.List([TextBlock(width, cfg.text_heads, rngs=rngs, dtype=dtype,
+                                          param_dtype=param_dtype)
+                                for _ in range(cfg.text_depth)])
+        self.dtype = dtype
+        self.backend = cfg.attention
+
+    def __call__(self, tokens):
+        mask = tokens > 0
+        x = (self.embed[...][tokens] + self.pos[...][: tokens.shape[1]]).astype(self.dtype)
+        for block in self.blocks:
+            x = block(x, mask, self.backend)
+        x = layers.layer_norm(x)
+        weights = mask.astype(x.dtype)[..., None]
+        pooled = (x * weights).sum(1) / jnp.maximum(weights.sum(1), 1)
+        return x, mask, pooled
+
+
+class FinalLayer(nnx.Module):
+    def __init__(self, width, patch_dim, *, rngs, dtype, param_dtype):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        zeros = nnx.initializers.zeros
+        self.ada = Dense((width,), (2, width), ("embed", None, "mlp"), **kw, kernel_init=zeros)
+        self.proj = Dense((width,), (patch_dim,), ("embed", "patch"), **kw, kernel_init=zeros)
+
+    def __call__(self, x, c):
+        shift, scale = jnp.moveaxis(self.ada(jax.nn.silu(c)), 1, 0)
+        return self.proj(modulate(layers.layer_norm(x), shift, scale))
+
+
+def _make_blocks(cfg, rngs, dtype, param_dtype):
+    """Blocks stacked on a leading 'layers' axis (for scan), or a plain list."""
+    make = functools.partial(DiTBlock, cfg, dtype=dtype, param_dtype=param_dtype)
+    if not cfg.scan_layers:
+        return nnx.List([make(rngs=rngs) for _ in range(cfg.depth)])
+
+    @nnx.split_rngs(splits=cfg.depth)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def stacked(rngs):
+        return make(rngs=rngs)
+
+    return stacked(rngs)
+
+
+class VideoDiT(nnx.Module):
+    """The denoiser: (x_t [B,T,H,W,C], t [B], cond dict) -> prediction [B,T,H,W,C]."""
+
+    def __init__(self, cfg: Any, *, rngs: nnx.Rngs):
+        if cfg.cond not in COND_KINDS:
+            raise sharding.ConfigError(f"config.model.cond='{cfg.cond}' is not one of {COND_KINDS}")
+        if cfg.width % cfg.heads:
+            raise sharding.ConfigError(
+                f"config.model.width={cfg.width} does not divide by config.model.heads={cfg.heads}")
+        if cfg.remat not in REMAT_POLICIES:
+            raise sharding.ConfigError(
+                f"config.model.remat='{cfg.remat}' is not one of {sorted(REMAT_POLICIES)}")
+        dtype, param_dtype = layers.dtype_of(cfg.dtype), layers.dtype_of(cfg.param_dtype)
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.cfg = cfg
+        self.patch = tuple(cfg.patch)
+        self.channels = cfg.channels
+        patch_dim = math.prod(self.patch) * cfg.channels
+        self.patch_embed = Dense((patch_dim,), (cfg.width,), ("patch", "embed"), **kw)
+        self.t_embed = layers.TimestepEmbedder(cfg.width, **kw)
+        if cfg.cond == "class":  # one extra row: the null label for classifier-free guidance
+            self.class_embed = layers.param(rngs, nnx.initializers.normal(0.02),
+                                            (cfg.num_classes + 1, cfg.width), ("vocab", "embed"),
+                                            param_dtype)
+        if cfg.cond == "text":
+            self.text = TextEncoder(cfg, **kw)
+            self.text_pool = Dense((cfg.text_width,), (cfg.width,), ("mlp", "embed"), **kw)
+        self.blocks = _make_blocks(cfg, rngs, dtype, param_dtype)
+        self.final = FinalLayer(cfg.width, patch_dim, **kw)
+        self.dtype = dtype
+
+    # -- conditioning ---------------------------------------------------------------------------
+    def null_cond(self, cond: dict) -> dict:
+        """The unconditional input for classifier-free guidance, shaped like `cond`."""
+        out = {}
+        if "label" in cond:
+            out["label"] = jnp.full_like(cond["label"], self.cfg.num_classes)
+        if "text" in cond:  # BOS followed by padding: the empty caption
+            out["text"] = jnp.zeros_like(cond["text"]).at[:, 0].set(1)
+        return out
+
+    def drop_cond(self, cond: dict, rng, prob: float) -> dict:
+        """Replaces each example's condition by the null one with probability `prob` (CFG)."""
+        if prob <= 0 or not cond:
+            return cond
+        null = self.null_cond(cond)
+        batch = jax.tree.leaves(cond)[0].shape[0]
+        drop = jax.random.bernoulli(rng, prob, (batch,))
+        return jax.tree.map(
+            lambda a, b: jnp.where(drop.reshape((-1,) + (1,) * (a.ndim - 1)), b, a), cond, null)
+
+    def _condition(self, t, cond):
+        c = self.t_embed(t)
+        text = text_mask = None
+        if self.cfg.cond == "class":
+            c = c + self.class_embed[...][cond["label"]].astype(self.dtype)
+        elif self.cfg.cond == "text":
+            text, text_mask, pooled = self.text(cond["text"])
+            c = c + self.text_pool(pooled)
+        return c, text, text_mask
+
+    # -- forward --------------------------------------------------------------------------------
+    def __call__(self, x, t, cond: dict | None = None):
+        cond = cond or {}
+        tokens, grid = layers.patchify(x.astype(self.dtype), self.patch)
+        h = sharding.constrain(self.patch_embed(tokens), TOKENS)
+        c, text, text_mask = self._condition(t, cond)
+        rope = layers.rope_angles(grid, self.cfg.width // self.cfg.heads, self.cfg.rope_theta)
+        h = self._run_blocks(h, c, rope, text, text_mask)
+        out = self.final(h, c)
+        return layers.unpatchify(out, grid, self.patch, self.channels).astype(jnp.float32)
+
+    def _run_blocks(self, h, c, rope, text, text_mask):
+        policy = REMAT_POLICIES[self.cfg.remat]
+
+        def block_fn(block, h):
+            return block(h, c, rope, text, text_mask)
+
+        if self.cfg.remat != "none":
+            block_fn = nnx.remat(block_fn, policy=policy, prevent_cse=not self.cfg.scan_layers)
+        if not self.cfg.scan_layers:
+            for block in self.blocks:
+                h = block_fn(block, h)
+            return h
+
+        @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+        def scan_fn(block, h):
+            return block_fn(block, h)
+
+        return scan_fn(self.blocks, h)
+
+
+def build(cfg: Any, seed: int = 0) -> VideoDiT:
+    return VideoDiT(cfg, rngs=nnx.Rngs(params=seed))

@@ -1,0 +1,100 @@
+"""The jitted functions of a run: train step, fixed-t eval loss, sampling.
+
+They are pure: (state, batch) in, (state, metrics) out. `vidit/train.py` compiles them once with
+explicit shardings; `vidit/compile.py`-style AOT tools can lower the very same functions.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from vidit.train_state import Setup, TrainState, ema_update
+
+
+def condition(batch: dict, cond_kind: str) -> dict:
+    """The part of a batch the model is conditioned on."""
+    if cond_kind == "class":
+        return {"label": batch["label"]}
+    if cond_kind == "text":
+        return {"text": batch["text"]}
+    return {}
+
+
+def _split_micro(batch: dict, n: int) -> dict:
+    """[B, ...] -> [n, B/n, ...] for gradient accumulation."""
+    return jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), batch)
+
+
+def train_step(setup: Setup, objective: Any, state: TrainState, batch: dict):
+    config = setup.config
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    accum = int(config.optim.grad_accum)
+
+    def loss_fn(params, micro, rng):
+        model = setup.model(params)
+        drop_rng, loss_rng = jax.random.split(rng)
+        cond = model.drop_cond(condition(micro, config.model.cond), drop_rng,
+                               config.train.cond_drop_prob)
+        loss, _ = objective.loss(model, micro["video"], cond, loss_rng)
+        return loss
+
+    grad_fn = jax.value_and_grad(loss_fn)
+    if accum == 1:
+        loss, grads = grad_fn(state.params, batch, rng)
+    else:  # one optimizer update from `accum` sequential micro-batches (bounded activations)
+        def body(carry, xs):
+            micro, i = xs
+            loss, grads = grad_fn(state.params, micro, jax.random.fold_in(rng, i))
+            return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
+        (loss, grads), _ = jax.lax.scan(body, zeros, (_split_micro(batch, accum), jnp.arange(accum)))
+        loss, grads = jax.tree.map(lambda x: x / accum, (loss, grads))
+
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new = TrainState(step=state.step + 1, params=params,
+                     ema_params=ema_update(state.ema_params, params, config.ema_decay, state.step),
+                     opt_state=opt_state, rng=state.rng)
+    # A non-finite loss or gradient never reaches the weights: the update is dropped (the host
+    # then skips on, or stops, as config.train.nonfinite says).
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
+    new = new.replace(step=state.step + 1)
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": setup.lr_schedule(state.step),
+               "finite": finite}
+    return new, metrics
+
+
+def eval_step(setup: Setup, objective: Any, params: Any, batch: dict, rng: jax.Array):
+    """Loss at `config.train.eval_times` evenly spaced t with fixed noise: [num_times].
+
+    Fixed t and noise remove the sampling variance of t from the comparison, which is why this
+    metric tracks sample quality across a sweep (SD3, Open-Sora).
+    """
+    config = setup.config
+    model = setup.model(params)
+    cond = condition(batch, config.model.cond)
+    x0 = batch["video"]
+    times = objective.eval_times(int(config.train.eval_times))
+
+    def at(args):
+        i, t = args
+        noise = jax.random.normal(jax.random.fold_in(rng, i), x0.shape, x0.dtype)
+        loss, _ = objective.loss_at(model, x0, cond, jnp.full((x0.shape[0],), t), noise)
+        return loss
+
+    times = jnp.asarray(times, jnp.float32)
+    return jax.lax.map(at, (jnp.arange(times.shape[0]), times))
+
+
+def sample(setup: Setup, objective: Any, params: Any, noise: jax.Array, cond: dict, *,
+           steps: int, guidance: float):
+    model = setup.model(params)
+    null = model.null_cond(cond) if cond else None
+    return objective.sample(model, noise, cond, steps=steps, null_cond=null,
+                            guidance=guidance if cond else 1.0)

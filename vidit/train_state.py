@@ -1,0 +1,119 @@
+"""The one object that holds a run's state, its optimizer, and how both are laid out on the mesh.
+
+Parameters are plain nested dicts of arrays (`nnx.to_pure_dict`); the model's static structure
+(graphdef) stays outside the state, so the state is an ordinary pytree that jit, optax and Orbax
+all take as is.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from vidit import sharding
+from vidit.models import dit
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    ema_params: Any
+    opt_state: Any
+    rng: jax.Array  # raw uint32 key data: portable through checkpoints
+
+
+def learning_rate_schedule(optim: Any, total_steps: int) -> optax.Schedule:
+    """Linear warmup, then cosine decay to end_lr_fraction * lr, or constant."""
+    warmup = max(int(optim.warmup_steps), 0)
+    if optim.schedule == "constant":
+        after = optax.constant_schedule(optim.lr)
+    elif optim.schedule == "cosine":
+        after = optax.cosine_decay_schedule(
+            optim.lr, max(total_steps - warmup, 1), alpha=optim.end_lr_fraction)
+    else:
+        raise sharding.ConfigError(
+            f"config.optim.schedule='{optim.schedule}' is not one of ['constant', 'cosine']")
+    if not warmup:
+        return after
+    return optax.join_schedules(
+        [optax.linear_schedule(optim.lr / warmup, optim.lr, warmup), after], [warmup])
+
+
+def decay_mask(params: Any) -> Any:
+    """Weight decay on weight matrices ('kernel') only: not on norms, biases or embedding tables."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
+
+
+def make_optimizer(optim: Any, total_steps: int, params: Any) -> optax.GradientTransformation:
+    schedule = learning_rate_schedule(optim, total_steps)
+    return optax.chain(
+        optax.clip_by_global_norm(optim.clip_norm) if optim.clip_norm else optax.identity(),
+        optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                    weight_decay=optim.weight_decay, mask=decay_mask(params)),
+    )
+
+
+def ema_update(ema: Any, params: Any, decay: float, step: jax.Array) -> Any:
+    """EMA with a warmup (decay grows as (1 + step) / (10 + step)) so short runs are not stuck
+    near initialisation."""
+    d = jnp.minimum(decay, (1.0 + step) / (10.0 + step)).astype(jnp.float32)
+    return jax.tree.map(lambda e, p: (d * e + (1 - d) * p.astype(e.dtype)).astype(e.dtype),
+                        ema, params)
+
+
+class Setup:
+    """Everything static about a run's state: model structure, optimizer, shardings.
+
+    Building it allocates nothing (abstract evaluation); `init()` then creates the state directly
+    in its sharded layout, so a model larger than one device never exists unsharded.
+    """
+
+    def __init__(self, config: Any, mesh: Mesh):
+        self.config = config
+        self.mesh = mesh
+        rules = config.sharding_rules
+        abstract_model = nnx.eval_shape(lambda: dit.build(config.model, config.seed))
+        self.graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+        self.param_names = sharding.logical_names(abstract_params)
+        abstract_params = nnx.to_pure_dict(abstract_params)
+        self.tx = make_optimizer(config.optim, config.train.steps, abstract_params)
+        self.lr_schedule = learning_rate_schedule(config.optim, config.train.steps)
+        param_shardings = sharding.tree_shardings(abstract_params, self.param_names, mesh, rules)
+        abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
+        repl = sharding.replicated(mesh)
+        opt_shardings = optax.tree_map_params(
+            self.tx, lambda _, s: s, abstract_opt, param_shardings,
+            transform_non_params=lambda _: repl)
+        self.shardings = TrainState(step=repl, params=param_shardings,
+                                    ema_params=param_shardings, opt_state=opt_shardings, rng=repl)
+        self.abstract = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            jax.eval_shape(self._init_fn), self.shardings)
+
+    def model(self, params: Any) -> dit.VideoDiT:
+        return nnx.merge(self.graphdef, params)
+
+    def _init_fn(self) -> TrainState:
+        model = dit.build(self.config.model, self.config.seed)
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            ema_params=jax.tree.map(jnp.copy, params),
+            opt_state=self.tx.init(params),
+            rng=jax.random.key_data(jax.random.key(self.config.seed)),
+        )
+
+    def init(self) -> TrainState:
+        with jax.set_mesh(self.mesh):
+            return jax.jit(self._init_fn, out_shardings=self.shardings)()
+
+    def num_params(self) -> int:
+        return sum(x.size for x in jax.tree.leaves(self.abstract.params))
