@@ -135,3 +135,19 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = dict(data=1, fsdp=-1, tensor=1, sequence=1)
     c.sharding_rules = [list(rule) for rule in sharding.DEFAULT_RULES]
     return c
+
+
+def make_smoke(c: ml_collections.ConfigDict) -> None:
+    """Shrinks any config to a seconds-long CPU run: every config file offers it as ':smoke'."""
+    set_size(c.model, "tiny")
+    c.data.batch_size = 8
+    c.data.builder_kwargs = {"num_train": 64, "num_validation": 16}
+    c.optim.warmup_steps = 2
+    c.train.steps = 6
+    c.train.log_every = 2
+    c.train.eval_every = 0
+    c.train.eval_batches = 1
+    c.train.eval_times = 2
+    c.train.ckpt_every = 3
+    c.sample.steps = 4
+    c.sample.num = 8

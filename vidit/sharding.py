@@ -196,14 +196,17 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def batch_sharding(mesh: Mesh, ndim: int, sequence_dim: int | None = None) -> NamedSharding:
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     """Batch arrays are split over (data, fsdp) on their leading dimension."""
-    spec = [BATCH_AXES] + [None] * (ndim - 1)
-    return NamedSharding(mesh, P(*spec))
+    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def batch_shards(mesh: Mesh) -> int:
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
 def check_batch(global_batch: int, mesh: Mesh) -> None:
-    shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
+    shards = batch_shards(mesh)
     if global_batch % shards:
         raise ConfigError(
             f"config.data.batch_size={global_batch} does not divide over the batch mesh axes "

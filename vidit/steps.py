@@ -77,7 +77,6 @@ def eval_step(setup: Setup, objective: Any, params: Any, batch: dict, rng: jax.A
     metric tracks sample quality across a sweep (SD3, Open-Sora).
     """
     config = setup.config
-    model = setup.model(params)
     cond = condition(batch, config.model.cond)
     x0 = batch["video"]
     times = objective.eval_times(int(config.train.eval_times))
@@ -85,6 +84,7 @@ def eval_step(setup: Setup, objective: Any, params: Any, batch: dict, rng: jax.A
     def at(args):
         i, t = args
         noise = jax.random.normal(jax.random.fold_in(rng, i), x0.shape, x0.dtype)
+        model = setup.model(params)
         loss, _ = objective.loss_at(model, x0, cond, jnp.full((x0.shape[0],), t), noise)
         return loss
 
@@ -94,7 +94,10 @@ def eval_step(setup: Setup, objective: Any, params: Any, batch: dict, rng: jax.A
 
 def sample(setup: Setup, objective: Any, params: Any, noise: jax.Array, cond: dict, *,
            steps: int, guidance: float):
-    model = setup.model(params)
-    null = model.null_cond(cond) if cond else None
-    return objective.sample(model, noise, cond, steps=steps, null_cond=null,
+    null = setup.model(params).null_cond(cond) if cond else None
+
+    def model_fn(x, t, c):  # merged inside the sampler's loop body: nnx modules are per-trace
+        return setup.model(params)(x, t, c)
+
+    return objective.sample(model_fn, noise, cond, steps=steps, null_cond=null,
                             guidance=guidance if cond else 1.0)

@@ -1,0 +1,64 @@
+"""Metrics to TensorBoard event files and stdout, and the machine's measured matmul peak."""
+from __future__ import annotations
+
+import logging
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+log = logging.getLogger("vidit")
+
+
+class MetricWriter:
+    """Scalars and images to TensorBoard (tensorboardX event files) on process 0 only."""
+
+    def __init__(self, logdir: str):
+        self.enabled = jax.process_index() == 0
+        if self.enabled:
+            from tensorboardX import SummaryWriter
+            self.writer = SummaryWriter(logdir)
+
+    def scalars(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        for name, value in values.items():
+            self.writer.add_scalar(name, float(value), step)
+        self.writer.flush()
+
+    def image(self, step: int, name: str, image_hwc: np.ndarray) -> None:
+        if self.enabled:
+            self.writer.add_image(name, image_hwc, step, dataformats="HWC")
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.writer.close()
+
+
+def format_metrics(step: int, values: dict) -> str:
+    parts = []
+    for k, v in values.items():
+        v = float(v)
+        parts.append(f"{k}={v:.4g}" if abs(v) < 1e4 else f"{k}={v:.3e}")
+    return f"step {step}: " + " ".join(parts)
+
+
+def measure_matmul_peak(size: int = 2048, repeats: int = 5, dtype=jnp.float32) -> float:
+    """FLOP/s of a large square matmul under XLA on device 0: the "peak" MFU is relative to.
+
+    On a CPU there is no datasheet peak; the best this machine does on the op that dominates a
+    transformer is the honest reference (see shared/reference/scale.md).
+    """
+    device = jax.devices()[0]
+    a = jax.device_put(jnp.ones((size, size), dtype), device)
+    b = jax.device_put(jnp.ones((size, size), dtype), device)
+    f = jax.jit(jnp.matmul)
+    f(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        f(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * size**3 / best

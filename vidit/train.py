@@ -1,0 +1,254 @@
+"""Train a video DiT from a config file.
+
+    python -m vidit.train --config configs/quickstart.py --workdir runs/quickstart
+    python -m vidit.train --config configs/moving_digits.py:smoke --workdir /tmp/x \
+        --config.train.steps=20
+
+The run resumes from the newest good checkpoint in --workdir. Ctrl-C or SIGTERM (preemption)
+saves a checkpoint and exits cleanly.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vidit import checkpoint, diffusion, flops, metrics, sharding, steps, video_io
+from vidit.train_state import Setup
+
+log = logging.getLogger("vidit")
+
+
+# ---------------------------------------------------------------------------------------------
+def validate(config: Any, mesh) -> None:
+    """Config errors that would otherwise surface as a shape error deep inside jit."""
+    sharding.check_batch(config.data.batch_size, mesh)
+    if config.data.batch_size % jax.process_count():
+        raise sharding.ConfigError(
+            f"config.data.batch_size={config.data.batch_size} does not divide over "
+            f"{jax.process_count()} processes")
+    if config.model.channels != config.data.channels:
+        raise sharding.ConfigError(
+            f"config.model.channels={config.model.channels} differs from "
+            f"config.data.channels={config.data.channels}")
+    accum = config.optim.grad_accum
+    if accum < 1 or config.data.batch_size % (accum * sharding.batch_shards(mesh)):
+        raise sharding.ConfigError(
+            f"config.optim.grad_accum={accum}: each micro-batch (batch_size / grad_accum) must "
+            f"still divide over the {sharding.batch_shards(mesh)} batch shards")
+    if config.train.nonfinite not in ("skip", "stop"):
+        raise sharding.ConfigError(
+            f"config.train.nonfinite='{config.train.nonfinite}' is not one of ['skip', 'stop']")
+
+
+def global_batch(local: dict, mesh) -> dict:
+    """This process's rows -> global arrays sharded over the batch axes."""
+    return {k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, v.ndim), v)
+            for k, v in local.items()}
+
+
+def sample_conditions(config: Any, num: int) -> dict:
+    """Conditions for the periodic samples: digits 0..9 in turn, or validation captions."""
+    if config.model.cond == "class":
+        return {"label": np.arange(num, dtype=np.int32) % config.model.num_classes}
+    if config.model.cond == "text":
+        from data_pipelines import pipeline
+        it = pipeline.make_iterator(config.data, "validation", seed=0, train=False,
+                                    process_index=0, process_count=1)
+        return {"text": next(iter(it))["text"][:num]}
+    return {}
+
+
+class Preemption:
+    """Turns SIGTERM/SIGINT into a flag the loop checks, so a checkpoint is written first."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        del frame
+        if self.requested:  # a second Ctrl-C means: stop now
+            raise KeyboardInterrupt
+        log.warning("signal %d received: saving a checkpoint and exiting", signum)
+        self.requested = True
+
+
+# ---------------------------------------------------------------------------------------------
+def train(config: Any, workdir: str) -> dict:
+    """Runs (or resumes) training; returns a summary of the run."""
+    from data_pipelines import pipeline  # imported late: it pulls in TFDS
+
+    os.makedirs(workdir, exist_ok=True)
+    mesh = sharding.make_mesh(config.mesh)
+    validate(config, mesh)
+    objective = diffusion.make_objective(config.objective)
+    setup = Setup(config, mesh)
+    is_main = jax.process_index() == 0
+    log.info("mesh %s, %d parameters, %d devices", dict(mesh.shape), setup.num_params(),
+             jax.device_count())
+
+    train_iter = pipeline.make_iterator(config.data, "train", seed=config.seed, train=True)
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                   keep=config.train.keep_ckpts)
+    restored = ckpt.restore(setup.abstract, train_iter, config)
+    if restored:
+        start_step, state = restored
+        log.info("resumed from step %d", start_step)
+    else:
+        start_step, state = 0, setup.init()
+    if is_main:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(config.to_dict(), f, indent=2, default=str)
+
+    train_step = jax.jit(functools.partial(steps.train_step, setup, objective),
+                         out_shardings=(setup.shardings, sharding.replicated(mesh)),
+                         donate_argnums=0)
+    eval_step = jax.jit(functools.partial(steps.eval_step, setup, objective))
+    sample_fn = jax.jit(functools.partial(steps.sample, setup, objective),
+                        static_argnames=("steps", "guidance"))
+
+    total = int(config.train.steps)
+    step_flops = flops.train_flops_per_step(config.model, config.data)
+    tokens_per_step = flops.forward_flops(config.model, config.data.num_frames, config.data.height,
+                                          config.data.width)["tokens"] * config.data.batch_size
+    peak = metrics.measure_matmul_peak() * jax.device_count()
+    writer = metrics.MetricWriter(os.path.join(workdir, "tensorboard"))
+    preempt = Preemption()
+
+    def evaluate(step):
+        it = pipeline.make_iterator(config.data, "validation", seed=config.seed, train=False)
+        losses = []
+        for i, local in zip(range(config.train.eval_batches), it):
+            with sharding.use(mesh, config.sharding_rules):
+                losses.append(eval_step(state.params, global_batch(local, mesh),
+                                        jax.random.key(1000 + i)))
+        per_t = np.mean(jax.device_get(losses), axis=0)
+        values = {"eval/loss": float(per_t.mean())}
+        values.update({f"eval/loss_t{t:.3f}": v for t, v in
+                       zip(np.asarray(objective.eval_times(len(per_t))), per_t)})
+        writer.scalars(step, values)
+        log.info(metrics.format_metrics(step, {"eval_loss": values["eval/loss"]}))
+        return values["eval/loss"]
+
+    def write_samples(step):
+        num = int(config.sample.num)
+        shape = (num, config.data.num_frames, config.data.height, config.data.width,
+                 config.data.channels)
+        noise = jax.random.normal(jax.random.key(config.sample.seed), shape)
+        cond = jax.tree.map(jnp.asarray, sample_conditions(config, num))
+        with sharding.use(mesh, config.sharding_rules):
+            videos = np.asarray(jax.device_get(sample_fn(
+                state.ema_params, noise, cond, steps=int(config.sample.steps),
+                guidance=float(config.sample.guidance))))
+        if is_main:
+            base = os.path.join(workdir, "samples", f"step_{step:07d}")
+            for ext in (".gif", ".mp4"):
+                video_io.write_grid(base + ext, videos, fps=config.sample.fps)
+            writer.image(step, "samples/first_frames", video_io.tile(
+                video_io.to_uint8(videos[:, :1]))[0].repeat(3 // videos.shape[-1], -1))
+            log.info("wrote samples to %s.{gif,mp4}", base)
+        return videos
+
+    history, eval_loss, skipped = [], None, 0
+    pending: list = []  # (step, device metrics) fetched at log time, so the loop never blocks
+    last_time, last_step = time.perf_counter(), start_step
+    progress = _progress(config, start_step, total)
+    step = start_step
+    stopped_for = None
+    while step < total:
+        local = next(train_iter)
+        with sharding.use(mesh, config.sharding_rules):
+            state, step_metrics = train_step(state, global_batch(local, mesh))
+        step += 1
+        pending.append((step, step_metrics))
+        progress.update(1)
+
+        if step % config.train.log_every == 0 or step == total or preempt.requested:
+            fetched = jax.device_get([m for _, m in pending])
+            now = time.perf_counter()
+            rate = (step - last_step) / max(now - last_time, 1e-9)
+            last_time, last_step = now, step
+            bad = [s for (s, _), m in zip(pending, fetched) if not m["finite"]]
+            skipped += len(bad)
+            pending = []
+            last = fetched[-1]
+            history.extend(float(m["loss"]) for m in fetched)
+            values = {"train/loss": last["loss"], "train/grad_norm": last["grad_norm"],
+                      "train/lr": last["lr"], "perf/steps_per_s": rate,
+                      "perf/tokens_per_s": rate * tokens_per_step,
+                      "perf/mfu": rate * step_flops / peak, "train/skipped_steps": skipped}
+            writer.scalars(step, values)
+            progress.set_postfix(loss=f"{float(last['loss']):.4f}", refresh=False)
+            if not config.train.progress:
+                log.info(metrics.format_metrics(step, values))
+            if bad:
+                log.warning("non-finite loss or gradient at steps %s: update%s skipped", bad,
+                            "s" if len(bad) > 1 else "")
+                if config.train.nonfinite == "stop":
+                    stopped_for = f"non-finite loss at step {bad[0]}"
+                    break
+
+        if config.train.eval_every and step % config.train.eval_every == 0:
+            eval_loss = evaluate(step)
+        if config.train.sample_every and step % config.train.sample_every == 0 and step < total:
+            write_samples(step)
+        if (config.train.ckpt_every and step % config.train.ckpt_every == 0) or step == total:
+            ckpt.save(step, state, train_iter, config)
+        if preempt.requested:
+            ckpt.save(step, state, train_iter, config, force=True)
+            stopped_for = "preemption signal"
+            break
+    progress.close()
+
+    if stopped_for is None:
+        if not (config.train.eval_every and step % config.train.eval_every == 0):
+            eval_loss = evaluate(step)
+        write_samples(step)
+    ckpt.close()
+    writer.close()
+    if stopped_for:
+        log.warning("stopped at step %d: %s (last checkpoint: step %s)", step, stopped_for,
+                    ckpt.latest_step())
+    return {"step": step, "losses": history, "eval_loss": eval_loss, "skipped": skipped,
+            "stopped_for": stopped_for}
+
+
+def _progress(config, start, total):
+    from tqdm import tqdm
+    return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
+                disable=not config.train.progress or jax.process_index() != 0, file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------
+def main(argv):
+    from absl import flags
+    del argv
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax and Grain are chatty at INFO
+    log.setLevel(logging.INFO)
+    config = flags.FLAGS.config
+    summary = train(config, flags.FLAGS.workdir)
+    if summary["stopped_for"] and summary["stopped_for"] != "preemption signal":
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:variant]).",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
+    flags.mark_flags_as_required(["config", "workdir"])
+    app.run(main)
