@@ -111,7 +111,7 @@ def make_clip(rng: np.random.Generator, image: np.ndarray, label: int):
     start = rng.integers(speed, CANVAS - DIGIT - speed + 1)
     video = np.zeros((NUM_FRAMES, CANVAS, CANVAS, 1), dtype=np.uint8)
     for frame, (y, x) in zip(video, _trajectory(start, velocity, NUM_FRAMES)):
-        frame[y : y + DIGIT, x : x + DIGIT, 0] = digit
+        frame[y:y + DIGIT, x:x + DIGIT, 0] = digit
     caption = f"a {int(label)} moving {_direction_words(*velocity)}"
     return video, caption
 
@@ -129,10 +129,10 @@ def _source_images(split: str):
 
 
 def generate(split: str, num: int, seed: int):
-    """Yields (index, {'video', 'label', 'caption'}) for `num` clips of `split`.
+    """Yields `num` examples {'video', 'label', 'caption'} of `split`.
 
-    Clip i depends only on (seed, split, i), so any prefix or subset of the
-    split can be regenerated exactly.
+    Clip i depends only on (seed, split, i), so any prefix of the split can be
+    regenerated exactly, with or without the TFDS files.
     """
     images, labels = _source_images(split)
     split_id = _SPLITS.index(split)
@@ -140,7 +140,7 @@ def generate(split: str, num: int, seed: int):
         rng = np.random.default_rng((seed, split_id, index))
         source = int(rng.integers(len(images)))
         video, caption = make_clip(rng, images[source], labels[source])
-        yield index, {"video": video, "label": int(labels[source]), "caption": caption}
+        yield {"video": video, "label": int(labels[source]), "caption": caption}
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -157,14 +157,13 @@ _DEFAULT_CONFIG = MovingDigitsConfig(name="default", description="8192 train / 5
 
 def _config_for(num_train: int, num_validation: int, seed: int) -> MovingDigitsConfig:
     """The stock config for default sizes, else a custom one whose name keeps its files apart."""
-    sizes = dict(num_train=num_train, num_validation=num_validation, seed=seed)
-    if sizes == dict(num_train=_DEFAULT_CONFIG.num_train,
-                     num_validation=_DEFAULT_CONFIG.num_validation, seed=_DEFAULT_CONFIG.seed):
-        return _DEFAULT_CONFIG
+    default = _DEFAULT_CONFIG
+    if (num_train, num_validation, seed) == (default.num_train, default.num_validation, default.seed):
+        return default
     return MovingDigitsConfig(
         name=f"train{num_train}_validation{num_validation}_seed{seed}",
         description=f"{num_train} train / {num_validation} validation clips, seed {seed}",
-        **sizes,
+        num_train=num_train, num_validation=num_validation, seed=seed,
     )
 
 
@@ -214,7 +213,8 @@ class MovingDigits(tfds.core.GeneratorBasedBuilder):
         return {split: self._generate_examples(split, num) for split, num in sizes.items()}
 
     def _generate_examples(self, split: str, num: int):
-        return generate(split, num, self.builder_config.seed)
+        # TFDS wants a unique key per example; the clip's index is one.
+        return enumerate(generate(split, num, self.builder_config.seed))
 
 
 def load_builder(data_dir=None, **kwargs) -> MovingDigits:

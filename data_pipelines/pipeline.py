@@ -6,11 +6,12 @@ a pure function of (seed, step, row):
   source -> shuffle(seed) -> repeat (train) -> preprocess(rng of the global index)
          -> this process's rows of each global batch -> batch -> iterator
 
-Because nothing depends on how many hosts read the data, a run can be resumed
-on a different number of processes and still see the same global batches, and
-the iterator state is just "next step", which Grain checkpoints (alone via
+The global batch at a step does not depend on how many processes read it, and
+each iterator's state is just the next step, which Grain checkpoints (alone via
 `get_state`/`set_state`, or inside Orbax via `grain.checkpoint.CheckpointSave`
-and `CheckpointRestore`).
+and `CheckpointRestore`, which keep one file per process). A run restarted on a
+different number of hosts can therefore set that step on its new iterators and
+see the same global batches.
 
 `data_cfg` fields (an `ml_collections.ConfigDict`; see `default_data_config`):
   name, data_dir, num_frames, frame_stride, height, width, channels,
@@ -21,10 +22,10 @@ import functools
 import os
 
 import grain
-from absl import flags
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import flags
 
 from data_pipelines import moving_digits
 from data_pipelines import tokenize
@@ -79,6 +80,7 @@ def _check_span(spec: _Spec, clip_length: int) -> None:
 # Per-element preprocessing (runs in Grain threads or worker processes).
 # --------------------------------------------------------------------------- #
 
+@functools.cache  # the same few sizes recur for every clip
 def _resize_matrix(n_out: int, n_in: int) -> np.ndarray:
     """[n_out, n_in] triangle-filter weights: bilinear when enlarging, antialiased when shrinking."""
     support = max(1.0, n_in / n_out)  # widen the filter when shrinking so no pixel is skipped
@@ -92,10 +94,11 @@ def _resize_and_crop(video: np.ndarray, height: int, width: int) -> np.ndarray:
     _, in_h, in_w, _ = video.shape
     scale = max(height / in_h, width / in_w)
     out_h, out_w = max(height, round(in_h * scale)), max(width, round(in_w * scale))
-    video = np.einsum("yh,thwc,xw->tyxc", _resize_matrix(out_h, in_h), video,
-                      _resize_matrix(out_w, in_w), optimize=True)
+    # Two batched matmuls over [T, C, H, W] (np.einsum is ~100x slower here).
+    planes = np.matmul(_resize_matrix(out_h, in_h), video.transpose(0, 3, 1, 2))
+    planes = np.matmul(planes, _resize_matrix(out_w, in_w).T)
     top, left = (out_h - height) // 2, (out_w - width) // 2
-    return video[:, top:top + height, left:left + width]
+    return planes[:, :, top:top + height, left:left + width].transpose(0, 2, 3, 1)
 
 
 def _convert_channels(video: np.ndarray, channels: int) -> np.ndarray:

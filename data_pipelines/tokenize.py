@@ -26,7 +26,7 @@ def encode(text: str, length: int) -> np.ndarray:
     tokens = np.full((length,), PAD, dtype=np.int32)
     tokens[0] = BOS
     data = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)[: length - 1]
-    tokens[1 : 1 + len(data)] = data.astype(np.int32) + _BYTE_OFFSET
+    tokens[1:1 + len(data)] = data.astype(np.int32) + _BYTE_OFFSET
     return tokens
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
+from etils import epath
 
 from data_pipelines import moving_digits as md
 from data_pipelines import pipeline
@@ -96,15 +97,15 @@ def _source_indices(frame, upscaled):
 def test_generate_is_deterministic_and_splits_use_disjoint_digits():
     first = list(md.generate("validation", 4, seed=1))
     again = list(md.generate("validation", 4, seed=1))
-    for (key, ex), (key_again, ex_again) in zip(first, again):
-        assert key == key_again and ex["caption"] == ex_again["caption"]
+    for ex, ex_again in zip(first, again):
+        assert ex["caption"] == ex_again["caption"] and ex["label"] == ex_again["label"]
         np.testing.assert_array_equal(ex["video"], ex_again["video"])
     from sklearn.datasets import load_digits
 
     upscaled = [md.upscale_digit(image) for image in load_digits().images]
     for split, allowed in (("train", range(0, md.NUM_TRAIN_IMAGES)),
                            ("validation", range(md.NUM_TRAIN_IMAGES, len(upscaled)))):
-        for _, example in md.generate(split, 4, seed=1):
+        for example in md.generate(split, 4, seed=1):
             sources = _source_indices(example["video"][0], upscaled)
             assert any(index in allowed for index in sources), split
 
@@ -116,7 +117,7 @@ def test_builder_round_trip_without_tensorflow(data_dir):
     source = tfds.data_source(md.NAME, split="validation", data_dir=data_dir, builder_kwargs=TINY)
     stored = sorted((ex["caption"].decode(), ex["video"].tobytes()) for ex in source)
     generated = sorted((ex["caption"], ex["video"].tobytes())
-                       for _, ex in md.generate("validation", 16, seed=0))
+                       for ex in md.generate("validation", 16, seed=0))
     assert stored == generated  # same clips; TFDS only reorders them
     assert "tensorflow" not in sys.modules
 
@@ -155,6 +156,53 @@ def test_pipeline_elements(cfg):
     assert batch["text"].shape == (8, 32) and batch["text"].dtype == np.int32
     for label, text in zip(batch["label"], batch["text"]):
         assert tokenize.decode(text).startswith(f"a {label} moving")  # rows stay aligned
+
+
+class RgbClipsForTest(tfds.core.GeneratorBasedBuilder):
+    """Stand-in for any other video dataset: 20-frame 40x48 RGB clips, no captions."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    code_path = epath.Path(__file__)  # see MovingDigits.code_path
+
+    def __init__(self, **kwargs):
+        super().__init__(file_format="array_record", **kwargs)
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+            "video": tfds.features.Tensor(shape=(20, 40, 48, 3), dtype=np.uint8),
+            "label": tfds.features.ClassLabel(num_classes=2),
+        }))
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+        rng = np.random.default_rng(0)
+        for index in range(16):
+            yield index, {"video": rng.integers(0, 256, (20, 40, 48, 3), dtype=np.uint8),
+                          "label": index % 2}
+
+
+def test_pipeline_reads_other_datasets(tmp_path):
+    cfg = pipeline.default_data_config()
+    cfg.update(dict(name=RgbClipsForTest.name, data_dir=str(tmp_path), batch_size=4, frame_stride=2))
+    with pytest.raises(ValueError, match="data.name"):  # not prepared yet
+        pipeline.make_iterator(cfg, "train", seed=0, train=True)
+    RgbClipsForTest(data_dir=str(tmp_path)).download_and_prepare()
+    batch = next(pipeline.make_iterator(cfg, "train", seed=0, train=True))  # JAX's process 0 of 1
+    assert batch["video"].shape == (4, 8, 32, 32, 1)  # cropped, resized, RGB -> grey
+    assert batch["video"].min() >= -1 and batch["video"].max() <= 1
+    np.testing.assert_array_equal(batch["text"], np.stack([tokenize.null_tokens(32)] * 4))
+
+
+def test_resize_and_crop():
+    constant = np.full((2, 40, 48, 3), 0.25, np.float32)
+    np.testing.assert_allclose(pipeline._resize_and_crop(constant, 24, 20), 0.25, rtol=1e-6)
+    stripes = np.zeros((1, 8, 8, 1), np.float32)
+    stripes[:, :, 1::2] = 1.0  # one-pixel vertical stripes
+    halved = pipeline._resize_and_crop(stripes, 4, 4)  # antialiased: stripes average out
+    np.testing.assert_allclose(halved[0, 1:-1, 1:-1], 0.5, atol=1e-6)
+    assert pipeline._resize_and_crop(constant, 16, 16).shape == (2, 16, 16, 3)  # crop after cover
 
 
 def test_pipeline_resizes_converts_channels_and_strides(cfg):
