@@ -1,5 +1,6 @@
 """Every test runs on 8 simulated CPU devices, so sharded layouts are exercised on a laptop."""
 import os
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = (
@@ -8,6 +9,11 @@ os.environ["XLA_FLAGS"] = (
 
 import jax  # noqa: E402  (must come after the flags above)
 import pytest  # noqa: E402
+
+# Identical programs (the same tiny config trained, resumed, exported) compile once per session.
+jax.config.update("jax_compilation_cache_dir",
+                  os.environ.get("VIDIT_TEST_XLA_CACHE", tempfile.mkdtemp(prefix="vidit_xla_")))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def pytest_configure(config):

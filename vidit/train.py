@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vidit import checkpoint, diffusion, flops, metrics, sharding, steps, video_io
+from vidit import checkpoint, cli, diffusion, flops, metrics, sharding, steps, video_io
 from vidit.train_state import Setup
 
 log = logging.getLogger("vidit")
@@ -85,8 +85,12 @@ class Preemption:
 
 
 # ---------------------------------------------------------------------------------------------
-def train(config: Any, workdir: str) -> dict:
-    """Runs (or resumes) training; returns a summary of the run."""
+def train(config: Any, workdir: str, stop_at: int | None = None) -> dict:
+    """Runs (or resumes) training; returns a summary of the run.
+
+    `stop_at` ends this invocation early at that step with a checkpoint, as a preemption would;
+    the learning-rate schedule still spans config.train.steps, so calling again resumes exactly.
+    """
     from data_pipelines import pipeline  # imported late: it pulls in TFDS
 
     os.makedirs(workdir, exist_ok=True)
@@ -174,7 +178,8 @@ def train(config: Any, workdir: str) -> dict:
         pending.append((step, step_metrics))
         progress.update(1)
 
-        if step % config.train.log_every == 0 or step == total or preempt.requested:
+        if (step % config.train.log_every == 0 or step in (total, stop_at)
+                or preempt.requested):
             fetched = jax.device_get([m for _, m in pending])
             now = time.perf_counter()
             rate = (step - last_step) / max(now - last_time, 1e-9)
@@ -203,11 +208,12 @@ def train(config: Any, workdir: str) -> dict:
             eval_loss = evaluate(step)
         if config.train.sample_every and step % config.train.sample_every == 0 and step < total:
             write_samples(step)
-        if (config.train.ckpt_every and step % config.train.ckpt_every == 0) or step == total:
-            ckpt.save(step, state, train_iter, config)
-        if preempt.requested:
-            ckpt.save(step, state, train_iter, config, force=True)
-            stopped_for = "preemption signal"
+        interrupt = preempt.requested or step == stop_at
+        if (config.train.ckpt_every and step % config.train.ckpt_every == 0) or step == total \
+                or interrupt:
+            ckpt.save(step, state, train_iter, config, force=interrupt)
+        if interrupt:
+            stopped_for = "preemption signal" if preempt.requested else f"stop_at={stop_at}"
             break
     progress.close()
 
@@ -234,12 +240,10 @@ def _progress(config, start, total):
 def main(argv):
     from absl import flags
     del argv
-    from absl import logging as absl_logging
-    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax and Grain are chatty at INFO
-    log.setLevel(logging.INFO)
+    cli.setup()
     config = flags.FLAGS.config
-    summary = train(config, flags.FLAGS.workdir)
-    if summary["stopped_for"] and summary["stopped_for"] != "preemption signal":
+    summary = train(config, flags.FLAGS.workdir, stop_at=flags.FLAGS.stop_at)
+    if summary["stopped_for"] and summary["stopped_for"].startswith("non-finite"):
         sys.exit(1)
 
 
@@ -250,5 +254,7 @@ if __name__ == "__main__":
     config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:variant]).",
                                     lock_config=True)
     flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and samples.")
+    flags.DEFINE_integer("stop_at", None, "Stop with a checkpoint at this step (the schedule "
+                         "still spans train.steps); the same command later resumes the run.")
     flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)

@@ -1,0 +1,224 @@
+"""The trainer: sharded == single-device, resume == uninterrupted, bad input, export, CLI."""
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import moving_digits
+from vidit import checkpoint, diffusion, export, sharding, steps
+from vidit import train as train_lib
+from vidit.train_state import Setup
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+def smoke_config(data_dir, **overrides):
+    c = moving_digits.get_config("smoke")
+    c.data.data_dir = data_dir
+    c.train.progress = False
+    c.sample.num = 8
+    for key, value in overrides.items():
+        node = c
+        *path, last = key.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = value
+    return c
+
+
+def first_batch(c):
+    from data_pipelines import pipeline
+    return next(pipeline.make_iterator(c.data, "train", seed=0, train=True,
+                                       process_index=0, process_count=1))
+
+
+def run_steps(c, mesh, batch, n):
+    setup = Setup(c, mesh)
+    objective = diffusion.make_objective(c.objective)
+    step = jax.jit(functools.partial(steps.train_step, setup, objective))
+    state = setup.init()
+    losses = []
+    with sharding.use(mesh, c.sharding_rules):
+        for _ in range(n):
+            state, metrics = step(state, train_lib.global_batch(batch, mesh))
+            losses.append(float(metrics["loss"]))
+    return losses, jax.device_get(state.params)
+
+
+@pytest.mark.parametrize("layout", [dict(data=2, fsdp=2, tensor=2), dict(data=1, fsdp=4, tensor=2)])
+def test_sharded_step_equals_single_device(data_dir, layout):
+    c = smoke_config(data_dir)
+    batch = first_batch(c)
+    single = sharding.make_mesh(dict(fsdp=1), jax.devices()[:1])
+    many = sharding.make_mesh(layout)
+    losses_1, params_1 = run_steps(c, single, batch, 2)
+    losses_8, params_8 = run_steps(c, many, batch, 2)
+    np.testing.assert_allclose(losses_8, losses_1, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 params_8, params_1)
+    assert losses_1[1] != losses_1[0]  # the step really updated the parameters
+
+
+def test_params_are_sharded_as_the_rules_say(data_dir):
+    c = smoke_config(data_dir)
+    mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
+    setup = Setup(c, mesh)
+    state = setup.init()
+    fc1 = state.params["blocks"]["mlp"]["fc1"]["kernel"]  # [layers, embed, mlp]
+    assert fc1.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    moments = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state.opt_state)
+               if "blocks']['mlp']['fc1']['kernel']" in jax.tree_util.keystr(path)]
+    assert len(moments) == 2  # Adam's mu and nu, each sharded like its parameter
+    assert all(m.sharding.spec == fc1.sharding.spec for m in moments)
+
+
+def test_resume_equals_uninterrupted(data_dir, tmp_path):
+    c = smoke_config(data_dir)
+    straight = train_lib.train(c, str(tmp_path / "a"))
+    first = train_lib.train(c, str(tmp_path / "b"), stop_at=3)
+    assert first["stopped_for"] == "stop_at=3" and first["step"] == 3
+    second = train_lib.train(c, str(tmp_path / "b"))
+    assert second["step"] == 6
+    resumed = first["losses"] + second["losses"]
+    assert len(straight["losses"]) == 6
+    np.testing.assert_allclose(resumed, straight["losses"], rtol=1e-6)
+    assert straight["eval_loss"] == pytest.approx(second["eval_loss"], rel=1e-6)
+    assert os.path.exists(tmp_path / "a" / "samples" / "step_0000006.gif")
+    assert os.path.exists(tmp_path / "a" / "samples" / "step_0000006.mp4")
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "a" / "tensorboard"))
+
+
+def test_corrupt_checkpoint_falls_back_and_other_config_is_refused(data_dir, tmp_path, caplog):
+    c = smoke_config(data_dir, **{"train.steps": 4, "train.ckpt_every": 2})
+    workdir = str(tmp_path / "run")
+    train_lib.train(c, workdir, stop_at=4)
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    assert sorted(os.listdir(ckpt_dir)) == ["2", "4"]
+    # Corrupt every file of the newest checkpoint's train state.
+    for root, _, files in os.walk(os.path.join(ckpt_dir, "4", "state")):
+        for name in files:
+            with open(os.path.join(root, name), "wb") as f:
+                f.write(b"garbage")
+    setup = Setup(c, sharding.make_mesh(c.mesh))
+    from data_pipelines import pipeline
+    it = pipeline.make_iterator(c.data, "train", seed=c.seed, train=True)
+    with caplog.at_level("WARNING", logger="vidit"):
+        step, _ = checkpoint.Checkpointer(ckpt_dir).restore(setup.abstract, it, c)
+    assert step == 2
+    assert "checkpoint step 4" in caplog.text and "falling back to step 2" in caplog.text
+    assert os.path.isdir(os.path.join(workdir, "bad_checkpoints", "4"))  # kept, not deleted
+
+    other = smoke_config(data_dir, **{"model.width": 32})
+    with pytest.raises(checkpoint.CheckpointError, match="model.width"):
+        train_lib.train(other, workdir)
+
+
+def test_nonfinite_update_is_skipped_or_stops(data_dir, tmp_path):
+    c = smoke_config(data_dir)
+    mesh = sharding.make_mesh(c.mesh)
+    setup = Setup(c, mesh)
+    objective = diffusion.make_objective(c.objective)
+    batch = first_batch(c)
+    batch["video"][0, 0, 0, 0, 0] = np.nan
+    state = setup.init()
+    before = jax.device_get(state.params)
+    with sharding.use(mesh, c.sharding_rules):
+        state, metrics = jax.jit(functools.partial(steps.train_step, setup, objective))(
+            state, train_lib.global_batch(batch, mesh))
+    assert not bool(metrics["finite"]) and int(state.step) == 1
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), before)
+
+
+@pytest.mark.parametrize("mesh_cfg, message", [
+    (dict(data=3, fsdp=1, tensor=1, sequence=1), "multiply to 3"),
+    (dict(data=-1, fsdp=3), "do not divide"),
+])
+def test_bad_mesh_is_rejected(mesh_cfg, message):
+    with pytest.raises(sharding.ConfigError, match=message):
+        sharding.make_mesh(mesh_cfg)
+
+
+def test_bad_batch_is_rejected(data_dir, tmp_path):
+    c = smoke_config(data_dir, **{"data.batch_size": 12})
+    with pytest.raises(sharding.ConfigError, match="config.data.batch_size=12"):
+        train_lib.train(c, str(tmp_path))
+
+
+def test_export_round_trip_and_shape_check(data_dir, tmp_path):
+    c = smoke_config(data_dir, **{"train.steps": 2, "train.ckpt_every": 2})
+    workdir, out = str(tmp_path / "run"), str(tmp_path / "export")
+    train_lib.train(c, workdir, stop_at=2)
+    export.export(workdir, out)
+    _, _, from_workdir, _ = export.load(workdir)
+    _, _, from_export, _ = export.load(out)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(from_export),
+                 jax.device_get(from_workdir))
+    with open(os.path.join(out, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["model"]["mlp_ratio"] = 2.0
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    with pytest.raises(export.LoadError, match="mlp/fc1/kernel"):
+        export.load(out)
+
+
+def test_sampler_is_deterministic(data_dir):
+    c = smoke_config(data_dir)
+    mesh = sharding.make_mesh(c.mesh)
+    setup = Setup(c, mesh)
+    objective = diffusion.make_objective(c.objective)
+    state = setup.init()
+    params = jax.tree.map(lambda p: p + 0.01, state.params)  # non-zero output layer
+    fn = jax.jit(functools.partial(steps.sample, setup, objective), static_argnames=("steps", "guidance"))
+    noise = jax.random.normal(jax.random.key(0), (8, 8, 32, 32, 1))
+    cond = {"label": np.arange(8, dtype=np.int32)}
+    a = fn(params, noise, cond, steps=3, guidance=2.0)
+    b = fn(params, noise, cond, steps=3, guidance=2.0)
+    other = fn(params, noise * 0.5, cond, steps=3, guidance=2.0)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not np.allclose(np.asarray(a), np.asarray(other))
+
+
+def _cli(*args, timeout=600):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_cli_rejects_unknown_config_key(tmp_path):
+    r = _cli("-m", "vidit.train", "--config", "configs/moving_digits.py:smoke",
+             "--workdir", str(tmp_path), "--config.model.widht=3")
+    assert r.returncode != 0 and "widht" in r.stderr
+
+
+def test_cli_rejects_unknown_variant(tmp_path):
+    r = _cli("-m", "vidit.train", "--config", "configs/moving_digits.py:smok",
+             "--workdir", str(tmp_path))
+    assert r.returncode != 0 and "smok" in r.stderr
+
+
+@pytest.mark.slow
+def test_cli_train_sample_export(data_dir, tmp_path):
+    workdir = str(tmp_path / "run")
+    r = _cli("-m", "vidit.train", "--config", "configs/moving_digits.py:smoke", "--workdir",
+             workdir, f"--config.data.data_dir={data_dir}", "--config.train.progress=False")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert os.path.exists(os.path.join(workdir, "samples", "step_0000006.mp4"))
+    r = _cli("-m", "vidit.export", "--workdir", workdir, "--out", str(tmp_path / "exp"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = _cli("-m", "vidit.sample", "--workdir", str(tmp_path / "exp"), "--num", "2",
+             "--label", "3", "--steps", "2", "--out", str(tmp_path / "s.gif"))
+    assert r.returncode == 0 and os.path.getsize(tmp_path / "s.gif") > 0, r.stderr[-3000:]
+    r = _cli("-m", "vidit.sample", "--workdir", str(tmp_path / "missing"), "--out",
+             str(tmp_path / "x.gif"))
+    assert r.returncode != 0 and "no config.json" in r.stderr

@@ -1,0 +1,22 @@
+"""What every vidit command does before its work."""
+from __future__ import annotations
+
+import logging
+import os
+
+
+def setup(compilation_cache: bool = True) -> None:
+    """Quiet library logs, vidit's own at INFO, and a persistent XLA compilation cache.
+
+    The cache (~/.cache/vidit/xla, or $VIDIT_XLA_CACHE; '' disables it) makes a re-run or a resume
+    of the same config skip compilation, which on CPU is often longer than a short run itself.
+    """
+    from absl import logging as absl_logging
+    import jax
+
+    absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax, Grain and TFDS are chatty at INFO
+    logging.getLogger("vidit").setLevel(logging.INFO)
+    cache = os.environ.get("VIDIT_XLA_CACHE", os.path.expanduser("~/.cache/vidit/xla"))
+    if compilation_cache and cache:
+        jax.config.update("jax_compilation_cache_dir", cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)

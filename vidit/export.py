@@ -1,0 +1,105 @@
+"""Export EMA parameters to a portable format, and load them (or a workdir) back for inference.
+
+    python -m vidit.export --workdir runs/quickstart --out exports/quickstart
+
+An export is a folder with `model.safetensors` (EMA params, keys like 'blocks/attn/qkv/kernel')
+and `config.json`; no Orbax, no optimizer state. Loading checks every shape against the model the
+config builds and names each mismatch.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from flax import traverse_util
+
+from vidit import checkpoint, cli, sharding
+from vidit.train_state import Setup
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+class LoadError(RuntimeError):
+    pass
+
+
+def read_config(path: str) -> ml_collections.ConfigDict:
+    file = os.path.join(path, CONFIG)
+    if not os.path.exists(file):
+        raise LoadError(f"{path} is neither a vidit workdir nor an export: no {CONFIG}")
+    with open(file) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def _flat(params: Any) -> dict:
+    return {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
+
+
+def check_shapes(loaded: dict, expected: dict, source: str) -> None:
+    """Refuses missing, unexpected or mis-shaped parameters, naming each one."""
+    problems = [f"missing {k} {v.shape}" for k, v in expected.items() if k not in loaded]
+    problems += [f"unexpected {k}" for k in loaded if k not in expected]
+    problems += [f"{k}: file {loaded[k].shape} vs model {expected[k].shape}"
+                 for k in loaded if k in expected and loaded[k].shape != expected[k].shape]
+    if problems:
+        raise LoadError(f"{source} does not match the model its config builds:\n  "
+                        + "\n  ".join(problems[:20]))
+
+
+def load(path: str, mesh=None) -> tuple[ml_collections.ConfigDict, Setup, Any, int | None]:
+    """(config, setup, EMA params, step) from an export folder or a training workdir."""
+    config = read_config(path)
+    mesh = mesh or sharding.make_mesh({"fsdp": -1})
+    config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, sequence=1))
+    setup = Setup(config, mesh)
+    weights = os.path.join(path, WEIGHTS)
+    if os.path.exists(weights):
+        from safetensors.numpy import load_file
+        loaded = load_file(weights)
+        expected = {"/".join(k): v for k, v in
+                    traverse_util.flatten_dict(setup.abstract.params).items()}
+        check_shapes(loaded, expected, weights)
+        params = traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in loaded.items()})
+        params = jax.device_put(params, setup.shardings.params)
+        return config, setup, params, None
+    if not os.path.isdir(os.path.join(path, "checkpoints")):
+        raise LoadError(f"{path} has a config but neither {WEIGHTS} nor checkpoints/")
+    step, state = checkpoint.restore_params(os.path.join(path, "checkpoints"), setup.abstract)
+    return config, setup, state.ema_params, step
+
+
+def export(workdir: str, out: str) -> str:
+    config, _, params, step = load(workdir)
+    from safetensors.numpy import save_file
+    os.makedirs(out, exist_ok=True)
+    flat = _flat(jax.device_get(params))
+    save_file(flat, os.path.join(out, WEIGHTS), metadata={"step": str(step), "format": "vidit"})
+    with open(os.path.join(out, CONFIG), "w") as f:
+        json.dump(config.to_dict(), f, indent=2)
+    n = sum(v.size for v in flat.values())
+    print(f"exported step {step}: {len(flat)} tensors, {n:,} parameters -> {out}")
+    return out
+
+
+def main(argv):
+    del argv
+    from absl import flags
+    cli.setup()
+    try:
+        export(flags.FLAGS.workdir, flags.FLAGS.out)
+    except (LoadError, checkpoint.CheckpointError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    flags.DEFINE_string("workdir", None, "Training workdir to export (its newest checkpoint).")
+    flags.DEFINE_string("out", None, "Output folder.")
+    flags.mark_flags_as_required(["workdir", "out"])
+    app.run(main)

@@ -1,0 +1,85 @@
+"""Generate videos from a trained run (its newest checkpoint's EMA params) or an export.
+
+    python -m vidit.sample --workdir runs/quickstart --num 10 --out samples.gif
+    python -m vidit.sample --workdir exports/quickstart --label 3 --num 4 --out threes.mp4
+    python -m vidit.sample --workdir runs/text --prompt "a 7 moving left" --out seven.gif
+"""
+from __future__ import annotations
+
+import functools
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vidit import checkpoint, cli, diffusion, export, sharding, steps, video_io
+
+
+def conditions(config, num: int, label: int | None, prompt: str | None) -> dict:
+    cond = config.model.cond
+    if cond == "class":
+        if prompt is not None:
+            raise ValueError("this model is class-conditional: use --label, not --prompt")
+        if label is not None and not 0 <= label < config.model.num_classes:
+            raise ValueError(f"--label must be in [0, {config.model.num_classes})")
+        labels = (np.full(num, label) if label is not None
+                  else np.arange(num) % config.model.num_classes)
+        return {"label": labels.astype(np.int32)}
+    if cond == "text":
+        if label is not None:
+            raise ValueError("this model is text-conditional: use --prompt, not --label")
+        from data_pipelines import tokenize
+        tokens = tokenize.encode(prompt or "", config.model.text_len)
+        return {"text": np.tile(tokens[None], (num, 1))}
+    if label is not None or prompt is not None:
+        raise ValueError("this model is unconditional: drop --label/--prompt")
+    return {}
+
+
+def generate(path: str, *, num: int, label=None, prompt=None, steps_: int | None = None,
+             guidance: float | None = None, seed: int = 0):
+    """Returns (videos [num, T, H, W, C] in [-1, 1], config)."""
+    config, setup, params, _ = export.load(path)
+    objective = diffusion.make_objective(config.objective)
+    cond = jax.tree.map(jnp.asarray, conditions(config, num, label, prompt))
+    shape = (num, config.data.num_frames, config.data.height, config.data.width,
+             config.data.channels)
+    noise = jax.random.normal(jax.random.key(seed), shape)
+    fn = jax.jit(functools.partial(steps.sample, setup, objective),
+                 static_argnames=("steps", "guidance"))
+    with sharding.use(setup.mesh, config.sharding_rules):
+        videos = fn(params, noise, cond, steps=int(steps_ or config.sample.steps),
+                    guidance=float(config.sample.guidance if guidance is None else guidance))
+    return np.asarray(jax.device_get(videos)), config
+
+
+def main(argv):
+    del argv
+    from absl import flags
+    f = flags.FLAGS
+    cli.setup()
+    start = time.perf_counter()
+    try:
+        videos, config = generate(f.workdir, num=f.num, label=f.label, prompt=f.prompt,
+                                  steps_=f.steps, guidance=f.guidance, seed=f.seed)
+    except (export.LoadError, checkpoint.CheckpointError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    video_io.write_grid(f.out, videos, fps=config.sample.fps, scale=f.scale)
+    print(f"wrote {len(videos)} videos to {f.out} in {time.perf_counter() - start:.1f}s")
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    flags.DEFINE_string("workdir", None, "Training workdir or export folder.")
+    flags.DEFINE_integer("num", 8, "Number of videos (tiled into one file).")
+    flags.DEFINE_string("out", "samples.gif", "Output .gif or .mp4.")
+    flags.DEFINE_integer("label", None, "Class label (class-conditional models).")
+    flags.DEFINE_string("prompt", None, "Caption (text-conditional models).")
+    flags.DEFINE_integer("steps", None, "Sampling steps (default: the config's).")
+    flags.DEFINE_float("guidance", None, "Classifier-free guidance scale (default: config's).")
+    flags.DEFINE_integer("seed", 0, "Noise seed.")
+    flags.DEFINE_integer("scale", 4, "Nearest-neighbour upscaling of the written frames.")
+    flags.mark_flags_as_required(["workdir"])
+    app.run(main)
