@@ -11,6 +11,7 @@ INSTALL_REQUIRES = [
     "grain==0.2.18",
     "tensorflow-datasets==4.9.10",
     "array-record==0.8.6",
+    "importlib_resources",  # needed by TFDS's etils[epath] to prepare datasets, not pulled in
     "ml-collections==1.1.0",
     "absl-py>=2.1",
     "numpy>=1.26",

@@ -65,7 +65,7 @@ def base_config() -> ml_collections.ConfigDict:
         width=32,
         channels=1,
         batch_size=16,  # global
-        text_len=32,
+        text_len=40,
         num_workers=0,
         builder_kwargs={},
     )
@@ -80,7 +80,7 @@ def base_config() -> ml_collections.ConfigDict:
         channels=1,  # set to data.channels by experiment files
         cond="class",  # class | text | none
         num_classes=10,
-        text_len=32,
+        text_len=40,
         text_width=128,
         text_depth=2,
         text_heads=4,

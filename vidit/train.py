@@ -40,6 +40,10 @@ def validate(config: Any, mesh) -> None:
         raise sharding.ConfigError(
             f"config.model.channels={config.model.channels} differs from "
             f"config.data.channels={config.data.channels}")
+    if config.model.cond == "text" and config.model.text_len != config.data.text_len:
+        raise sharding.ConfigError(
+            f"config.model.text_len={config.model.text_len} differs from "
+            f"config.data.text_len={config.data.text_len}")
     accum = config.optim.grad_accum
     if accum < 1 or config.data.batch_size % (accum * sharding.batch_shards(mesh)):
         raise sharding.ConfigError(

@@ -1,0 +1,134 @@
+"""Train-step speed and MFU of a video DiT config on this machine; prints JSON.
+
+    python benchmarks/train_step.py                       # DiT-S, 4x32x32x4, patch 1x2x2, batch 2
+    python benchmarks/train_step.py --size B --batch 4 --attention dense
+    python benchmarks/train_step.py --config configs/moving_digits.py
+
+MFU = model FLOPs per second / the measured rate of a large f32 matmul on the same machine in
+the same run (there is no datasheet peak for a CPU). FLOPs count 2 per multiply-accumulate.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from vidit import config_lib, diffusion, flops, metrics, sharding, steps  # noqa: E402
+from vidit.train_state import Setup  # noqa: E402
+
+
+def benchmark_config(args):
+    if args.config:
+        from ml_collections import config_flags  # noqa: F401  (file:arg loading)
+        import importlib.util
+        path, _, arg = args.config.partition(":")
+        spec = importlib.util.spec_from_file_location("bench_cfg", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        c = module.get_config(arg or None)
+    else:
+        c = config_lib.base_config()
+        config_lib.set_size(c.model, args.size)
+        c.data.num_frames, c.data.height, c.data.width = args.frames, args.res, args.res
+        c.data.channels = c.model.channels = args.channels
+        c.data.batch_size = args.batch
+        c.model.patch = tuple(int(p) for p in args.patch.split(","))
+        c.model.cond = "class"
+    if args.attention:
+        c.model.attention = args.attention
+    if args.dtype:
+        c.model.dtype = args.dtype
+    if args.remat:
+        c.model.remat = args.remat
+    c.mesh = dict(data=1, fsdp=1, tensor=1, sequence=1)
+    return c
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--config", default="", help="config file[:variant]; overrides the size flags")
+    p.add_argument("--size", default="S")
+    p.add_argument("--frames", type=int, default=4)
+    p.add_argument("--res", type=int, default=32)
+    p.add_argument("--channels", type=int, default=4)
+    p.add_argument("--patch", default="1,2,2")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--dtype", default="")
+    p.add_argument("--attention", default="")
+    p.add_argument("--remat", default="")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--profile", default="", help="write a JAX profiler trace to this folder")
+    args = p.parse_args()
+
+    c = benchmark_config(args)
+    mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])
+    setup = Setup(c, mesh)
+    objective = diffusion.make_objective(c.objective)
+    state = setup.init()
+    rng = np.random.default_rng(0)
+    d = c.data
+    batch = {
+        "video": jnp.asarray(rng.uniform(-1, 1, (d.batch_size, d.num_frames, d.height, d.width,
+                                                 d.channels)).astype(np.float32)),
+        "label": jnp.asarray(rng.integers(0, 10, (d.batch_size,)).astype(np.int32)),
+        "text": jnp.ones((d.batch_size, c.model.text_len), jnp.int32),
+    }
+    step = jax.jit(functools.partial(steps.train_step, setup, objective), donate_argnums=0)
+    t0 = time.perf_counter()
+    with sharding.use(mesh, c.sharding_rules):
+        compiled = step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    state, m = compiled(state, batch)  # warm-up
+    jax.block_until_ready(m)
+
+    peak = metrics.measure_matmul_peak()
+    if args.profile:
+        jax.profiler.start_trace(args.profile)
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        state, m = compiled(state, batch)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t0)
+    if args.profile:
+        jax.profiler.stop_trace()
+    peak_after = metrics.measure_matmul_peak()
+
+    f = flops.forward_flops(c.model, d.num_frames, d.height, d.width)
+    step_flops = flops.train_flops_per_step(c.model, d)
+    step_time = float(np.median(times))
+    peak = max(peak, peak_after)  # the better of two measurements bracketing the timed steps
+    result = {
+        "model": {"size": c.model.get("size"), "depth": c.model.depth, "width": c.model.width,
+                  "heads": c.model.heads, "params": setup.num_params(),
+                  "patch": list(c.model.patch), "attention": c.model.attention,
+                  "dtype": c.model.dtype, "remat": c.model.remat},
+        "input": [d.batch_size, d.num_frames, d.height, d.width, d.channels],
+        "tokens_per_sample": f["tokens"],
+        "flops_convention": "FLOPs (2 per multiply-accumulate); train = 3 x forward",
+        "model_flops_per_step": step_flops,
+        "attention_flops_fraction": f["attention"] / f["total"],
+        "compile_s": round(compile_s, 2),
+        "step_time_s": step_time,
+        "step_times_s": [round(t, 4) for t in times],
+        "tokens_per_s": f["tokens"] * d.batch_size / step_time,
+        "model_flops_per_s": step_flops / step_time,
+        "matmul_peak_flops_per_s": peak,
+        "mfu": step_flops / step_time / peak,
+        "loss_finite": bool(m["finite"]),
+        "devices": str(jax.devices()[0].platform),
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

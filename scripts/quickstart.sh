@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Installs vidit and trains the quickstart config on the embedded moving-digits dataset (CPU),
+# then writes sample videos to runs/quickstart/samples/. About 10-15 minutes on 2 CPU cores.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m pip install --quiet --disable-pip-version-check -e ".[video]"
+export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
+WORKDIR="${WORKDIR:-runs/quickstart}"
+python3 -m vidit.train --config configs/quickstart.py --workdir "$WORKDIR" "$@"
+echo "samples: $(ls "$WORKDIR"/samples/*.gif | tail -n 1) (and .mp4)"

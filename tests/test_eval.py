@@ -1,0 +1,186 @@
+"""Evaluation: Frechet distance, precision/recall, and the frame classifier."""
+import json
+
+import numpy as np
+import pytest
+
+from vidit.eval import classifier, metrics
+
+# Small on purpose: the whole file must stay well under a minute and a half on 2 cores.
+NUM_TRAIN_CLIPS = 600
+NUM_VAL_CLIPS = 200
+TRAIN_STEPS = 400
+
+
+def _with_exact_stats(rng, n, mean, std):
+    """n samples whose *empirical* mean and covariance are exactly mean and diag(std^2).
+
+    Whitening the draws removes sampling error, so Frechet distances can be
+    compared with closed forms to round-off precision.
+    """
+    x = rng.normal(size=(n, len(mean)))
+    x -= x.mean(axis=0)
+    cov = np.cov(x, rowvar=False)
+    x = x @ np.linalg.inv(np.linalg.cholesky(cov)).T  # empirical covariance -> identity
+    return x * std + mean
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def test_class_accuracy():
+    assert metrics.class_accuracy(np.array([1, 2, 3, 4]), np.array([1, 2, 0, 4])) == 0.75
+    with pytest.raises(ValueError):
+        metrics.class_accuracy(np.array([1, 2]), np.array([1, 2, 3]))
+
+
+def test_frechet_distance_of_identical_sets_is_zero():
+    feats = np.random.default_rng(0).normal(size=(500, 16))
+    assert metrics.frechet_distance(feats, feats) == pytest.approx(0.0, abs=1e-8)
+
+
+def test_frechet_distance_of_shifted_gaussians_is_squared_mean_difference():
+    rng = np.random.default_rng(1)
+    dim = 8
+    mu1, mu2 = rng.normal(size=dim), rng.normal(size=dim)
+    std = rng.uniform(0.5, 2.0, size=dim)
+    a = _with_exact_stats(rng, 400, mu1, std)
+    b = _with_exact_stats(rng, 300, mu2, std)
+    assert metrics.frechet_distance(a, b) == pytest.approx(np.sum((mu1 - mu2) ** 2), rel=1e-8)
+
+
+def test_frechet_distance_matches_closed_form_for_diagonal_covariances():
+    # For diagonal covariances, Tr(S1 + S2 - 2 (S1 S2)^1/2) = sum (s1 - s2)^2 with s the stds.
+    rng = np.random.default_rng(2)
+    dim = 12
+    mu1, mu2 = rng.normal(size=dim), rng.normal(size=dim)
+    std1, std2 = rng.uniform(0.2, 3.0, size=dim), rng.uniform(0.2, 3.0, size=dim)
+    a = _with_exact_stats(rng, 500, mu1, std1)
+    b = _with_exact_stats(rng, 500, mu2, std2)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((std1 - std2) ** 2)
+    assert metrics.frechet_distance(a, b) == pytest.approx(expected, rel=1e-8)
+    # The distance is symmetric and also exposed on precomputed statistics.
+    assert metrics.frechet_distance(b, a) == pytest.approx(expected, rel=1e-8)
+    assert metrics.frechet_distance_from_stats(mu1, np.diag(std1**2), mu2, np.diag(std2**2)) == pytest.approx(
+        expected, rel=1e-8
+    )
+
+
+def test_frechet_distance_with_singular_covariances_is_finite():
+    # Fewer samples than dimensions: both covariances are singular.
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(10, 32)), rng.normal(size=(10, 32)) + 1.0
+    d = metrics.frechet_distance(a, b)
+    assert np.isfinite(d) and d > 0
+
+
+def test_precision_recall_of_identical_sets_is_one():
+    feats = np.random.default_rng(4).normal(size=(300, 8))
+    assert metrics.precision_recall(feats, feats, k=3) == (1.0, 1.0)
+
+
+def test_precision_recall_of_disjoint_clusters_is_low():
+    rng = np.random.default_rng(5)
+    real = rng.normal(size=(300, 8))
+    fake = rng.normal(size=(300, 8)) + 20.0
+    precision, recall = metrics.precision_recall(real, fake, k=3)
+    assert precision < 0.05 and recall < 0.05
+
+
+def test_precision_recall_separates_fidelity_from_coverage():
+    # Fakes that cover only one of two real clusters are realistic (precision
+    # high) but miss half the data (recall about one half).
+    rng = np.random.default_rng(6)
+    real = np.concatenate([rng.normal(size=(200, 4)), rng.normal(size=(200, 4)) + 20.0])
+    fake = rng.normal(size=(400, 4))
+    precision, recall = metrics.precision_recall(real, fake, k=3)
+    assert precision > 0.9
+    assert 0.4 < recall < 0.6
+
+
+# --------------------------------------------------------------------------- classifier
+
+
+def _clips(split, num, seed):
+    """Moving-digits clips as float [N, T, 32, 32, 1] in [-1, 1] and labels [N]."""
+    from data_pipelines import moving_digits
+
+    examples = list(moving_digits.generate(split, num, seed))
+    videos = np.stack([e["video"] for e in examples]).astype(np.float32) / 127.5 - 1.0
+    return videos, np.array([e["label"] for e in examples], np.int32)
+
+
+@pytest.fixture(scope="module")
+def val_clips():
+    # Held out: the validation split's source digits never appear in training.
+    return _clips("validation", NUM_VAL_CLIPS, seed=1)
+
+
+@pytest.fixture(scope="module")
+def trained(val_clips):
+    videos, labels = _clips("train", NUM_TRAIN_CLIPS, seed=0)
+    return classifier.train_classifier(videos, labels, steps=TRAIN_STEPS, batch_size=64, seed=0, lr=2e-3)
+
+
+def test_classifier_is_accurate_on_held_out_digits(trained, val_clips):
+    videos, labels = val_clips
+    pred, probs = classifier.classify_videos(trained, videos)
+    assert pred.shape == labels.shape and probs.shape == (len(labels), 10)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+    assert metrics.class_accuracy(pred, labels) > 0.9
+
+
+def test_features_shapes_and_time_average(trained, val_clips):
+    videos = val_clips[0][:5]
+    mean_feats, frame_feats = classifier.features(trained, videos)
+    dim = trained.config["feature_dim"]
+    assert frame_feats.shape == (5, videos.shape[1], dim)
+    np.testing.assert_allclose(mean_feats, frame_feats.mean(axis=1), rtol=1e-6)
+    # Batching must not change a video's features (evaluation runs in padded chunks).
+    np.testing.assert_allclose(classifier.features(trained, videos[:1])[0], mean_feats[:1], rtol=1e-5, atol=1e-6)
+
+
+def test_save_load_round_trip_gives_identical_outputs(trained, val_clips, tmp_path):
+    videos = val_clips[0][:8]
+    classifier.save(trained, tmp_path / "clf", extra={"val_accuracy": 0.5})
+    restored = classifier.load(tmp_path / "clf")
+    assert restored.config == trained.config
+    np.testing.assert_array_equal(classifier.video_logits(restored, videos), classifier.video_logits(trained, videos))
+    np.testing.assert_array_equal(classifier.features(restored, videos)[1], classifier.features(trained, videos)[1])
+    # A second save over the first (e.g. a retrained classifier) replaces it.
+    classifier.save(restored, tmp_path / "clf")
+    assert classifier.saved_info(tmp_path / "clf")["extra"] == {}
+
+
+def test_get_or_train_classifier_uses_the_cache(trained, val_clips, tmp_path, capsys):
+    videos = val_clips[0][:4]
+    classifier.save(trained, tmp_path, extra={"val_accuracy": 0.99})
+    model = classifier.get_or_train_classifier(tmp_path)  # would take minutes if it trained
+    assert "loaded" in capsys.readouterr().out
+    np.testing.assert_array_equal(classifier.video_logits(model, videos), classifier.video_logits(trained, videos))
+    with pytest.raises(ValueError, match="channels"):
+        classifier.get_or_train_classifier(tmp_path, data_cfg={"channels": 3})
+
+
+def test_load_missing_directory_names_the_path(tmp_path):
+    missing = tmp_path / "no_such_classifier"
+    with pytest.raises(FileNotFoundError, match="no_such_classifier"):
+        classifier.load(missing)
+
+
+def test_load_corrupt_directory_names_the_path(trained, tmp_path):
+    directory = tmp_path / "broken"
+    classifier.save(trained, directory)
+    config = json.loads((directory / "classifier_config.json").read_text())
+    config["architecture"]["feature_dim"] += 1  # weights no longer fit the architecture
+    (directory / "classifier_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="broken"):
+        classifier.load(directory)
+    (directory / "classifier_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="broken"):
+        classifier.load(directory)
+
+
+def test_train_classifier_rejects_mismatched_labels():
+    with pytest.raises(ValueError):
+        classifier.train_classifier(np.zeros((4, 2, 32, 32, 1)), np.zeros(3), steps=1)
