@@ -89,7 +89,7 @@ def base_config() -> ml_collections.ConfigDict:
         param_dtype="float32",
         scan_layers=True,
         remat="none",  # none | dots_saveable | full
-        attention="xla",
+        attention="chunked",  # chunked | dense | xla (see vidit/models/attention.py)
     )
 
     # Only the chosen objective's fields: a field of another objective is a config error.

@@ -1,6 +1,13 @@
 """Attention backends behind one function, chosen by config.model.attention.
 
-All take q [B, Nq, H, D], k/v [B, Nk, H, D] and an optional key mask [B, Nk] (True = attend).
+All take q [B, Nq, H, D], k/v [B, Nk, H, D] and an optional key mask [B, Nk] (True = attend) and
+return [B, Nq, H, D].
+
+- `dense`: the reference; materialises all [Nq, Nk] logits.
+- `xla`: jax.nn.dot_product_attention (the same call takes cuDNN's flash path on GPU).
+- `chunked`: queries in blocks of `CHUNK`, each block rematerialised in the backward pass, so
+  activation memory grows linearly with sequence length and each block's logits stay in cache
+  (this is also the fastest backend on CPU).
 """
 from __future__ import annotations
 
@@ -9,30 +16,62 @@ import jax.numpy as jnp
 
 from vidit import sharding
 
-BACKENDS = ("xla", "dense")
+BACKENDS = ("chunked", "dense", "xla")
+CHUNK = 256
+
+
+def _heads_first(x):
+    return x.transpose(0, 2, 1, 3)  # [B, N, H, D] <-> [B, H, N, D]
+
+
+def _softmax_attend(q, k, v, mask):
+    """q [B,H,Nq,D] (already scaled), k/v [B,H,Nk,D] -> [B,H,Nq,D], softmax in f32."""
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+    if mask is not None:
+        logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+    # The max is a constant shift for stability; no gradient needs to flow through it.
+    logits = logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))
+    weights = jnp.exp(logits)
+    denom = weights.sum(axis=-1, keepdims=True)
+    out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v.dtype), v,
+                     preferred_element_type=jnp.float32)
+    return (out / denom).astype(v.dtype)
 
 
 def dense_attention(q, k, v, mask=None):
-    """Plain softmax(q k^T / sqrt(d)) v with f32 softmax: the reference every backend must match."""
-    scale = q.shape[-1] ** -0.5
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k,
-                        preferred_element_type=jnp.float32)
-    if mask is not None:
-        logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+    out = _softmax_attend(_heads_first(q) * scale, _heads_first(k), _heads_first(v), mask)
+    return _heads_first(out)
+
+
+def chunked_attention(q, k, v, mask=None, chunk: int = CHUNK):
+    """Exact attention computed one block of queries at a time (lax.map + remat per block)."""
+    b, n, h, d = q.shape
+    if n <= chunk:
+        return dense_attention(q, k, v, mask)
+    blocks = -(-n // chunk)
+    scale = jnp.asarray(d ** -0.5, q.dtype)
+    qh = _heads_first(q) * scale
+    qh = jnp.pad(qh, ((0, 0), (0, 0), (0, blocks * chunk - n), (0, 0)))
+    qh = qh.reshape(b, h, blocks, chunk, d).transpose(2, 0, 1, 3, 4)
+    kh, vh = _heads_first(k), _heads_first(v)
+    attend = jax.checkpoint(lambda qb: _softmax_attend(qb, kh, vh, mask))
+    out = jax.lax.map(attend, qh)  # [blocks, B, H, chunk, D]
+    out = out.transpose(1, 2, 0, 3, 4).reshape(b, h, blocks * chunk, d)[:, :, :n]
+    return _heads_first(out)
 
 
 def xla_attention(q, k, v, mask=None):
-    """jax.nn.dot_product_attention (XLA path; the same call takes cuDNN's flash path on GPU)."""
     if mask is not None:
         mask = mask[:, None, None, :]
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
 
 
-def attention(q, k, v, mask=None, *, backend: str = "xla"):
-    if backend == "xla":
-        return xla_attention(q, k, v, mask)
+def attention(q, k, v, mask=None, *, backend: str = "chunked"):
+    if backend == "chunked":
+        return chunked_attention(q, k, v, mask)
     if backend == "dense":
         return dense_attention(q, k, v, mask)
+    if backend == "xla":
+        return xla_attention(q, k, v, mask)
     raise sharding.ConfigError(f"config.model.attention='{backend}' is not one of {BACKENDS}")
