@@ -64,8 +64,9 @@ def layer_norm(x, eps: float = 1e-6):
     """LayerNorm without affine parameters (adaLN supplies scale and shift), statistics in f32."""
     x32 = x.astype(jnp.float32)
     mean = jnp.mean(x32, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True) - jnp.square(mean)
-    return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+    centred = x32 - mean  # two-pass variance: E[x^2] - E[x]^2 cancels badly in f32
+    var = jnp.mean(jnp.square(centred), axis=-1, keepdims=True)
+    return (centred * jax.lax.rsqrt(var + eps)).astype(x.dtype)
 
 
 class RMSNorm(nnx.Module):
