@@ -3,8 +3,11 @@ import os
 import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Tiny test models run in milliseconds but take seconds to compile with full LLVM optimisation:
+# tests compile fast instead (the computation XLA is given is the same).
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 ).strip()
 
 import jax  # noqa: E402  (must come after the flags above)

@@ -138,6 +138,13 @@ def test_nonfinite_update_is_skipped_or_stops(data_dir, tmp_path):
     assert not bool(metrics["finite"]) and int(state.step) == 1
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), before)
 
+    # An absurd learning rate makes the weights overflow: the run stops and says why.
+    c = smoke_config(data_dir, **{"optim.lr": 1e38, "optim.clip_norm": 0.0,
+                                  "train.nonfinite": "stop", "train.log_every": 1})
+    summary = train_lib.train(c, str(tmp_path))
+    assert summary["stopped_for"].startswith("non-finite loss at step")
+    assert summary["step"] < c.train.steps
+
 
 @pytest.mark.parametrize("mesh_cfg, message", [
     (dict(data=3, fsdp=1, tensor=1, sequence=1), "multiply to 3"),
