@@ -229,3 +229,37 @@ def test_cli_train_sample_export(data_dir, tmp_path):
     r = _cli("-m", "vidit.sample", "--workdir", str(tmp_path / "missing"), "--out",
              str(tmp_path / "x.gif"))
     assert r.returncode != 0 and "no config.json" in r.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_resume_continues(data_dir, tmp_path):
+    """Preemption: SIGTERM mid-run writes a checkpoint and exits 0; the same command resumes."""
+    import signal
+    import time
+
+    workdir = str(tmp_path / "run")
+    cmd = [sys.executable, "-m", "vidit.train", "--config", "configs/moving_digits.py:smoke",
+           "--workdir", workdir, f"--config.data.data_dir={data_dir}",
+           "--config.train.progress=False", "--config.train.steps=1000",
+           "--config.train.log_every=1", "--config.train.ckpt_every=0"]
+    log_path = tmp_path / "log.txt"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
+                                stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 300
+        while "step 3:" not in log_path.read_text() and time.time() < deadline:
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0, log_path.read_text()[-3000:]
+    text = log_path.read_text()
+    assert "saving a checkpoint and exiting" in text and "preemption signal" in text
+    saved = [int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()]
+    assert len(saved) == 1 and 3 <= saved[0] < 1000
+    r = _cli("-m", "vidit.train", "--config", "configs/moving_digits.py:smoke", "--workdir",
+             workdir, f"--config.data.data_dir={data_dir}", "--config.train.progress=False",
+             "--config.train.steps=1000", "--config.train.ckpt_every=0",
+             f"--stop_at={saved[0] + 2}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resumed from step {saved[0]}" in r.stderr
+    assert str(saved[0] + 2) in os.listdir(os.path.join(workdir, "checkpoints"))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 
 def setup(compilation_cache: bool = True) -> None:
@@ -15,7 +16,13 @@ def setup(compilation_cache: bool = True) -> None:
     import jax
 
     absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax, Grain and TFDS are chatty at INFO
-    logging.getLogger("vidit").setLevel(logging.INFO)
+    log = logging.getLogger("vidit")  # vidit's own messages keep INFO, on their own handler
+    log.setLevel(logging.INFO)
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+        log.propagate = False
     cache = os.environ.get("VIDIT_XLA_CACHE", os.path.expanduser("~/.cache/vidit/xla"))
     if compilation_cache and cache:
         jax.config.update("jax_compilation_cache_dir", cache)
