@@ -263,3 +263,23 @@ def test_sigterm_saves_and_resume_continues(data_dir, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resumed from step {saved[0]}" in r.stderr
     assert str(saved[0] + 2) in os.listdir(os.path.join(workdir, "checkpoints"))
+
+
+def test_gradient_accumulation_averages_micro_batches(data_dir):
+    """grad_accum=2: the loss (and update) is the mean over the two halves of the batch."""
+    c = smoke_config(data_dir, **{"optim.grad_accum": 2, "train.cond_drop_prob": 0.0})
+    mesh = sharding.make_mesh(dict(fsdp=1), jax.devices()[:1])
+    setup = Setup(c, mesh)
+    objective = diffusion.make_objective(c.objective)
+    state = setup.init()
+    batch = first_batch(c)
+    _, metrics = jax.jit(functools.partial(steps.train_step, setup, objective))(state, batch)
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), 0)
+    halves = []
+    for i in range(2):
+        part = {k: v[i * 4:(i + 1) * 4] for k, v in batch.items()}
+        _, loss_rng = jax.random.split(jax.random.fold_in(rng, i))
+        loss, _ = objective.loss(setup.model(state.params), part["video"],
+                                 {"label": part["label"]}, loss_rng)
+        halves.append(float(loss))
+    np.testing.assert_allclose(float(metrics["loss"]), np.mean(halves), rtol=1e-5)
