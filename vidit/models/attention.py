@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from vidit import sharding
 
 BACKENDS = ("chunked", "dense", "xla")
-CHUNK = 256
+CHUNK = 128  # measured fastest on CPU for 1k-token DiT-S (64: -22%, 256: -17%, dense: -30%)
 
 
 def _heads_first(x):
