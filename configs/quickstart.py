@@ -2,7 +2,7 @@
 
     python -m vidit.train --config configs/quickstart.py --workdir runs/quickstart
 
-About 10 minutes on 2 CPU cores; samples (one row per digit 0-9) land in
+About 25 minutes on 2 CPU cores today (0.4 steps/s); samples (one row per digit 0-9) land in
 runs/quickstart/samples/. `configs/moving_digits.py` is the same data with a bigger budget.
 """
 from configs import moving_digits

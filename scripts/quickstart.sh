@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs vidit and trains the quickstart config on the embedded moving-digits dataset (CPU),
-# then writes sample videos to runs/quickstart/samples/. About 10-15 minutes on 2 CPU cores.
+# then writes sample videos to runs/quickstart/samples/. About 25 minutes on 2 CPU cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install --quiet --disable-pip-version-check -e ".[video]"
