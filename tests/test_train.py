@@ -283,3 +283,23 @@ def test_gradient_accumulation_averages_micro_batches(data_dir):
                                  {"label": part["label"]}, loss_rng)
         halves.append(float(loss))
     np.testing.assert_allclose(float(metrics["loss"]), np.mean(halves), rtol=1e-5)
+
+
+def test_evaluate_reports_every_step_count(data_dir, tmp_path, monkeypatch):
+    """vidit.evaluate end to end on a smoke run (an untrained classifier stands in: fast)."""
+    from flax import nnx
+    from vidit import evaluate
+    from vidit.eval import classifier
+
+    c = smoke_config(data_dir, **{"train.steps": 2, "train.ckpt_every": 2})
+    workdir = str(tmp_path / "run")
+    train_lib.train(c, workdir, stop_at=2)
+    monkeypatch.setattr(evaluate, "classifier_for",
+                        lambda config: classifier.FrameClassifier(rngs=nnx.Rngs(0)))
+    report = evaluate.evaluate(workdir, step_counts=[1, 2], num=12, batch=8)
+    assert [r["steps"] for r in report["results"]] == [1, 2]
+    for r in report["results"]:
+        assert 0.0 <= r["class_accuracy"] <= 1.0 and r["frechet_distance"] >= 0
+        assert 0.0 <= r["precision"] <= 1.0 and 0.0 <= r["recall"] <= 1.0
+        assert r["samples_per_s"] > 0
+    assert "| 2 |" in evaluate.markdown(report)
