@@ -130,7 +130,9 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict:
     step_flops = flops.train_flops_per_step(config.model, config.data)
     tokens_per_step = flops.forward_flops(config.model, config.data.num_frames, config.data.height,
                                           config.data.width)["tokens"] * config.data.batch_size
-    peak = metrics.measure_matmul_peak() * jax.device_count()
+    # Simulated CPU devices share one host's cores: the peak is per host there, per chip elsewhere.
+    on_cpu = jax.devices()[0].platform == "cpu"
+    peak = metrics.measure_matmul_peak() * (jax.process_count() if on_cpu else jax.device_count())
     writer = metrics.MetricWriter(os.path.join(workdir, "tensorboard"))
     preempt = Preemption()
 
