@@ -303,3 +303,17 @@ def test_evaluate_reports_every_step_count(data_dir, tmp_path, monkeypatch):
         assert 0.0 <= r["precision"] <= 1.0 and 0.0 <= r["recall"] <= 1.0
         assert r["samples_per_s"] > 0
     assert "| 2 |" in evaluate.markdown(report)
+
+
+def test_vp_objective_trains_and_samples(data_dir, tmp_path):
+    """The DiT paper's objective runs through the same trainer (config variant objective=vp)."""
+    c = moving_digits.get_config("smoke,objective=vp")
+    c.data.data_dir = data_dir
+    c.train.progress = False
+    assert c.objective.name == "vp" and c.objective.prediction == "v"
+    summary = train_lib.train(c, str(tmp_path), stop_at=3)
+    assert summary["step"] == 3 and all(np.isfinite(summary["losses"]))
+    c2 = moving_digits.get_config("smoke")
+    c2.data.data_dir = data_dir
+    with pytest.raises(checkpoint.CheckpointError, match="objective.name"):
+        train_lib.train(c2, str(tmp_path))  # a flow config must not resume a VP run
