@@ -1,6 +1,5 @@
 """Every test runs on 8 simulated CPU devices, so sharded layouts are exercised on a laptop."""
 import os
-import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tiny test models run in milliseconds but take seconds to compile with full LLVM optimisation:
@@ -13,10 +12,10 @@ os.environ["XLA_FLAGS"] = (
 import jax  # noqa: E402  (must come after the flags above)
 import pytest  # noqa: E402
 
-# Identical programs (the same tiny config trained, resumed, exported) compile once per session.
-jax.config.update("jax_compilation_cache_dir",
-                  os.environ.get("VIDIT_TEST_XLA_CACHE", tempfile.mkdtemp(prefix="vidit_xla_")))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+# No persistent compilation cache in tests (the CLIs use one): a full session with it enabled
+# aborted once inside XLA (jax 0.10.2, CPU) while the same test passed alone; the cause is not
+# pinned down, and a test should not depend on what an earlier one cached anyway.
+os.environ["VIDIT_XLA_CACHE"] = ""
 
 
 def pytest_configure(config):
