@@ -28,7 +28,6 @@ from vidit.train_state import Setup  # noqa: E402
 
 def benchmark_config(args):
     if args.config:
-        from ml_collections import config_flags  # noqa: F401  (file:arg loading)
         import importlib.util
         path, _, arg = args.config.partition(":")
         spec = importlib.util.spec_from_file_location("bench_cfg", path)

@@ -51,8 +51,7 @@ def decay_mask(params: Any) -> Any:
         lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
 
 
-def make_optimizer(optim: Any, total_steps: int, params: Any) -> optax.GradientTransformation:
-    schedule = learning_rate_schedule(optim, total_steps)
+def make_optimizer(optim: Any, schedule: optax.Schedule, params: Any) -> optax.GradientTransformation:
     return optax.chain(
         optax.clip_by_global_norm(optim.clip_norm) if optim.clip_norm else optax.identity(),
         optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
@@ -83,8 +82,8 @@ class Setup:
         self.graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
         self.param_names = sharding.logical_names(abstract_params)
         abstract_params = nnx.to_pure_dict(abstract_params)
-        self.tx = make_optimizer(config.optim, config.train.steps, abstract_params)
         self.lr_schedule = learning_rate_schedule(config.optim, config.train.steps)
+        self.tx = make_optimizer(config.optim, self.lr_schedule, abstract_params)
         param_shardings = sharding.tree_shardings(abstract_params, self.param_names, mesh, rules)
         abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
         repl = sharding.replicated(mesh)
