@@ -48,6 +48,8 @@ def benchmark_config(args):
         c.model.dtype = args.dtype
     if args.remat:
         c.model.remat = args.remat
+    if args.scan_layers:
+        c.model.scan_layers = args.scan_layers == "true"
     c.mesh = dict(data=1, fsdp=1, tensor=1, sequence=1)
     return c
 
@@ -64,6 +66,7 @@ def main():
     p.add_argument("--dtype", default="")
     p.add_argument("--attention", default="")
     p.add_argument("--remat", default="")
+    p.add_argument("--scan_layers", default="", choices=["", "true", "false"])
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--profile", default="", help="write a JAX profiler trace to this folder")
     args = p.parse_args()

@@ -90,6 +90,7 @@ def base_config() -> ml_collections.ConfigDict:
         scan_layers=True,
         remat="none",  # none | dots_saveable | full
         attention="chunked",  # chunked | dense | xla (see vidit/models/attention.py)
+        sequence_parallel="ulysses",  # ulysses | ring | gspmd, when mesh.sequence > 1
     )
 
     # Only the chosen objective's fields: a field of another objective is a config error.

@@ -154,6 +154,11 @@ def use(mesh: Mesh, rules: Sequence[tuple]):
         _CONTEXT.value = previous
 
 
+def current() -> tuple[Mesh, tuple] | None:
+    """(mesh, rules) of the enclosing `use()` block, or None outside one."""
+    return getattr(_CONTEXT, "value", None)
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """Pins an activation's layout by logical names (GSPMD otherwise guesses)."""
     context = getattr(_CONTEXT, "value", None)

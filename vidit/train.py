@@ -24,6 +24,7 @@ import numpy as np
 
 from vidit import checkpoint, cli, diffusion, flops, metrics, sharding, steps, video_io
 from vidit.train_state import Setup
+from vidit.models import context_parallel
 
 log = logging.getLogger("vidit")
 
@@ -49,6 +50,9 @@ def validate(config: Any, mesh) -> None:
         raise sharding.ConfigError(
             f"config.optim.grad_accum={accum}: each micro-batch (batch_size / grad_accum) must "
             f"still divide over the {sharding.batch_shards(mesh)} batch shards")
+    d, patch = config.data, config.model.patch
+    tokens = (d.num_frames // patch[0]) * (d.height // patch[1]) * (d.width // patch[2])
+    context_parallel.check_layout(config.model, dict(mesh.shape), tokens)
     if config.train.nonfinite not in ("skip", "stop"):
         raise sharding.ConfigError(
             f"config.train.nonfinite='{config.train.nonfinite}' is not one of ['skip', 'stop']")
