@@ -3,6 +3,6 @@
 # Extra arguments go to pytest, e.g. `scripts/test.sh -m "not slow"` to skip end-to-end runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m pip install --quiet --disable-pip-version-check -e ".[test,video]"
+python3 -m pip install --quiet --disable-pip-version-check -e ".[test,video,tpu]"
 export JAX_PLATFORMS=cpu
 python3 -m pytest tests "$@"

@@ -113,3 +113,11 @@ def test_ulysses_with_too_few_heads_fails_at_startup():
     with pytest.raises(sharding.ConfigError, match="config.mesh.sequence=8"):
         train_lib.validate(c, sharding.make_mesh(c.mesh))
 
+
+
+@pytest.mark.parametrize("backend", ["splash", "cudnn"])
+def test_accelerator_only_backends_are_rejected_on_cpu(backend):
+    from vidit import train as train_lib
+    c = config("gspmd", attention=backend)
+    with pytest.raises(sharding.ConfigError, match=f"attention='{backend}' runs on"):
+        train_lib.validate(c, sharding.make_mesh(dict(data=-1)))

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import optax
 
+from vidit import sharding
 from vidit.train_state import Setup, TrainState, ema_update
 
 
@@ -68,6 +71,24 @@ def train_step(setup: Setup, objective: Any, state: TrainState, batch: dict):
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": setup.lr_schedule(state.step),
                "finite": finite}
     return new, metrics
+
+
+def jit_train_step(setup: Setup, objective: Any):
+    """train_step jitted with the state's shardings in and out, and the old state donated."""
+    return jax.jit(functools.partial(train_step, setup, objective),
+                   out_shardings=(setup.shardings, sharding.replicated(setup.mesh)),
+                   donate_argnums=0)
+
+
+def abstract_batch(config: Any, mesh) -> dict:
+    """Shapes, dtypes and shardings of one global training batch (for AOT lowering)."""
+    d = config.data
+    shapes = {"video": ((d.batch_size, d.num_frames, d.height, d.width, d.channels), jnp.float32),
+              "label": ((d.batch_size,), jnp.int32),
+              "text": ((d.batch_size, config.model.text_len), jnp.int32)}
+    return {k: jax.ShapeDtypeStruct(shape, dtype,
+                                    sharding=sharding.batch_sharding(mesh, len(shape)))
+            for k, (shape, dtype) in shapes.items()}
 
 
 def eval_step(setup: Setup, objective: Any, params: Any, batch: dict, rng: jax.Array):

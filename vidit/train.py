@@ -50,6 +50,12 @@ def validate(config: Any, mesh) -> None:
         raise sharding.ConfigError(
             f"config.optim.grad_accum={accum}: each micro-batch (batch_size / grad_accum) must "
             f"still divide over the {sharding.batch_shards(mesh)} batch shards")
+    platform = mesh.devices.flat[0].platform
+    needs = {"cudnn": "gpu", "splash": "tpu"}.get(config.model.attention)
+    if needs and platform != needs:
+        raise sharding.ConfigError(
+            f"config.model.attention='{config.model.attention}' runs on {needs} only and this "
+            f"mesh is {platform}; use 'chunked' (any device) or 'xla'")
     d, patch = config.data, config.model.patch
     tokens = (d.num_frames // patch[0]) * (d.height // patch[1]) * (d.width // patch[2])
     context_parallel.check_layout(config.model, dict(mesh.shape), tokens)
@@ -123,9 +129,7 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             json.dump(config.to_dict(), f, indent=2, default=str)
 
-    train_step = jax.jit(functools.partial(steps.train_step, setup, objective),
-                         out_shardings=(setup.shardings, sharding.replicated(mesh)),
-                         donate_argnums=0)
+    train_step = steps.jit_train_step(setup, objective)
     eval_step = jax.jit(functools.partial(steps.eval_step, setup, objective))
     sample_fn = jax.jit(functools.partial(steps.sample, setup, objective),
                         static_argnames=("steps", "guidance"))

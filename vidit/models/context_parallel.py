@@ -13,7 +13,8 @@ every key for every query; config.model.sequence_parallel picks how it gets them
   the head count, one extra K/V block in memory, s - 1 neighbour exchanges per layer.
 - `gspmd`: no manual collectives; XLA's partitioner decides (usually all-gathers K and V).
 
-Outside a mesh with sequence > 1 every strategy is plain attention.
+Outside a mesh with sequence > 1 every strategy is plain attention, except that a kernel GSPMD
+cannot partition (`splash`) still runs per shard inside shard_map (batch and head splits only).
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from vidit.models.attention import attention
 STRATEGIES = ("ulysses", "ring", "gspmd")
 AXIS = "sequence"
 HEADS = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
+PER_SHARD = ("splash",)  # kernels GSPMD cannot partition: always run inside shard_map
 
 
 def check_layout(model_cfg, mesh_shape: dict, tokens: int) -> None:
@@ -57,12 +59,16 @@ def check_layout(model_cfg, mesh_shape: dict, tokens: int) -> None:
 def self_attention(q, k, v, *, backend: str, strategy: str):
     """q, k, v [B, N, H, D] (sharded by the HEADS logical names) -> [B, N, H, D]."""
     context = sharding.current()
-    if context is None or strategy == "gspmd":
+    if context is None:
         return attention(q, k, v, backend=backend)
     mesh, rules = context
-    if mesh.shape[AXIS] == 1:
-        return attention(q, k, v, backend=backend)
     spec = sharding.spec_for_shape(HEADS, q.shape, mesh, rules)
+    if mesh.shape[AXIS] == 1 or strategy == "gspmd":
+        if backend not in PER_SHARD:
+            return attention(q, k, v, backend=backend)
+        spec = P(spec[0], None, spec[2], None)  # whole sequence per shard; batch/heads split
+        return jax.shard_map(functools.partial(attention, backend=backend), mesh=mesh,
+                             in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)
     if AXIS not in _axes(spec[1]) or AXIS in _axes(spec[0]) + _axes(spec[2]):
         raise sharding.ConfigError(
             f"sequence_parallel='{strategy}' needs the token axis sharded over '{AXIS}' alone; "

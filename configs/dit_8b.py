@@ -1,0 +1,16 @@
+"""8B video DiT (28 x 4096, 32 heads of 128) on 32x64x64x16 latents: 32768 tokens per clip.
+
+    python -m vidit.compile --config configs/dit_8b.py --topology v5p:8x8x8
+Fits v5p-1024 (512 chips): FSDP 128 x Ulysses sequence 4, global batch 128 (see docs/compile_reports.md).
+"""
+from configs import pod_common
+from vidit import config_lib
+
+
+def get_config(arg=None):
+    arg = config_lib.parse_arg(arg, smoke=False)
+    c = pod_common.latent_video_config(depth=28, width=4096, heads=32, latent_clip=(32, 64, 64, 16),
+                                       batch=128, mesh=dict(data=1, fsdp=-1, tensor=1, sequence=4))
+    if arg.smoke:
+        pod_common.make_smoke(c)
+    return c

@@ -1,0 +1,44 @@
+"""What the pod-scale configs (dit_1b, dit_8b, dit_30b) share: a text-conditioned latent-video
+DiT in bf16 with f32 master weights, full remat, splash attention with Ulysses sequence
+parallelism, FSDP over most chips. Not a config file itself: each dit_*.py names its size,
+clip and mesh, and says which slice it was compiled for (`python -m vidit.compile`).
+"""
+from vidit import config_lib
+
+
+def latent_video_config(*, depth, width, heads, latent_clip, batch, mesh, lr=1e-4):
+    """latent_clip = (frames, height, width, channels) of the autoencoder's latents."""
+    c = config_lib.base_config()
+    c.model.depth, c.model.width, c.model.heads = depth, width, heads
+    c.model.size = "custom"
+    c.model.patch = (1, 2, 2)
+    c.model.cond = "text"
+    c.model.text_width, c.model.text_depth, c.model.text_heads = 1024, 2, 8
+    c.model.dtype, c.model.param_dtype = "bfloat16", "float32"
+    c.model.remat = "full"
+    c.model.attention = "splash"
+    c.model.sequence_parallel = "ulysses"
+    frames, height, width_, channels = latent_clip
+    c.data.num_frames, c.data.height, c.data.width = frames, height, width_
+    c.data.channels = c.model.channels = channels
+    c.data.batch_size = batch
+    c.mesh = dict(mesh)
+    c.optim.lr = lr
+    c.optim.warmup_steps = 1000
+    c.train.steps = 200_000
+    c.train.eval_every = 5000
+    c.train.ckpt_every = 1000
+    c.train.progress = False
+    return c
+
+
+def make_smoke(c):
+    """The ':smoke' variant of a pod config: the same code paths on CPU and the embedded data."""
+    config_lib.make_smoke(c)
+    c.model.attention, c.model.dtype, c.model.remat = "chunked", "float32", "none"
+    c.model.text_width, c.model.text_depth, c.model.text_heads = 64, 1, 2
+    c.data.name = "moving_digits"
+    c.data.num_frames, c.data.height, c.data.width = 8, 32, 32
+    c.data.channels = c.model.channels = 1
+    c.model.patch = (2, 4, 4)
+    c.mesh = dict(data=-1, fsdp=1, tensor=1, sequence=1)

@@ -1,0 +1,157 @@
+"""Will this config fit a TPU slice? Compile its real train step for one, on this machine.
+
+    python -m vidit.compile --config configs/dit_8b.py --topology v5p:8x8x8
+    python -m vidit.compile --config configs/dit_30b.py --topology v5p:16x16x16 --json
+    python -m vidit.compile --config configs/dit_1b.py --topology v5p:4x4x4 --config.mesh.fsdp=16
+
+Needs libtpu (`pip install -e ".[tpu]"`), not a TPU: `jax.experimental.topologies` describes
+the slice's chips, the mesh is built over them from config.mesh, and the same jitted train step
+`vidit.train` runs is lowered with abstract (never allocated) parameters, optimizer state and
+batch, then compiled by the TPU compiler. The report gives per-chip memory (parameters,
+optimizer state and EMA from their shardings; XLA's argument, temporary and total figures),
+whether it fits the chip's HBM, compiled FLOPs per step, and the step time and tokens/s that
+the chip's peak gives at a stated MFU. Exit status 2 if it does not fit.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from vidit import cli, diffusion, flops, sharding, steps
+from vidit.train_state import Setup
+
+# Per chip, dense bf16 (shared/reference/scale.md).
+CHIPS = {
+    "v4": {"peak_tflops": 275, "hbm_gib": 32},
+    "v5e": {"peak_tflops": 197, "hbm_gib": 16},
+    "v5litepod": {"peak_tflops": 197, "hbm_gib": 16},
+    "v5p": {"peak_tflops": 459, "hbm_gib": 95},
+    "v6e": {"peak_tflops": 918, "hbm_gib": 32},
+}
+GIB = 2**30
+
+
+def topology_devices(name: str) -> list:
+    """The abstract TPU devices of a slice such as 'v5p:8x8x8' (libtpu needed, no TPU)."""
+    chip = name.split(":")[0]
+    if chip not in CHIPS:
+        raise sharding.ConfigError(f"--topology '{name}': chip '{chip}' is not one of {sorted(CHIPS)}")
+    try:
+        from jax.experimental import topologies
+        return list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
+    except (ImportError, RuntimeError, ValueError) as e:
+        raise RuntimeError(
+            f"cannot describe TPU topology '{name}' ({e}); is libtpu installed? "
+            f"pip install -e '.[tpu]'") from e
+
+
+def _shard_bytes(tree: Any) -> int:
+    """Bytes one device holds of a tree of sharded ShapeDtypeStructs."""
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+               for x in jax.tree.leaves(tree))
+
+
+def compile_step(config: Any, topology: str):
+    """(compiled train step, setup) for the slice, from abstract state and batch."""
+    devices = topology_devices(topology)
+    mesh = sharding.make_mesh(config.mesh, devices)
+    from vidit import train as train_lib  # the same start-up checks as a real run
+    train_lib.validate(config, mesh)
+    setup = Setup(config, mesh)
+    objective = diffusion.make_objective(config.objective)
+    with sharding.use(mesh, config.sharding_rules):
+        lowered = steps.jit_train_step(setup, objective).lower(
+            setup.abstract, steps.abstract_batch(config, mesh))
+    return lowered.compile(), setup
+
+
+def compile_report(config: Any, topology: str, mfu: float = 0.4) -> dict:
+    chip = CHIPS[topology.split(":")[0]]
+    start = time.perf_counter()
+    compiled, setup = compile_step(config, topology)
+    compile_s = time.perf_counter() - start
+    state, mesh = setup.abstract, setup.mesh
+
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    args, temp = memory.argument_size_in_bytes, memory.temp_size_in_bytes
+    out, alias = memory.output_size_in_bytes, memory.alias_size_in_bytes
+    total = args + out - alias + temp + memory.generated_code_size_in_bytes
+    d = config.data
+    fwd = flops.forward_flops(config.model, d.num_frames, d.height, d.width)
+    model_flops = flops.train_flops_per_step(config.model, d)
+    chips = mesh.devices.size
+    step_s = model_flops / (chips * chip["peak_tflops"] * 1e12 * mfu)
+    return {
+        "topology": topology, "chips": chips, "mesh": dict(mesh.shape),
+        "params": setup.num_params(), "tokens_per_clip": fwd["tokens"],
+        "global_batch": d.batch_size, "attention": config.model.attention,
+        "sequence_parallel": config.model.get("sequence_parallel", "ulysses"),
+        "remat": config.model.remat, "dtype": config.model.dtype,
+        "per_chip_gib": {
+            "params": _shard_bytes(state.params) / GIB,
+            "ema": _shard_bytes(state.ema_params) / GIB,
+            "optimizer": _shard_bytes(state.opt_state) / GIB,
+            "arguments": args / GIB,
+            "temp": temp / GIB,
+            "total": total / GIB,
+        },
+        "hbm_gib": chip["hbm_gib"],
+        "fits": total <= chip["hbm_gib"] * GIB,
+        # XLA counts a loop body once: with scan_layers this is about one layer's share.
+        "compiled_flops_per_chip": float(cost.get("flops", float("nan"))),
+        "model_flops_per_step": model_flops,
+        "assumed_mfu": mfu,
+        "step_time_s": step_s,
+        "tokens_per_s": fwd["tokens"] * d.batch_size / step_s,
+        "compile_s": round(compile_s, 1),
+    }
+
+
+def format_report(r: dict) -> str:
+    m = r["per_chip_gib"]
+    lines = [
+        f"{r['topology']}: {r['chips']} chips, mesh {r['mesh']}",
+        f"model: {r['params'] / 1e9:.2f}B parameters, {r['tokens_per_clip']} tokens/clip, "
+        f"global batch {r['global_batch']}, attention {r['attention']} "
+        f"({r['sequence_parallel']}), remat {r['remat']}, {r['dtype']}",
+        f"per chip: params {m['params']:.2f} GiB, EMA {m['ema']:.2f}, optimizer "
+        f"{m['optimizer']:.2f}, temporaries {m['temp']:.2f}; total {m['total']:.2f} of "
+        f"{r['hbm_gib']} GiB HBM -> {'FITS' if r['fits'] else 'DOES NOT FIT'}",
+        f"model FLOPs per step: {r['model_flops_per_step']:.3e} "
+        f"({r['model_flops_per_step'] / r['chips']:.3e} per chip); XLA's cost analysis: "
+        f"{r['compiled_flops_per_chip']:.3e} per chip (loop bodies counted once)",
+        f"at {r['assumed_mfu']:.0%} MFU: {r['step_time_s']:.2f} s/step, "
+        f"{r['tokens_per_s']:.3g} tokens/s (compiled in {r['compile_s']} s)",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv):
+    from absl import flags
+    del argv
+    cli.setup(compilation_cache=False)
+    report = compile_report(flags.FLAGS.config, flags.FLAGS.topology, flags.FLAGS.mfu)
+    print(json.dumps(report, indent=2) if flags.FLAGS.json else format_report(report))
+    if not report["fits"]:
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:variant]).",
+                                    lock_config=True)
+    flags.DEFINE_string("topology", "v5p:4x4x4", "TPU slice, e.g. v5p:8x8x8, v5e:4x4, v6e:16x16")
+    flags.DEFINE_float("mfu", 0.4, "MFU assumed for the step-time estimate")
+    flags.DEFINE_bool("json", False, "print the report as JSON")
+    flags.mark_flags_as_required(["config"])
+    app.run(main)
