@@ -3,23 +3,29 @@
     python -m vidit.train --config configs/moving_digits.py --workdir runs/moving_digits
     python -m vidit.train --config configs/moving_digits.py:smoke --workdir /tmp/smoke
 
-Variants (after ':', comma-separated): smoke (tiny model, a few steps), size=<tiny|mini|S|...>,
-cond=<class|text|none>, objective=<flow|vp> (vp: the DiT paper's diffusion, v-prediction with
-zero-terminal-SNR, DDIM sampling).
+Variants (after ':', comma-separated): smoke (tiny model, a few steps), size=<digits|tiny|mini|S|...>
+(digits, the default: 4 blocks x 128 wide), cond=<class|text|none>, objective=<flow|vp> (vp: the
+DiT paper's diffusion, v-prediction with zero-terminal-SNR, DDIM sampling).
 """
 from vidit import config_lib, diffusion
 
 
 def get_config(arg=None):
-    arg = config_lib.parse_arg(arg, smoke=False, size="mini", cond="class", objective="flow")
+    arg = config_lib.parse_arg(arg, smoke=False, size="digits", cond="class", objective="flow")
     c = config_lib.base_config()
     c.data.num_frames = 8
     c.data.height = c.data.width = 32
     c.data.channels = c.model.channels = 1
-    c.data.batch_size = 32
+    # Small batches, many steps: on 2 CPU cores a batch of 8 runs 2.6 steps/s against 1.1 for 16
+    # and 0.5 for 32, and early in training more updates beat bigger ones.
+    c.data.batch_size = 8
 
-    config_lib.set_size(c.model, arg.size)
-    c.model.patch = (1, 4, 4)  # 8 x 8 x 8 = 512 tokens
+    if arg.size == "digits":  # 4 x 128, 2 heads: 1.3M parameters, enough for 10 digit shapes
+        c.model.size = "digits"
+        c.model.depth, c.model.width, c.model.heads = 4, 128, 2
+    else:
+        config_lib.set_size(c.model, arg.size)
+    c.model.patch = (2, 4, 4)  # 4 x 8 x 8 = 256 tokens
     c.model.cond = arg.cond
     c.objective = diffusion.default_config(arg.objective)
     if arg.objective == "vp":
@@ -27,15 +33,15 @@ def get_config(arg=None):
         c.objective.prediction = "v"
         c.objective.zero_terminal_snr = True
 
-    c.optim.lr = 3e-4
-    c.optim.warmup_steps = 200
+    c.optim.lr = 1e-3
+    c.optim.warmup_steps = 100
     c.optim.weight_decay = 0.0
     c.ema_decay = 0.999
 
-    c.train.steps = 3000
-    c.train.log_every = 50
-    c.train.eval_every = 500
-    c.train.ckpt_every = 500
+    c.train.steps = 5000  # ~32 min on 2 CPU cores
+    c.train.log_every = 100
+    c.train.eval_every = 1000
+    c.train.ckpt_every = 1000
     c.sample.steps = 50
     c.sample.guidance = 3.0
     c.sample.num = 10

@@ -26,3 +26,13 @@ def pytest_configure(config):
 def devices():
     assert jax.device_count() == 8, "tests expect 8 simulated CPU devices"
     return jax.devices()
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """A tiny moving_digits build (64 train / 16 validation clips, as every ':smoke' config
+    asks for) shared by every test of the session."""
+    from data_pipelines import moving_digits
+    path = tmp_path_factory.mktemp("tfds")
+    moving_digits.load_builder(str(path), num_train=64, num_validation=16)
+    return str(path)

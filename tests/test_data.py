@@ -15,14 +15,6 @@ from data_pipelines import tokenize
 TINY = {"num_train": 64, "num_validation": 16}
 
 
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-    """A tiny moving_digits build shared by every test of the session."""
-    path = tmp_path_factory.mktemp("tfds")
-    md.load_builder(str(path), **TINY)
-    return str(path)
-
-
 @pytest.fixture
 def cfg(data_dir):
     cfg = pipeline.default_data_config()

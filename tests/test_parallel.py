@@ -5,6 +5,8 @@ Tolerance: rtol 1e-5 on the loss, atol 2e-6 + rtol 1e-4 on gradients (f32; the s
 sum in a different order).
 """
 import functools
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -121,3 +123,18 @@ def test_accelerator_only_backends_are_rejected_on_cpu(backend):
     c = config("gspmd", attention=backend)
     with pytest.raises(sharding.ConfigError, match=f"attention='{backend}' runs on"):
         train_lib.validate(c, sharding.make_mesh(dict(data=-1)))
+
+
+def test_chunked_attention_memory_grows_linearly():
+    """Compiled peak memory at 4x the tokens is <= 5x for chunked, ~16x for dense."""
+    sys_path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            "benchmarks")
+    sys.path.insert(0, sys_path)
+    try:
+        import attention_memory
+    finally:
+        sys.path.remove(sys_path)
+    chunked = [attention_memory.peak_bytes("chunked", n, 4, 32, 1) for n in (1024, 4096)]
+    dense = [attention_memory.peak_bytes("dense", n, 4, 32, 1) for n in (1024, 4096)]
+    assert chunked[1] / chunked[0] <= 5
+    assert dense[1] / dense[0] > 10

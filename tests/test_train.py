@@ -17,11 +17,6 @@ from vidit.train_state import Setup
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("tfds"))
-
-
 def smoke_config(data_dir, **overrides):
     c = moving_digits.get_config("smoke")
     c.data.data_dir = data_dir

@@ -6,6 +6,7 @@ model config is refused with the differing keys named.
 """
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -86,10 +87,13 @@ class Checkpointer:
                     f"{self.directory} holds checkpoints of a different model config; use a new "
                     "--workdir or restore the config. Differences:\n  " + "\n  ".join(diff))
             items = dict(state=ocp.args.StandardRestore(abstract_state))
-            if data_iter is not None:
+            same_hosts = data_iter is not None and os.path.exists(self._data_file(step))
+            if same_hosts:
                 items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+                if data_iter is not None and not same_hosts:
+                    self._restore_data_position(step, data_iter)
             except Exception as e:  # pylint: disable=broad-except
                 self._warn_bad(step, e, steps[i + 1:])
                 continue
@@ -98,6 +102,29 @@ class Checkpointer:
             raise CheckpointError(f"no checkpoint in {self.directory} could be restored (tried "
                                   f"steps {steps}); see the warnings above")
         return None
+
+    def _data_file(self, step: int) -> str:
+        """Grain's per-process iterator file for this process in this job."""
+        return os.path.join(self.directory, str(step), "data",
+                            f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+
+    def _restore_data_position(self, step: int, data_iter: Any) -> None:
+        """Resumes the data on a different number of processes than saved it.
+
+        The pipeline's iterator state is the next global step, identical in every process
+        (data_pipelines/pipeline.py), so any saved process's state is this process's state.
+        """
+        files = sorted(glob.glob(os.path.join(self.directory, str(step), "data", "process_*.json")))
+        states = []
+        for path in files:
+            with open(path) as f:
+                states.append(json.load(f))
+        if not states or any(s != states[0] for s in states):
+            raise CheckpointError(f"step {step}: data iterator states {files} are missing or "
+                                  "differ between processes")
+        data_iter.set_state(states[0])
+        log.info("step %d was saved by %d processes; this job has %d: data resumes at %s",
+                 step, len(files), jax.process_count(), states[0])
 
     def _warn_bad(self, step, error, remaining):
         """Moves a bad checkpoint aside (kept for inspection, out of the step sequence)."""

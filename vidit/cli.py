@@ -6,8 +6,9 @@ import os
 import sys
 
 
-def setup(compilation_cache: bool = True) -> None:
-    """Quiet library logs, vidit's own at INFO, and a persistent XLA compilation cache.
+def setup(compilation_cache: bool = True, multi_host: bool = True) -> None:
+    """Quiet library logs, vidit's own at INFO, a persistent XLA compilation cache, and joining
+    the other processes of a multi-host job (vidit/distributed.py).
 
     The cache (~/.cache/vidit/xla, or $VIDIT_XLA_CACHE; '' disables it) makes a re-run or a resume
     of the same config skip compilation, which on CPU is often longer than a short run itself.
@@ -27,3 +28,6 @@ def setup(compilation_cache: bool = True) -> None:
     if compilation_cache and cache:
         jax.config.update("jax_compilation_cache_dir", cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    if multi_host:
+        from vidit import distributed
+        distributed.initialize()

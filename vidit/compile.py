@@ -137,7 +137,7 @@ def format_report(r: dict) -> str:
 def main(argv):
     from absl import flags
     del argv
-    cli.setup(compilation_cache=False)
+    cli.setup(compilation_cache=False, multi_host=False)
     report = compile_report(flags.FLAGS.config, flags.FLAGS.topology, flags.FLAGS.mfu)
     print(json.dumps(report, indent=2) if flags.FLAGS.json else format_report(report))
     if not report["fits"]:

@@ -64,6 +64,14 @@ def validate(config: Any, mesh) -> None:
             f"config.train.nonfinite='{config.train.nonfinite}' is not one of ['skip', 'stop']")
 
 
+def to_host(tree: Any) -> Any:
+    """numpy copies of (replicated or sharded) global arrays, on every process."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
 def global_batch(local: dict, mesh) -> dict:
     """This process's rows -> global arrays sharded over the batch axes."""
     return {k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, v.ndim), v)
@@ -151,7 +159,7 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict:
             with sharding.use(mesh, config.sharding_rules):
                 losses.append(eval_step(state.params, global_batch(local, mesh),
                                         jax.random.key(1000 + i)))
-        per_t = np.mean(jax.device_get(losses), axis=0)
+        per_t = np.mean(to_host(losses), axis=0)
         values = {"eval/loss": float(per_t.mean())}
         values.update({f"eval/loss_t{t:.3f}": v for t, v in
                        zip(np.asarray(objective.eval_times(len(per_t))), per_t)})
@@ -166,7 +174,7 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict:
         noise = jax.random.normal(jax.random.key(config.sample.seed), shape)
         cond = jax.tree.map(jnp.asarray, sample_conditions(config, num))
         with sharding.use(mesh, config.sharding_rules):
-            videos = np.asarray(jax.device_get(sample_fn(
+            videos = np.asarray(to_host(sample_fn(
                 state.ema_params, noise, cond, steps=int(config.sample.steps),
                 guidance=float(config.sample.guidance))))
         if is_main:
@@ -194,7 +202,7 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict:
 
         if (step % config.train.log_every == 0 or step in (total, stop_at)
                 or preempt.requested):
-            fetched = jax.device_get([m for _, m in pending])
+            fetched = to_host([m for _, m in pending])
             now = time.perf_counter()
             rate = (step - last_step) / max(now - last_time, 1e-9)
             last_time, last_step = now, step
