@@ -4,8 +4,9 @@
     python -m vidit.train --config configs/moving_digits.py:smoke --workdir /tmp/smoke
 
 Variants (after ':', comma-separated): smoke (tiny model, a few steps), size=<digits|tiny|mini|S|...>
-(digits, the default: 4 blocks x 128 wide), cond=<class|text|none>, objective=<flow|vp> (vp: the
-DiT paper's diffusion, v-prediction with zero-terminal-SNR, DDIM sampling).
+(digits, the default: 4 blocks x 128 wide), cond=<class|text|none>, objective=<flow|vp|meanflow> (vp:
+the DiT paper's diffusion, v-prediction with zero-terminal-SNR, DDIM sampling; meanflow: one-step
+average-velocity model, sample with --steps 1).
 """
 from vidit import config_lib, diffusion
 
@@ -28,6 +29,8 @@ def get_config(arg=None):
     c.model.patch = (2, 4, 4)  # 4 x 8 x 8 = 256 tokens
     c.model.cond = arg.cond
     c.objective = diffusion.default_config(arg.objective)
+    if arg.objective == "meanflow":  # one-step generation: the model also sees h = t - r
+        c.model.interval_input = True
     if arg.objective == "vp":
         c.objective.schedule = "cosine"
         c.objective.prediction = "v"

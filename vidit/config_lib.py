@@ -91,6 +91,7 @@ def base_config() -> ml_collections.ConfigDict:
         remat="none",  # none | dots_saveable | full
         attention="chunked",  # chunked | dense | xla (see vidit/models/attention.py)
         sequence_parallel="ulysses",  # ulysses | ring | gspmd, when mesh.sequence > 1
+        interval_input=False,  # a second time input h = t - r (MeanFlow); zero-initialised
     )
 
     # Only the chosen objective's fields: a field of another objective is a config error.

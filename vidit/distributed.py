@@ -62,3 +62,31 @@ def initialize(heartbeat_timeout_s: int | None = None) -> bool:
 
 def _cpu_only() -> bool:
     return os.environ.get("JAX_PLATFORMS", "cpu").split(",")[0] == "cpu"
+
+
+def barrier(name: str, timeout_s: int = 1800) -> None:
+    """Waits until every process reaches this point (coordination service, not a collective)."""
+    import jax
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed as jax_distributed
+    jax_distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=timeout_s * 1000)
+
+
+class CompiledOnce:
+    """A jitted function compiled ahead of its first call, then a barrier, then run.
+
+    Processes compile at different speeds, and a CPU collective (gloo) gives up if a peer is
+    more than 30 s late; so no process enters the program's first collective before all have
+    compiled it. One compiled executable per set of static keyword arguments.
+    """
+
+    def __init__(self, jitted, name: str):
+        self.jitted, self.name, self.compiled = jitted, name, {}
+
+    def __call__(self, *args, **static):
+        key = tuple(sorted(static.items()))
+        if key not in self.compiled:
+            self.compiled[key] = self.jitted.lower(*args, **static).compile()
+            barrier(f"compiled {self.name} {key}")
+        return self.compiled[key](*args)

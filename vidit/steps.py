@@ -37,11 +37,14 @@ def train_step(setup: Setup, objective: Any, state: TrainState, batch: dict):
     accum = int(config.optim.grad_accum)
 
     def loss_fn(params, micro, rng):
-        model = setup.model(params)
         drop_rng, loss_rng = jax.random.split(rng)
-        cond = model.drop_cond(condition(micro, config.model.cond), drop_rng,
-                               config.train.cond_drop_prob)
-        loss, _ = objective.loss(model, micro["video"], cond, loss_rng)
+        cond = setup.model(params).drop_cond(condition(micro, config.model.cond), drop_rng,
+                                             config.train.cond_drop_prob)
+
+        def model_fn(*args, **kw):  # merged per call: objectives may call it inside jax.jvp,
+            return setup.model(params)(*args, **kw)  # and nnx modules belong to one trace
+
+        loss, _ = objective.loss(model_fn, micro["video"], cond, loss_rng)
         return loss
 
     grad_fn = jax.value_and_grad(loss_fn)
@@ -117,8 +120,8 @@ def sample(setup: Setup, objective: Any, params: Any, noise: jax.Array, cond: di
            steps: int, guidance: float):
     null = setup.model(params).null_cond(cond) if cond else None
 
-    def model_fn(x, t, c):  # merged inside the sampler's loop body: nnx modules are per-trace
-        return setup.model(params)(x, t, c)
+    def model_fn(x, t, c, **kw):  # merged inside the sampler's loop body: nnx modules are per-trace
+        return setup.model(params)(x, t, c, **kw)
 
     return objective.sample(model_fn, noise, cond, steps=steps, null_cond=null,
                             guidance=guidance if cond else 1.0)

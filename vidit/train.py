@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vidit import checkpoint, cli, diffusion, flops, metrics, sharding, steps, video_io
+from vidit import (checkpoint, cli, diffusion, distributed, flops, metrics, sharding, steps,
+                   video_io)
 from vidit.train_state import Setup
 from vidit.models import context_parallel
 
@@ -50,6 +51,11 @@ def validate(config: Any, mesh) -> None:
         raise sharding.ConfigError(
             f"config.optim.grad_accum={accum}: each micro-batch (batch_size / grad_accum) must "
             f"still divide over the {sharding.batch_shards(mesh)} batch shards")
+    objective = diffusion.make_objective(config.objective)
+    if getattr(objective, "needs_interval", False) and not config.model.get("interval_input"):
+        raise sharding.ConfigError(
+            f"config.objective.name='{objective.name}' trains an average-velocity model; set "
+            "config.model.interval_input=True")
     platform = mesh.devices.flat[0].platform
     needs = {"cudnn": "gpu", "splash": "tpu"}.get(config.model.attention)
     if needs and platform != needs:
@@ -137,10 +143,12 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             json.dump(config.to_dict(), f, indent=2, default=str)
 
-    train_step = steps.jit_train_step(setup, objective)
-    eval_step = jax.jit(functools.partial(steps.eval_step, setup, objective))
-    sample_fn = jax.jit(functools.partial(steps.sample, setup, objective),
-                        static_argnames=("steps", "guidance"))
+    train_step = distributed.CompiledOnce(steps.jit_train_step(setup, objective), "train_step")
+    eval_step = distributed.CompiledOnce(
+        jax.jit(functools.partial(steps.eval_step, setup, objective)), "eval_step")
+    sample_fn = distributed.CompiledOnce(
+        jax.jit(functools.partial(steps.sample, setup, objective),
+                static_argnames=("steps", "guidance")), "sample")
 
     total = int(config.train.steps)
     step_flops = flops.train_flops_per_step(config.model, config.data)

@@ -1,15 +1,16 @@
-"""Diffusion objectives as pure functions: rectified flow (default) and VP diffusion.
+"""Diffusion objectives as pure functions: rectified flow (default), VP diffusion and MeanFlow.
 
     obj = make_objective(default_config('flow'))
     loss, per_example = obj.loss(model_fn, x0, cond, rng)
     x0 = obj.sample(model_fn, noise, cond, steps=50, null_cond=null, guidance=5.0)
 """
 from vidit.diffusion.flow import FlowObjective, shift_for_tokens, shift_time
+from vidit.diffusion.meanflow import MeanFlowObjective
 from vidit.diffusion.objective import Objective, default_config, make_objective
 from vidit.diffusion.samplers import ddim, euler, guided, heun
 from vidit.diffusion.vp import VPObjective, alphas_cumprod
 
 __all__ = [
-    "FlowObjective", "Objective", "VPObjective", "alphas_cumprod", "ddim", "default_config",
+    "FlowObjective", "MeanFlowObjective", "Objective", "VPObjective", "alphas_cumprod", "ddim", "default_config",
     "euler", "guided", "heun", "make_objective", "shift_for_tokens", "shift_time",
 ]

@@ -2,7 +2,8 @@
 
 ``make_objective(cfg)`` builds a frozen (hashable) dataclass from an ``ml_collections``
 ConfigDict whose ``name`` picks the kind: ``'flow'`` (rectified flow, the default of the big
-video systems) or ``'vp'`` (the DiT paper's variance-preserving diffusion). Both share the loss
+video systems), ``'vp'`` (the DiT paper's variance-preserving diffusion) or ``'meanflow'``
+(average-velocity one-step generation; needs a model with config.model.interval_input). Both share the loss
 below and expose the same methods:
 
     sample_t(rng, batch_size) -> t [B]
@@ -71,9 +72,10 @@ class Objective:
 def _objective_classes() -> dict:
     # Imported here because flow.py and vp.py import ``Objective`` from this module.
     from vidit.diffusion.flow import FlowObjective
+    from vidit.diffusion.meanflow import MeanFlowObjective
     from vidit.diffusion.vp import VPObjective
 
-    return {"flow": FlowObjective, "vp": VPObjective}
+    return {"flow": FlowObjective, "vp": VPObjective, "meanflow": MeanFlowObjective}
 
 
 def _fields(cls) -> dict:

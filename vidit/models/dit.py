@@ -191,7 +191,7 @@ def _make_blocks(cfg, rngs, dtype, param_dtype):
 
 
 class VideoDiT(nnx.Module):
-    """The denoiser: (x_t [B,T,H,W,C], t [B], cond dict) -> prediction [B,T,H,W,C]."""
+    """The denoiser: (x_t [B,T,H,W,C], t [B], cond dict[, h [B]]) -> prediction [B,T,H,W,C]."""
 
     def __init__(self, cfg: Any, *, rngs: nnx.Rngs):
         if cfg.cond not in COND_KINDS:
@@ -210,6 +210,10 @@ class VideoDiT(nnx.Module):
         patch_dim = math.prod(self.patch) * cfg.channels
         self.patch_embed = Dense((patch_dim,), (cfg.width,), ("patch", "embed"), **kw)
         self.t_embed = layers.TimestepEmbedder(cfg.width, **kw)
+        # MeanFlow/shortcut models also see the interval h = t - r; zero output at init, so a
+        # flow checkpoint loads into this model and starts as that flow model.
+        self.h_embed = (layers.TimestepEmbedder(cfg.width, **kw, zero_init_output=True)
+                        if cfg.get("interval_input", False) else None)
         if cfg.cond == "class":  # one extra row: the null label for classifier-free guidance
             # Unit-scale rows, like the timestep embedding grows to within a few hundred steps:
             # at DiT's 0.02 the label stays ~30x weaker than t in short runs and samples ignore it.
@@ -243,8 +247,13 @@ class VideoDiT(nnx.Module):
         return jax.tree.map(
             lambda a, b: jnp.where(drop.reshape((-1,) + (1,) * (a.ndim - 1)), b, a), cond, null)
 
-    def _condition(self, t, cond):
+    def _condition(self, t, cond, h=None):
         c = self.t_embed(t)
+        if self.h_embed is not None:  # no h: the instantaneous velocity, u(z, t, t) = v
+            c = c + self.h_embed(jnp.zeros_like(t) if h is None else h)
+        elif h is not None:
+            raise sharding.ConfigError("this objective passes an interval h = t - r; set "
+                                       "config.model.interval_input=True")
         text = text_mask = None
         if self.cfg.cond == "class":
             c = c + self.class_embed[...][cond["label"]].astype(self.dtype)
@@ -254,11 +263,11 @@ class VideoDiT(nnx.Module):
         return c, text, text_mask
 
     # -- forward --------------------------------------------------------------------------------
-    def __call__(self, x, t, cond: dict | None = None):
+    def __call__(self, x, t, cond: dict | None = None, h=None):
         cond = cond or {}
         tokens, grid = layers.patchify(x.astype(self.dtype), self.patch)
+        c, text, text_mask = self._condition(t, cond, h)
         h = sharding.constrain(self.patch_embed(tokens), TOKENS)
-        c, text, text_mask = self._condition(t, cond)
         rope = layers.rope_angles(grid, self.cfg.width // self.cfg.heads, self.cfg.rope_theta)
         h = self._run_blocks(h, c, rope, text, text_mask)
         out = self.final(h, c)

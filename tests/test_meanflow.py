@@ -1,0 +1,178 @@
+"""MeanFlow: the checks of shared/reference/few_step.md.
+
+Closed forms for Gaussian data x ~ N(0, s^2 I): z_t = a(t) z_1 with a(t)^2 = (1-t)^2 s^2 + t^2,
+v*(z, t) = z (t - (1 - t) s^2) / a(t)^2 and u*(z, t, r) = z (1 - a(r)/a(t)) / (t - r).
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vidit import config_lib, diffusion
+from vidit.diffusion import meanflow
+from vidit.models import dit
+
+S = 0.5  # data standard deviation
+
+
+def a(t):
+    return jnp.sqrt((1 - t) ** 2 * S**2 + t**2)
+
+
+def v_star(z, t):
+    t = t.reshape((-1,) + (1,) * (z.ndim - 1))
+    return z * (t - (1 - t) * S**2) / a(t) ** 2
+
+
+def u_star(z, t, cond=None, h=None):
+    t = t.reshape((-1,) + (1,) * (z.ndim - 1))
+    r = t - h.reshape(t.shape)
+    # The t -> r limit of (1 - a(r)/a(t)) / (t - r) is a'(t)/a(t) = v*(z, t)/z.
+    safe = jnp.where(jnp.abs(t - r) > 1e-6, t - r, 1.0)
+    return jnp.where(jnp.abs(t - r) > 1e-6, z * (1 - a(r) / a(t)) / safe,
+                     z * (t - (1 - t) * S**2) / a(t) ** 2)
+
+
+def test_jvp_tangent_matches_float64_central_difference():
+    with jax.enable_x64(True):
+        z = jax.random.normal(jax.random.key(0), (3, 5), jnp.float64)
+        t = jnp.array([0.9, 0.6, 0.3], jnp.float64)
+        r = jnp.array([0.2, 0.1, 0.0], jnp.float64)
+        v = jax.random.normal(jax.random.key(1), z.shape, jnp.float64)
+        _, du_dt = jax.jvp(lambda z, t, r: u_star(z, t, h=t - r), (z, t, r),
+                           (v, jnp.ones_like(t), jnp.zeros_like(r)))
+        eps = 1e-6
+        fd = (u_star(z + eps * v, t + eps, h=t + eps - r)
+              - u_star(z - eps * v, t - eps, h=t - eps - r)) / (2 * eps)
+        np.testing.assert_allclose(du_dt, fd, rtol=1e-6, atol=1e-9)
+
+
+def test_target_from_true_velocity_is_the_average_velocity():
+    """u* = v* - (t - r) du*/dt along the flow: the identity, signs and time direction."""
+    with jax.enable_x64(True):
+        z = jax.random.normal(jax.random.key(0), (4, 6), jnp.float64)
+        t = jnp.array([1.0, 0.8, 0.5, 0.3], jnp.float64)
+        r = jnp.array([0.0, 0.3, 0.5, 0.1], jnp.float64)
+        u, target = meanflow.mean_flow_target(u_star, z, v_star(z, t), t, r, None)
+        np.testing.assert_allclose(target, u, rtol=1e-9, atol=1e-12)
+
+
+def test_one_exact_step_from_noise_has_the_data_variance():
+    obj = diffusion.make_objective(diffusion.default_config("meanflow"))
+    noise = jax.random.normal(jax.random.key(0), (20000, 8))
+    x = obj.sample(u_star, noise, None, steps=1)
+    assert float(jnp.var(x)) == pytest.approx(S**2, rel=0.02)
+    x2 = obj.sample(u_star, noise, None, steps=2)  # exact jumps compose
+    np.testing.assert_allclose(x2, x, rtol=1e-5, atol=1e-6)
+
+
+def test_step_with_r_equal_t_is_the_identity_and_u_is_v():
+    z = jax.random.normal(jax.random.key(0), (3, 4))
+    t = jnp.array([0.7, 0.4, 0.2])
+    np.testing.assert_allclose(u_star(z, t, h=jnp.zeros(3)), v_star(z, t), rtol=1e-6)
+    np.testing.assert_allclose(meanflow._jump(u_star, z, jnp.array([0.5, 0.5]), None, None, 1.0),
+                               z)
+
+
+def test_stop_gradient_is_on_the_target():
+    """d loss / d theta equals the gradient of the same loss with the target a constant."""
+    obj = diffusion.make_objective(dict(name="meanflow", adaptive_p=1.0))
+    x0 = jax.random.normal(jax.random.key(0), (6, 4))
+    noise = jax.random.normal(jax.random.key(1), (6, 4))
+    t = jnp.array([0.9, 0.8, 0.6, 0.5, 0.3, 0.2])
+    r = jnp.array([0.1, 0.8, 0.2, 0.0, 0.3, 0.1])
+
+    def model(theta):
+        def fn(z, t, cond, h):
+            tt, hh = t[:, None], h[:, None]
+            return theta[0] * z + theta[1] * tt * z ** 2 + theta[2] * hh * jnp.sin(z) + theta[3]
+        return fn
+
+    theta = jnp.array([0.3, -0.2, 0.5, 0.1])
+    grad = jax.grad(lambda th: obj.loss_tr(model(th), x0, None, t, r, noise)[0])(theta)
+
+    z, v = obj.corrupt(x0, noise, t)
+    _, target = meanflow.mean_flow_target(model(theta), z, v, t, r, None)
+    target = np.asarray(target)  # a constant: no path back to theta
+
+    def const_loss(th):
+        u = model(th)(z, t, None, t - r)
+        err = jnp.mean((u - target) ** 2, axis=1)
+        weight = jax.lax.stop_gradient(1.0 / (err + obj.adaptive_c))
+        return jnp.mean(weight * err)
+
+    np.testing.assert_allclose(grad, jax.grad(const_loss)(theta), rtol=1e-5, atol=1e-7)
+    assert np.abs(grad).max() > 0
+
+
+def test_all_r_equal_t_plain_mse_is_flow_matching():
+    mf = diffusion.make_objective(dict(name="meanflow", adaptive_p=0.0))
+    flow = diffusion.make_objective(dict(name="flow"))
+    x0 = jax.random.normal(jax.random.key(0), (4, 3))
+    noise = jax.random.normal(jax.random.key(1), (4, 3))
+    t = jnp.array([0.9, 0.5, 0.4, 0.1])
+
+    def model(z, t, cond, h=None):
+        return jnp.tanh(z) * (1 + t[:, None]) + (0 if h is None else h[:, None])
+
+    np.testing.assert_allclose(mf.loss_tr(model, x0, None, t, t, noise)[0],
+                               flow.loss_at(model, x0, None, t, noise)[0], rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------- the real DiT
+def dit_config(attention):
+    c = config_lib.base_config()
+    config_lib.set_size(c.model, "tiny")
+    c.model.interval_input = True
+    c.model.attention = attention
+    c.model.patch = (1, 2, 2)
+    c.model.scan_layers = attention == "chunked"  # the scan path too
+    return c.model
+
+
+@functools.cache
+def dit_model(attention):
+    return dit.build(dit_config(attention))
+
+
+def test_interval_input_starts_as_the_flow_model():
+    from flax import nnx
+    with_h = dit_model("dense")
+    cfg = dit_config("dense")
+    cfg.interval_input = False
+    plain = dit.build(cfg)
+    nnx.update(plain, nnx.state(with_h, nnx.Param).filter(lambda path, _: path[0] != "h_embed"))
+    x = jax.random.normal(jax.random.key(0), (2, 2, 8, 8, 1))
+    t, label = jnp.array([0.3, 0.8]), {"label": jnp.array([1, 2])}
+    np.testing.assert_allclose(with_h(x, t, label, h=jnp.array([0.2, 0.5])), plain(x, t, label),
+                               rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("attention", ["chunked", "dense", "xla"])
+def test_attention_backends_support_jvp(attention):
+    """The jvp through the DiT matches a central difference (f32, so loosely)."""
+    from flax import nnx
+    graphdef, state = nnx.split(dit_model(attention))
+    state = nnx.to_pure_dict(state)  # plain arrays: fresh Variables at every merge
+
+    def model(*args, **kw):  # merged inside each trace, as steps.train_step does
+        return nnx.merge(graphdef, state)(*args, **kw)
+
+    x = jax.random.normal(jax.random.key(0), (2, 2, 8, 8, 1))
+    v = jax.random.normal(jax.random.key(1), x.shape)
+    t, r = jnp.array([0.7, 0.5]), jnp.array([0.2, 0.5])
+    cond = {"label": jnp.array([1, 2])}
+
+    @jax.jit
+    def jvp(x, v, t, r):
+        return meanflow.mean_flow_target(model, x, v, t, r, cond)
+
+    u, target = jvp(x, v, t, r)
+    du_dt = (v - target) / (t - r + 1e-12).reshape(-1, 1, 1, 1, 1)
+    eps = 1e-2
+    f = jax.jit(lambda x, t: model(x, t, cond, h=t - r))
+    fd = (f(x + eps * v, t + eps) - f(x - eps * v, t - eps)) / (2 * eps)
+    np.testing.assert_allclose(du_dt[0], fd[0], rtol=0.05, atol=2e-3)
+    np.testing.assert_allclose(target[1], v[1], rtol=1e-5)  # r = t: the target is v itself

@@ -1,0 +1,113 @@
+"""MeanFlow (Geng et al. 2025): a flow model that predicts the AVERAGE velocity over [r, t], so
+one network call jumps from noise (t = 1) to data (r = 0).
+
+    z_t = (1 - t) x + t eps,  v = eps - x  (rectified flow, as in flow.py)
+    u(z, t, r) = 1/(t - r) * integral_r^t v(z_s, s) ds,   z_r = z_t - (t - r) u(z_t, t, r)
+    identity:  u = v - (t - r) du/dt,  du/dt = (du/dz) v + du/dt  (total derivative along the flow)
+
+Training regresses u on sg(v - (t - r) du/dt), where one `jax.jvp` of u over (z, t, r) with
+tangents (v, 1, 0) gives u and du/dt together; the per-example error is reweighted by
+1 / sg(error + c)^p. For a fraction of the batch r = t, which is plain flow matching.
+
+The network sees h = t - r as a second time input (models with config.model.interval_input);
+its embedder is zero-initialised, so a flow checkpoint loads and starts as the same model, and
+a call without h is the instantaneous velocity u(z, t, t) = v.
+"""
+import dataclasses
+from typing import Any, ClassVar, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vidit.diffusion import samplers
+from vidit.diffusion.flow import FlowObjective
+from vidit.diffusion.objective import ModelFn
+
+
+@dataclasses.dataclass(frozen=True)
+class MeanFlowObjective(FlowObjective):
+    """Fields are config fields (see ``default_config('meanflow')``); the flow fields set the
+    validation loss (at r = t) and the time distribution of t and r."""
+
+    logit_mean: float = -0.4
+    logit_std: float = 1.0
+    equal_fraction: float = 0.75  # share of the batch with r = t (flow matching)
+    adaptive_p: float = 1.0  # loss = err / sg(err + adaptive_c)^p; 0 = plain MSE
+    adaptive_c: float = 0.01
+
+    name: ClassVar[str] = "meanflow"
+    needs_interval: ClassVar[bool] = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 <= self.equal_fraction <= 1.0:
+            raise ValueError("equal_fraction must lie in [0, 1]")
+
+    def sample_t_r(self, rng: jax.Array, batch_size: int):
+        """(t, r) [B] with t >= r, both logit-normal; r = t for `equal_fraction` of the batch."""
+        a_rng, b_rng, eq_rng = jax.random.split(rng, 3)
+        a, b = self.sample_t(a_rng, batch_size), self.sample_t(b_rng, batch_size)
+        t, r = jnp.maximum(a, b), jnp.minimum(a, b)
+        equal = jax.random.uniform(eq_rng, (batch_size,)) < self.equal_fraction
+        return t, jnp.where(equal, t, r)
+
+    def loss(self, model_fn: ModelFn, x0: jax.Array, cond: Any, rng: jax.Array):
+        tr_rng, noise_rng = jax.random.split(rng)
+        t, r = self.sample_t_r(tr_rng, x0.shape[0])
+        noise = jax.random.normal(noise_rng, x0.shape, jnp.float32)
+        return self.loss_tr(model_fn, x0, cond, t, r, noise)
+
+    def loss_tr(self, model_fn: ModelFn, x0, cond, t, r, noise):
+        """The MeanFlow loss at given (t, r, noise): (mean, per-example [B])."""
+        z, v = self.corrupt(x0, noise, t)
+        u, u_target = mean_flow_target(model_fn, z, v, t, r, cond)
+        err = jnp.square(u.astype(jnp.float32) - u_target)
+        per_example = jnp.mean(err.reshape(err.shape[0], -1), axis=1)
+        if self.adaptive_p:
+            weight = jax.lax.stop_gradient(1.0 / (per_example + self.adaptive_c) ** self.adaptive_p)
+            return jnp.mean(weight * per_example), per_example
+        return jnp.mean(per_example), per_example
+
+    def sample_times(self, steps: int) -> np.ndarray:
+        """Uniform grid from 1 to 0 (no shift: each step is one exact average-velocity jump)."""
+        return np.linspace(1.0, 0.0, steps + 1)
+
+    def sample(self, model_fn: ModelFn, noise: jax.Array, cond: Any, *, steps: int,
+               null_cond: Any = None, guidance=1.0, sampler: Optional[str] = None) -> jax.Array:
+        """z_r = z_t - (t - r) u(z_t, t, r) along the grid; `steps` = 1 is one network call."""
+        del sampler  # the average-velocity jump is the only sampler
+        if steps < 1:
+            raise ValueError("steps must be >= 1")
+        times = jnp.asarray(self.sample_times(steps), jnp.float32)
+        return _jump(model_fn, noise.astype(jnp.float32), times, cond, null_cond, guidance)
+
+
+def _jump(model_fn, x, times, cond, null_cond, guidance):
+    """fori_loop over the grid: one compiled body whatever the number of steps."""
+    def body(i, x):
+        t, r = times[i], times[i + 1]
+
+        def with_interval(x, t_vec, c):
+            return model_fn(x, t_vec, c, h=jnp.full((x.shape[0],), t - r))
+
+        fn = samplers.guided(with_interval, cond, null_cond, guidance)
+        u = fn(x, jnp.full((x.shape[0],), t))
+        return x - (t - r) * u.astype(jnp.float32)
+
+    return jax.lax.fori_loop(0, times.shape[0] - 1, body, x)
+
+
+def mean_flow_target(model_fn: ModelFn, z, v, t, r, cond):
+    """(u(z, t, r), sg(v - (t - r) du/dt)) with du/dt from one jvp along tangents (v, 1, 0).
+
+    Computed in float32 at least (float64 if the inputs are)."""
+    acc = jnp.promote_types(v.dtype, jnp.float32)
+    v = v.astype(acc)
+
+    def u_fn(z, t, r):
+        return model_fn(z, t, cond, h=t - r).astype(acc)
+
+    u, du_dt = jax.jvp(u_fn, (z, t, r), (v.astype(z.dtype), jnp.ones_like(t), jnp.zeros_like(r)))
+    target = v - (t - r).astype(acc).reshape((-1,) + (1,) * (v.ndim - 1)) * du_dt
+    return u, jax.lax.stop_gradient(target)
