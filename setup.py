@@ -21,6 +21,8 @@ INSTALL_REQUIRES = [
     "pillow>=10",
     "tensorboardX>=2.6",
     "tqdm>=4.66",
+    "scipy>=1.11",  # Frechet distance (vidit.evaluate), scaling-law fits (vidit.sweep)
+    "matplotlib>=3.8",  # scaling-law plots
 ]
 
 EXTRAS = {

@@ -121,6 +121,7 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict:
     """
     from data_pipelines import pipeline  # imported late: it pulls in TFDS
 
+    started = time.perf_counter()
     os.makedirs(workdir, exist_ok=True)
     mesh = sharding.make_mesh(config.mesh)
     validate(config, mesh)
@@ -250,14 +251,23 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict:
     if stopped_for is None:
         if not (config.train.eval_every and step % config.train.eval_every == 0):
             eval_loss = evaluate(step)
-        write_samples(step)
+        if config.sample.num:
+            write_samples(step)
     ckpt.close()
     writer.close()
     if stopped_for:
         log.warning("stopped at step %d: %s (last checkpoint: step %s)", step, stopped_for,
                     ckpt.latest_step())
-    return {"step": step, "losses": history, "eval_loss": eval_loss, "skipped": skipped,
-            "stopped_for": stopped_for}
+    summary = {"step": step, "losses": history, "eval_loss": eval_loss, "skipped": skipped,
+               "stopped_for": stopped_for}
+    if stopped_for is None and is_main:  # what sweeps (vidit/sweep.py) read back
+        tail = history[-max(1, len(history) // 10):]
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump({"step": step, "final_train_loss": float(np.mean(tail)) if tail else None,
+                       "eval_loss": eval_loss, "params": setup.num_params(),
+                       "train_flops": step_flops * total, "tokens": tokens_per_step * total,
+                       "wall_s": time.perf_counter() - started, "skipped": skipped}, f, indent=2)
+    return summary
 
 
 def _progress(config, start, total):

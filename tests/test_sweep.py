@@ -1,0 +1,112 @@
+"""vidit.sweep: the plan follows the FLOP counter, finished points are never re-run, a failing
+point is retried once and reported, and the analysis writes the report and plots."""
+import json
+import os
+import subprocess
+
+import ml_collections
+import numpy as np
+import pytest
+
+from vidit import flops, sweep as sweep_lib
+from tests import test_scaling
+
+
+def tiny_sweep():
+    s = ml_collections.ConfigDict()
+    s.base = "configs/moving_digits.py"
+    s.base_arg = "smoke"
+    s.sizes = [dict(depth=1, width=32, heads=2), dict(depth=2, width=64, heads=2)]
+    s.budgets = [1e10, 3e10]
+    s.min_steps = 2
+    s.overrides = ["sample.num=0"]
+    return s
+
+
+def test_plan_derives_steps_from_the_flop_counter():
+    points = sweep_lib.plan(tiny_sweep())
+    assert len(points) == 4
+    base = sweep_lib.load_py_config(os.path.join(sweep_lib.ROOT, "configs/moving_digits.py"),
+                                    "smoke")
+    for p in points:
+        base.model.depth, base.model.width = p.overrides["model.depth"], p.overrides["model.width"]
+        per_step = flops.train_flops_per_step(base.model, base.data)
+        assert p.steps == max(2, round(p.flops / per_step))
+        assert p.flops == pytest.approx(per_step * p.steps)
+    assert len({p.name for p in points}) == 4
+
+
+class FakeTrainer:
+    """Stands in for `python -m vidit.train`: writes summary.json, or fails as told."""
+
+    def __init__(self, fail=()):
+        self.calls, self.fail = [], dict.fromkeys(fail, 0)
+
+    def __call__(self, command, cwd, stdout, stderr):
+        workdir = command[command.index("--workdir") + 1]
+        name = os.path.basename(workdir)
+        self.calls.append(name)
+        if name in self.fail and self.fail[name] < 2:
+            self.fail[name] += 1
+            return subprocess.CompletedProcess(command, 1)
+        steps = int(next(a for a in command if a.startswith("--config.train.steps=")).split("=")[1])
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump({"step": steps, "final_train_loss": 0.5, "eval_loss": 0.4, "params": 1000,
+                       "train_flops": 1e10, "tokens": 1e5, "wall_s": 1.0, "skipped": 0}, f)
+        return subprocess.CompletedProcess(command, 0)
+
+
+def test_rerun_finishes_only_missing_points_and_retries_once(tmp_path, monkeypatch):
+    points = sweep_lib.plan(tiny_sweep())
+    # A sweep killed after two points: their summaries exist.
+    fake = FakeTrainer()
+    monkeypatch.setattr(sweep_lib.subprocess, "run", fake)
+    for p in points[:2]:
+        sweep_lib.run_point(p, tiny_sweep(), str(tmp_path), "local")
+    fake.calls.clear()
+    results = sweep_lib.run_sweep(tiny_sweep(), str(tmp_path))
+    assert sorted(fake.calls) == sorted(p.name for p in points[2:])
+    assert len(results) == 4
+
+    # A point that fails once is retried; one that fails twice is reported, the rest go on.
+    fresh = tmp_path / "again"
+    flaky = FakeTrainer(fail=[points[0].name])
+    flaky.fail[points[0].name] = 1  # fails once only
+    broken = points[1].name
+    flaky.fail[broken] = 0  # fails twice
+    monkeypatch.setattr(sweep_lib.subprocess, "run", flaky)
+    results = sweep_lib.run_sweep(tiny_sweep(), str(fresh))
+    assert flaky.calls.count(points[0].name) == 2 and flaky.calls.count(broken) == 2
+    assert {r["name"] for r in results} == {p.name for p in points} - {broken}
+    failures = json.loads((fresh / "failures.json").read_text())
+    assert [f["name"] for f in failures] == [broken]
+
+
+def test_analyze_writes_report_and_plots(tmp_path):
+    params, flops_, tokens, losses = test_scaling.synthetic()
+    results = [{"name": f"p{i}", "params": n, "flops": c, "tokens": d, "wall_s": 1.0,
+                "train.steps": 10, "final_train_loss": loss, "eval_loss": loss}
+               for i, (n, c, d, loss) in enumerate(zip(params, flops_, tokens, losses))]
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    report = sweep_lib.analyze(str(tmp_path), predict_flops=1e20)
+    for png in ("loss_vs_compute.png", "isoflop.png", "n_opt_vs_compute.png"):
+        assert (tmp_path / png).stat().st_size > 1000
+    assert "| N_opt ~ C^a | a = 0.4" in report and "0.57" in report
+    assert "Prediction at C = 1e+20" in report
+    assert np.isfinite(float(report.split("a = ")[1].split()[0]))
+
+
+@pytest.mark.slow
+def test_one_real_point_trains_and_records(data_dir, tmp_path):
+    s = tiny_sweep()
+    s.sizes = s.sizes[:1]
+    s.budgets = s.budgets[:1]
+    s.overrides = ["sample.num=0", f"data.data_dir={data_dir}", "train.progress=False"]
+    results = sweep_lib.run_sweep(s, str(tmp_path))
+    assert len(results) == 1
+    r = results[0]
+    model = sweep_lib.load_py_config(os.path.join(sweep_lib.ROOT, "configs/moving_digits.py"),
+                                     "smoke").model
+    model.depth, model.width, model.heads = 1, 32, 2
+    assert r["params"] == flops.count_params(model)
+    assert r["eval_loss"] > 0 and r["final_train_loss"] > 0 and r["wall_s"] > 0

@@ -1,0 +1,290 @@
+"""Scaling-law sweeps: run a grid of training runs, then fit and plot the laws.
+
+    python -m vidit.sweep --sweep configs/sweeps/digits_isoflop.py --workdir runs/sweep
+    python -m vidit.sweep --sweep configs/sweeps/digits_isoflop.py --workdir runs/sweep --parallel 2
+    python -m vidit.sweep --sweep ... --workdir gs://B/sweep --launcher slurm --dry_run
+    python -m vidit.sweep --analyze runs/sweep [--predict 1e18]
+
+A sweep config (configs/sweeps/*.py) names a base config (and its variant), overrides for every
+point ("key=value" strings, as on the train command line) and a grid of model sizes, compute
+budgets in training FLOPs (each point's step count is the budget over the FLOP counter's
+training FLOPs per step: IsoFLOP sweeps), learning rates and training-set sizes. Every point
+trains with `python -m vidit.train` into <workdir>/points/<name>, which writes summary.json
+when it finishes (parameters, training FLOPs, tokens, wall time, final training loss, fixed-t
+validation loss). Re-running the sweep skips finished points and resumes interrupted ones from
+their checkpoints; a point that fails is retried once, then reported in failures.json.
+
+`--analyze` fits L(C) = A C^-alpha + L_inf on the compute-optimal frontier and N_opt ~ C^a,
+D_opt ~ C^b from IsoFLOP minima with bootstrap intervals (vidit/scaling.py), and writes
+report.md with the exponents, every point, and PNG plots.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import importlib.util
+import itertools
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from typing import Any
+
+from vidit import flops as flops_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PUBLISHED = {"DiT (Peebles & Xie), N_opt exponent a": 0.57, "D_opt exponent b": 0.43}
+
+
+@dataclasses.dataclass
+class Point:
+    name: str
+    overrides: dict  # config key -> value, passed as --config.key=value
+    steps: int
+    params: int
+    flops: float
+
+    def command(self, sweep, workdir: str) -> list[str]:
+        config = sweep.base + (f":{sweep.base_arg}" if sweep.get("base_arg") else "")
+        args = [sys.executable, "-m", "vidit.train", "--config", config, "--workdir", workdir]
+        return args + [f"--config.{k}={_flag_value(v)}" for k, v in self.overrides.items()]
+
+
+def _flag_value(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return "(" + ",".join(str(v) for v in value) + ("," if len(value) == 1 else "") + ")"
+    return str(value)
+
+
+def load_py_config(path: str, arg: str | None = None):
+    spec = importlib.util.spec_from_file_location("sweep_cfg", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, ROOT)
+    spec.loader.exec_module(module)
+    return module.get_config(arg) if arg is not None else module.get_config()
+
+
+def plan(sweep) -> list[Point]:
+    """Every point of the grid with its step count from the FLOP counter."""
+    base = load_py_config(os.path.join(ROOT, sweep.base), sweep.get("base_arg") or None)
+    points = []
+    for size, budget, lr, clips in itertools.product(
+            sweep.sizes, sweep.budgets, sweep.get("lrs", [base.optim.lr]),
+            sweep.get("train_clips", [None])):
+        c = base.copy_and_resolve_references()
+        c.model.depth, c.model.width, c.model.heads = size["depth"], size["width"], size["heads"]
+        per_step = flops_lib.train_flops_per_step(c.model, c.data)
+        steps = max(int(sweep.get("min_steps", 1)), round(budget / per_step))
+        params = flops_lib.count_params(c.model)
+        name = (f"d{size['depth']}w{size['width']}_c{budget:.0e}_lr{lr:g}"
+                + (f"_n{clips}" if clips else "")).replace("+", "")
+        overrides = {"model.depth": size["depth"], "model.width": size["width"],
+                     "model.heads": size["heads"], "train.steps": steps, "optim.lr": lr,
+                     "optim.warmup_steps": max(1, min(base.optim.warmup_steps, steps // 10))}
+        if clips:
+            overrides["data.builder_kwargs.num_train"] = clips
+        overrides.update(dict(o.split("=", 1) for o in sweep.get("overrides", [])))
+        points.append(Point(name, overrides, steps, params, per_step * steps))
+    return points
+
+
+def _launch_command(point: Point, sweep, workdir: str, launcher: str) -> list[str]:
+    command = point.command(sweep, workdir)
+    if launcher == "local":
+        return command
+    train_args = command[3:]  # after "python -m vidit.train"
+    if launcher == "slurm":
+        return ["sbatch", "--wait", os.path.join(ROOT, "launch", "slurm.sbatch"), *train_args]
+    if launcher == "tpu_vm":
+        return [os.path.join(ROOT, "launch", "tpu_vm.sh"), "run", *train_args]
+    raise ValueError(f"--launcher {launcher!r} is not one of local, tpu_vm, slurm")
+
+
+def run_point(point: Point, sweep, root: str, launcher: str) -> dict:
+    """Trains one point (retrying once); returns its result or a failure record."""
+    workdir = os.path.join(root, "points", point.name)
+    done = os.path.join(workdir, "summary.json")
+    if os.path.exists(done):
+        return _result(point, done)
+    os.makedirs(workdir, exist_ok=True)
+    for attempt in (1, 2):
+        with open(os.path.join(workdir, f"train_attempt{attempt}.log"), "w") as log:
+            status = subprocess.run(_launch_command(point, sweep, workdir, launcher), cwd=ROOT,
+                                    stdout=log, stderr=subprocess.STDOUT).returncode
+        if status == 0 and os.path.exists(done):
+            return _result(point, done)
+        print(f"[sweep] {point.name}: attempt {attempt} failed (status {status}, log "
+              f"{log.name})", flush=True)
+    return {"name": point.name, "failed": True, "log": log.name}
+
+
+def _result(point: Point, summary_path: str) -> dict:
+    with open(summary_path) as f:
+        summary = json.load(f)
+    return {"name": point.name, **point.overrides, "params": summary["params"],
+            "flops": summary["train_flops"], "tokens": summary["tokens"],
+            "wall_s": summary["wall_s"], "final_train_loss": summary["final_train_loss"],
+            "eval_loss": summary["eval_loss"]}
+
+
+def run_sweep(sweep, root: str, launcher: str = "local", parallel: int = 1,
+              dry_run: bool = False) -> list[dict]:
+    points = plan(sweep)
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, "plan.json"), "w") as f:
+        json.dump([dataclasses.asdict(p) for p in points], f, indent=2)
+    if dry_run:
+        for p in points:
+            print(shlex.join(_launch_command(p, sweep, os.path.join(root, "points", p.name),
+                                             launcher)))
+        return []
+    todo = [p for p in points
+            if not os.path.exists(os.path.join(root, "points", p.name, "summary.json"))]
+    print(f"[sweep] {len(points)} points, {len(points) - len(todo)} already done, "
+          f"{len(todo)} to run ({parallel} at a time)", flush=True)
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(max(1, parallel)) as pool:
+        results = list(pool.map(lambda p: run_point(p, sweep, root, launcher), points))
+    failures = [r for r in results if r.get("failed")]
+    ok = [r for r in results if not r.get("failed")]
+    with open(os.path.join(root, "results.json"), "w") as f:
+        json.dump(ok, f, indent=2)
+    with open(os.path.join(root, "failures.json"), "w") as f:
+        json.dump(failures, f, indent=2)
+    print(f"[sweep] {len(ok)} points done, {len(failures)} failed, "
+          f"{time.perf_counter() - start:.0f} s", flush=True)
+    return ok
+
+
+# ------------------------------------------------------------------------------------ analysis
+def analyze(root: str, predict_flops: float | None = None, metric: str = "eval_loss") -> str:
+    from vidit import scaling
+
+    with open(os.path.join(root, "results.json")) as f:
+        results = [r for r in json.load(f) if r.get(metric) is not None]
+    params = [r["params"] for r in results]
+    flops = [r["flops"] for r in results]
+    tokens = [r["tokens"] for r in results]
+    losses = [r[metric] for r in results]
+    fit = scaling.fit_sweep(params, flops, tokens, losses)
+    _plots(root, results, fit, metric)
+    lines = [
+        f"# Scaling-law sweep: {os.path.basename(os.path.abspath(root))}",
+        "",
+        f"{len(results)} points; loss = {metric} (fixed-t validation loss); exponents with 90% "
+        f"bootstrap intervals ({fit['bootstrap_samples']} resamples within each budget).",
+        "",
+        "| law | fitted | published (DiT) |",
+        "|---|---|---|",
+        f"| N_opt ~ C^a | a = {fit['a']} | 0.57 |",
+        f"| D_opt ~ C^b | b = {fit['b']} | 0.43 |",
+        f"| L(C) = A C^-alpha + L_inf (frontier) | alpha = {fit['alpha']}, L_inf = "
+        f"{fit['l_inf']} | |",
+        "",
+        "![loss vs compute](loss_vs_compute.png) ![isoflop](isoflop.png) "
+        "![n_opt](n_opt_vs_compute.png)",
+        "",
+        "## IsoFLOP minima",
+        "",
+        "| budget (FLOPs) | N_opt | loss at N_opt |",
+        "|---|---|---|",
+        *[f"| {c:.3g} | {n:.3g} | {loss:.4f} |" for c, n, loss in fit["minima"]],
+        "",
+        "## Points",
+        "",
+        "| point | params | FLOPs | tokens | steps | wall (s) | train loss | eval loss |",
+        "|---|---|---|---|---|---|---|---|",
+        *[f"| {r['name']} | {r['params']:,} | {r['flops']:.3g} | {r['tokens']:.3g} | "
+          f"{r['train.steps']} | {r['wall_s']:.0f} | {r['final_train_loss']:.4f} | "
+          f"{r['eval_loss']:.4f} |" for r in sorted(results, key=lambda r: (r["flops"], r["params"]))],
+    ]
+    if predict_flops:
+        p = scaling.predict(fit, predict_flops, min(flops))
+        lines += ["", f"## Prediction at C = {predict_flops:.3g} FLOPs", "",
+                  f"optimal size {p['n_opt']:.3g} parameters, {p['tokens_opt']:.3g} training "
+                  f"tokens, loss {p['loss']:.4f} (extrapolated; see the caveats)"]
+    report = "\n".join(lines) + "\n"
+    with open(os.path.join(root, "report.md"), "w") as f:
+        f.write(report)
+    return report
+
+
+def _plots(root, results, fit, metric):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    flops = np.array([r["flops"] for r in results])
+    params = np.array([r["params"] for r in results])
+    losses = np.array([r[metric] for r in results])
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    sc = ax.scatter(flops, losses, c=np.log10(params), cmap="viridis")
+    fig.colorbar(sc, label="log10 parameters")
+    front = np.array(fit["frontier"])
+    ax.plot(front[:, 0], front[:, 1], "k--", label="frontier")
+    amp, alpha, l_inf = fit["loss_fit"]
+    if np.isfinite(alpha):
+        grid = np.logspace(np.log10(flops.min()), np.log10(flops.max()), 50)
+        ax.plot(grid, amp * (grid / flops.min()) ** -alpha + l_inf, "r-",
+                label=f"fit: alpha={alpha:.2f}")
+    ax.set(xscale="log", xlabel="training FLOPs", ylabel=metric, title="loss vs compute")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(root, "loss_vs_compute.png"), dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for c in sorted(set(np.round(np.log10(flops), 2))):
+        at = np.isclose(np.round(np.log10(flops), 2), c)
+        order = np.argsort(params[at])
+        ax.plot(params[at][order], losses[at][order], "o-", label=f"C=1e{c:.1f}")
+    for c, n, loss in fit["minima"]:
+        ax.plot(n, loss, "k*", markersize=12)
+    ax.set(xscale="log", xlabel="parameters", ylabel=metric, title="IsoFLOP curves (* = N_opt)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(root, "isoflop.png"), dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    m = np.array([(c, n) for c, n, _ in fit["minima"]])
+    ax.plot(m[:, 0], m[:, 1], "ko", label="IsoFLOP minima")
+    grid = np.logspace(np.log10(m[:, 0].min()), np.log10(m[:, 0].max()), 20)
+    ax.plot(grid, fit["n_opt_prefactor"] * grid ** fit["a"].value, "r-",
+            label=f"N_opt ~ C^{fit['a'].value:.2f}")
+    ax.set(xscale="log", yscale="log", xlabel="training FLOPs", ylabel="N_opt",
+           title="compute-optimal model size")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(root, "n_opt_vs_compute.png"), dpi=120)
+    plt.close(fig)
+
+
+def main(argv):
+    from absl import flags
+    del argv
+    f = flags.FLAGS
+    if f.analyze:
+        print(analyze(f.analyze, f.predict))
+        return
+    if not (f.sweep and f.workdir):
+        raise SystemExit("give --sweep and --workdir to run a sweep, or --analyze DIR")
+    sweep = load_py_config(f.sweep)
+    run_sweep(sweep, f.workdir, f.launcher, f.parallel, f.dry_run)
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    flags.DEFINE_string("sweep", None, "Sweep config file (configs/sweeps/*.py).")
+    flags.DEFINE_string("workdir", None, "Sweep directory: points/, plan.json, results.json.")
+    flags.DEFINE_enum("launcher", "local", ["local", "tpu_vm", "slurm"], "Where points run.")
+    flags.DEFINE_integer("parallel", 1, "Points run at the same time (local launcher).")
+    flags.DEFINE_bool("dry_run", False, "Print the commands instead of running them.")
+    flags.DEFINE_string("analyze", None, "Fit and plot a finished sweep directory.")
+    flags.DEFINE_float("predict", None, "With --analyze: a compute budget (FLOPs) to predict at.")
+    app.run(main)
