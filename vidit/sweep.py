@@ -30,7 +30,6 @@ import shlex
 import subprocess
 import sys
 import time
-from typing import Any
 
 from vidit import flops as flops_lib
 
