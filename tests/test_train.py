@@ -312,3 +312,20 @@ def test_vp_objective_trains_and_samples(data_dir, tmp_path):
     c2.data.data_dir = data_dir
     with pytest.raises(checkpoint.CheckpointError, match="objective.name"):
         train_lib.train(c2, str(tmp_path))  # a flow config must not resume a VP run
+
+
+def test_meanflow_trains_and_samples_in_one_step(data_dir, tmp_path):
+    """MeanFlow through the same trainer; the one-step sampler makes finite videos."""
+    from vidit import sample as sample_lib
+    c = moving_digits.get_config("smoke,objective=meanflow")
+    c.data.data_dir = data_dir
+    c.train.progress = False
+    c.sample.num = 0
+    assert c.model.interval_input
+    summary = train_lib.train(c, str(tmp_path))
+    assert summary["step"] == c.train.steps and all(np.isfinite(summary["losses"]))
+    videos, _ = sample_lib.generate(str(tmp_path), num=2, label=3, steps_=1)
+    assert videos.shape[0] == 2 and np.isfinite(videos).all()
+    c.model.interval_input = False
+    with pytest.raises(sharding.ConfigError, match="interval_input=True"):
+        train_lib.validate(c, sharding.make_mesh(dict(data=-1)))
