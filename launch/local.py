@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -46,9 +47,9 @@ def launch(command: list[str], processes: int, devices_per_process: int, grace: 
             "VIDIT_PROCESS_ID": str(pid),
             "VIDIT_HEARTBEAT_TIMEOUT_S": str(heartbeat_s),
             "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": (env.get("XLA_FLAGS", "").replace(
-                "--xla_force_host_platform_device_count", "--ignored_device_count")
-                + f" --xla_force_host_platform_device_count={devices_per_process}").strip(),
+            "XLA_FLAGS": (re.sub(r"--xla_force_host_platform_device_count=\S+", "",
+                                 env.get("XLA_FLAGS", ""))
+                          + f" --xla_force_host_platform_device_count={devices_per_process}").strip(),
         })
         proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)

@@ -27,7 +27,7 @@ def train_command(workdir, data_dir, *extra):
             "--workdir", str(workdir), f"--config.data.data_dir={data_dir}",
             f"--config.train.steps={STEPS}", "--config.train.log_every=1",
             "--config.train.progress=False", "--config.train.ckpt_every=0",
-            "--config.mesh.data=-1", *extra]
+            *extra]
 
 
 def run(command, processes, devices, tmp_path, name):
