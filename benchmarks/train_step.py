@@ -10,7 +10,6 @@ the same run (there is no datasheet peak for a CPU). FLOPs count 2 per multiply-
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
@@ -84,7 +83,7 @@ def main():
         "label": jnp.asarray(rng.integers(0, 10, (d.batch_size,)).astype(np.int32)),
         "text": jnp.ones((d.batch_size, c.model.text_len), jnp.int32),
     }
-    step = jax.jit(functools.partial(steps.train_step, setup, objective), donate_argnums=0)
+    step = steps.jit_train_step(setup, objective)
     t0 = time.perf_counter()
     with sharding.use(mesh, c.sharding_rules):
         compiled = step.lower(state, batch).compile()

@@ -2,7 +2,8 @@
 768 px video at 16 fps through an 8x8x8 autoencoder): 73,728 tokens per clip.
 
     python -m vidit.compile --config configs/dit_30b.py --topology v5p:8x8x8
-Fits v5p-1024 (512 chips): FSDP 64 x Ulysses sequence 8, global batch 64 (see docs/compile_reports.md).
+Meant for v5p-1024 (512 chips): FSDP 64 x Ulysses sequence 8, global batch 64; its compile
+report is still to be run.
 """
 from configs import pod_common
 from vidit import config_lib

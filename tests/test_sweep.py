@@ -37,17 +37,18 @@ def test_plan_derives_steps_from_the_flop_counter():
 
 
 class FakeTrainer:
-    """Stands in for `python -m vidit.train`: writes summary.json, or fails as told."""
+    """Stands in for `python -m vidit.train`: writes summary.json, after failing as many times as
+    `failures` says for that point."""
 
-    def __init__(self, fail=()):
-        self.calls, self.fail = [], dict.fromkeys(fail, 0)
+    def __init__(self, failures=None):
+        self.calls, self.failures = [], dict(failures or {})
 
     def __call__(self, command, cwd, stdout, stderr):
         workdir = command[command.index("--workdir") + 1]
         name = os.path.basename(workdir)
         self.calls.append(name)
-        if name in self.fail and self.fail[name] < 2:
-            self.fail[name] += 1
+        if self.failures.get(name, 0) > 0:
+            self.failures[name] -= 1
             return subprocess.CompletedProcess(command, 1)
         steps = int(next(a for a in command if a.startswith("--config.train.steps=")).split("=")[1])
         with open(os.path.join(workdir, "summary.json"), "w") as f:
@@ -70,10 +71,8 @@ def test_rerun_finishes_only_missing_points_and_retries_once(tmp_path, monkeypat
 
     # A point that fails once is retried; one that fails twice is reported, the rest go on.
     fresh = tmp_path / "again"
-    flaky = FakeTrainer(fail=[points[0].name])
-    flaky.fail[points[0].name] = 1  # fails once only
     broken = points[1].name
-    flaky.fail[broken] = 0  # fails twice
+    flaky = FakeTrainer(failures={points[0].name: 1, broken: 2})
     monkeypatch.setattr(sweep_lib.subprocess, "run", flaky)
     results = sweep_lib.run_sweep(tiny_sweep(), str(fresh))
     assert flaky.calls.count(points[0].name) == 2 and flaky.calls.count(broken) == 2

@@ -5,9 +5,8 @@ explicit shardings; `vidit/compile.py`-style AOT tools can lower the very same f
 """
 from __future__ import annotations
 
-from typing import Any
-
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp

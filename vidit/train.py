@@ -62,8 +62,8 @@ def validate(config: Any, mesh) -> None:
         raise sharding.ConfigError(
             f"config.model.attention='{config.model.attention}' runs on {needs} only and this "
             f"mesh is {platform}; use 'chunked' (any device) or 'xla'")
-    d, patch = config.data, config.model.patch
-    tokens = (d.num_frames // patch[0]) * (d.height // patch[1]) * (d.width // patch[2])
+    d = config.data
+    tokens = flops.tokens(config.model, d.num_frames, d.height, d.width)
     context_parallel.check_layout(config.model, dict(mesh.shape), tokens)
     if config.train.nonfinite not in ("skip", "stop"):
         raise sharding.ConfigError(
