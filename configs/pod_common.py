@@ -22,7 +22,7 @@ def latent_video_config(*, depth, width, heads, latent_clip, batch, mesh, lr=1e-
     c.data.num_frames, c.data.height, c.data.width = frames, height, width_
     c.data.channels = c.model.channels = channels
     c.data.batch_size = batch
-    c.mesh = dict(mesh)
+    c.mesh.update(mesh)  # ICI sizes; dcn_* (multi-slice) stay 1 unless overridden
     c.optim.lr = lr
     c.optim.warmup_steps = 1000
     c.train.steps = 200_000
@@ -41,4 +41,4 @@ def make_smoke(c):
     c.data.num_frames, c.data.height, c.data.width = 8, 32, 32
     c.data.channels = c.model.channels = 1
     c.model.patch = (2, 4, 4)
-    c.mesh = dict(data=-1, fsdp=1, tensor=1, sequence=1)
+    c.mesh.update(dict(data=-1, fsdp=1, tensor=1, sequence=1))

@@ -3,6 +3,8 @@
     python -m vidit.compile --config configs/dit_8b.py --topology v5p:8x8x8
     python -m vidit.compile --config configs/dit_30b.py --topology v5p:16x16x16 --json
     python -m vidit.compile --config configs/dit_1b.py --topology v5p:4x4x4 --config.mesh.fsdp=16
+    python -m vidit.compile --config configs/dit_1b.py --topology v5p:4x4x4 --num_slices 2 \
+        --config.mesh.dcn_data=2        # two v5p-128 slices joined over DCN (multi-slice)
 
 Needs libtpu (`pip install -e ".[tpu]"`), not a TPU: `jax.experimental.topologies` describes
 the slice's chips, the mesh is built over them from config.mesh, and the same jitted train step
@@ -11,6 +13,10 @@ batch, then compiled by the TPU compiler. The report gives per-chip memory (para
 optimizer state and EMA from their shardings; XLA's argument, temporary and total figures),
 whether it fits the chip's HBM, compiled FLOPs per step, and the step time and tokens/s that
 the chip's peak gives at a stated MFU. Exit status 2 if it does not fit.
+
+`--num_slices K` describes K copies of the slice joined over the data-centre network (DCN): the
+devices then carry `slice_index`, config.mesh.dcn_* must multiply to K, and the mesh is built
+per slice (ICI) x across slices (DCN) as on a real multi-slice job; the report shows both.
 """
 from __future__ import annotations
 
@@ -37,14 +43,19 @@ CHIPS = {
 GIB = 2**30
 
 
-def topology_devices(name: str) -> list:
-    """The abstract TPU devices of a slice such as 'v5p:8x8x8' (libtpu needed, no TPU)."""
+def topology_devices(name: str, num_slices: int = 1) -> list:
+    """The abstract TPU devices of a slice such as 'v5p:8x8x8' (libtpu needed, no TPU); with
+    num_slices > 1, of that many such slices (each device has a `slice_index`)."""
     chip = name.split(":")[0]
     if chip not in CHIPS:
         raise sharding.ConfigError(f"--topology '{name}': chip '{chip}' is not one of {sorted(CHIPS)}")
+    if num_slices < 1:
+        raise sharding.ConfigError(f"--num_slices={num_slices} must be at least 1")
+    extra = {"num_slices": num_slices} if num_slices > 1 else {}
     try:
         from jax.experimental import topologies
-        return list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
+        return list(topologies.get_topology_desc(platform="tpu", topology_name=name,
+                                                 **extra).devices)
     except (ImportError, RuntimeError, ValueError) as e:
         raise RuntimeError(
             f"cannot describe TPU topology '{name}' ({e}); is libtpu installed? "
@@ -57,9 +68,9 @@ def _shard_bytes(tree: Any) -> int:
                for x in jax.tree.leaves(tree))
 
 
-def compile_step(config: Any, topology: str):
-    """(compiled train step, setup) for the slice, from abstract state and batch."""
-    devices = topology_devices(topology)
+def compile_step(config: Any, topology: str, num_slices: int = 1):
+    """(compiled train step, setup) for the slice(s), from abstract state and batch."""
+    devices = topology_devices(topology, num_slices)
     mesh = sharding.make_mesh(config.mesh, devices)
     from vidit import train as train_lib  # the same start-up checks as a real run
     train_lib.validate(config, mesh)
@@ -71,10 +82,10 @@ def compile_step(config: Any, topology: str):
     return lowered.compile(), setup
 
 
-def compile_report(config: Any, topology: str, mfu: float = 0.4) -> dict:
+def compile_report(config: Any, topology: str, mfu: float = 0.4, num_slices: int = 1) -> dict:
     chip = CHIPS[topology.split(":")[0]]
     start = time.perf_counter()
-    compiled, setup = compile_step(config, topology)
+    compiled, setup = compile_step(config, topology, num_slices)
     compile_s = time.perf_counter() - start
     state, mesh = setup.abstract, setup.mesh
 
@@ -88,9 +99,12 @@ def compile_report(config: Any, topology: str, mfu: float = 0.4) -> dict:
     fwd = flops.forward_flops(config.model, d.num_frames, d.height, d.width)
     model_flops = flops.train_flops_per_step(config.model, d)
     chips = mesh.devices.size
+    slices = len(sharding.device_slices(list(mesh.devices.flat), config.mesh.get("num_slices", 0)))
+    ici, dcn = sharding.hybrid_mesh_shape(config.mesh, chips, slices)
     step_s = model_flops / (chips * chip["peak_tflops"] * 1e12 * mfu)
     return {
         "topology": topology, "chips": chips, "mesh": dict(mesh.shape),
+        "num_slices": slices, "mesh_ici": ici, "mesh_dcn": dcn,
         "params": setup.num_params(), "tokens_per_clip": fwd["tokens"],
         "global_batch": d.batch_size, "attention": config.model.attention,
         "sequence_parallel": config.model.get("sequence_parallel", "ulysses"),
@@ -118,7 +132,9 @@ def compile_report(config: Any, topology: str, mfu: float = 0.4) -> dict:
 def format_report(r: dict) -> str:
     m = r["per_chip_gib"]
     lines = [
-        f"{r['topology']}: {r['chips']} chips, mesh {r['mesh']}",
+        f"{r['topology']}: {r['chips']} chips, mesh {r['mesh']}" + (
+            f" = ICI {r['mesh_ici']} per slice x DCN {r['mesh_dcn']} over {r['num_slices']} "
+            f"slices" if r.get("num_slices", 1) > 1 else ""),
         f"model: {r['params'] / 1e9:.2f}B parameters, {r['tokens_per_clip']} tokens/clip, "
         f"global batch {r['global_batch']}, attention {r['attention']} "
         f"({r['sequence_parallel']}), remat {r['remat']}, {r['dtype']}",
@@ -138,7 +154,8 @@ def main(argv):
     from absl import flags
     del argv
     cli.setup(compilation_cache=False, multi_host=False)
-    report = compile_report(flags.FLAGS.config, flags.FLAGS.topology, flags.FLAGS.mfu)
+    report = compile_report(flags.FLAGS.config, flags.FLAGS.topology, flags.FLAGS.mfu,
+                            flags.FLAGS.num_slices)
     print(json.dumps(report, indent=2) if flags.FLAGS.json else format_report(report))
     if not report["fits"]:
         sys.exit(2)
@@ -151,6 +168,8 @@ if __name__ == "__main__":
     config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:variant]).",
                                     lock_config=True)
     flags.DEFINE_string("topology", "v5p:4x4x4", "TPU slice, e.g. v5p:8x8x8, v5e:4x4, v6e:16x16")
+    flags.DEFINE_integer("num_slices", 1, "slices of --topology joined over DCN (multi-slice); "
+                         "config.mesh.dcn_* must multiply to it")
     flags.DEFINE_float("mfu", 0.4, "MFU assumed for the step-time estimate")
     flags.DEFINE_bool("json", False, "print the report as JSON")
     flags.mark_flags_as_required(["config"])

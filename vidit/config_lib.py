@@ -134,7 +134,9 @@ def base_config() -> ml_collections.ConfigDict:
         fps=8,
     )
 
-    c.mesh = dict(data=1, fsdp=-1, tensor=1, sequence=1)
+    # ICI sizes within a slice (one may be -1 = the rest), dcn_* sizes across slices, num_slices
+    # for devices without slice_index (sharding.MESH_DEFAULTS says more).
+    c.mesh = dict(sharding.MESH_DEFAULTS)
     c.sharding_rules = [list(rule) for rule in sharding.DEFAULT_RULES]
     return c
 
