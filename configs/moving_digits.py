@@ -4,9 +4,22 @@
     python -m vidit.train --config configs/moving_digits.py:smoke --workdir /tmp/smoke
 
 Variants (after ':', comma-separated): smoke (tiny model, a few steps), size=<digits|tiny|mini|S|...>
-(digits, the default: 4 blocks x 128 wide), cond=<class|text|none>, objective=<flow|vp|meanflow> (vp:
-the DiT paper's diffusion, v-prediction with zero-terminal-SNR, DDIM sampling; meanflow: one-step
-average-velocity model, sample with --steps 1).
+(digits, the default: 4 blocks x 128 wide), cond=<class|text|none>,
+objective=<flow|vp|meanflow|shortcut|distill> (vp: the DiT paper's diffusion, v-prediction with
+zero-terminal-SNR, DDIM sampling; meanflow: one-step average-velocity model, sample with
+--steps 1; shortcut: step-size-conditioned model with EMA self-consistency targets, no jvp,
+sample with --steps 1, 2 or 4; distill: a MeanFlow student of a trained flow teacher).
+
+Distillation needs the teacher, a workdir of this config (or its export); the student starts as
+that teacher, learns its guidance-3 velocity, and samples without guidance:
+
+    python -m vidit.train --config configs/moving_digits.py --workdir runs/digits
+    python -m vidit.train --config configs/moving_digits.py:objective=distill \
+        --workdir runs/digits_distill --config.objective.teacher_workdir=runs/digits
+    python -m vidit.sample --workdir runs/digits_distill --steps 1 --out one_step.gif
+
+The shortcut and distill recipes (learning rate, steps, fractions) are not yet tuned or
+measured on this dataset.
 """
 from vidit import config_lib, diffusion
 
@@ -29,8 +42,10 @@ def get_config(arg=None):
     c.model.patch = (2, 4, 4)  # 4 x 8 x 8 = 256 tokens
     c.model.cond = arg.cond
     c.objective = diffusion.default_config(arg.objective)
-    if arg.objective == "meanflow":  # one-step generation: the model also sees h = t - r
+    if arg.objective in ("meanflow", "shortcut", "distill"):  # also sees h = t - r (or d)
         c.model.interval_input = True
+    if arg.objective == "shortcut":
+        c.objective.consistency_fraction = 0.25  # 2 of the 8 rows (the paper's 1/8 is 1 row)
     if arg.objective == "vp":
         c.objective.schedule = "cosine"
         c.objective.prediction = "v"
@@ -48,6 +63,15 @@ def get_config(arg=None):
     c.sample.steps = 50
     c.sample.guidance = 3.0
     c.sample.num = 10
+
+    if arg.objective == "shortcut":
+        c.sample.steps = 4  # a trained step size (d = 1/4); 1 and 2 work too
+    if arg.objective == "distill":  # a fine-tune of the teacher, guidance distilled in
+        c.objective.guidance = c.sample.guidance
+        c.sample.guidance = 1.0
+        c.sample.steps = 1
+        c.optim.lr = 3e-4
+        c.train.steps = 2000
 
     if arg.smoke:
         config_lib.make_smoke(c)

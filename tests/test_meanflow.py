@@ -176,3 +176,123 @@ def test_attention_backends_support_jvp(attention):
     fd = (f(x + eps * v, t + eps) - f(x - eps * v, t - eps)) / (2 * eps)
     np.testing.assert_allclose(du_dt[0], fd[0], rtol=0.05, atol=2e-3)
     np.testing.assert_allclose(target[1], v[1], rtol=1e-5)  # r = t: the target is v itself
+
+
+# ------------------------------------------------------------------ trained-in guidance (w)
+def test_trained_in_guidance_mixes_the_unconditional_velocity():
+    """Kept conditions: v -> w v + (1 - w) sg(u(z, t, t | null)); dropped ones keep v; w = 1 is
+    plain MeanFlow. The mixed velocity is both the jvp tangent and the target's v."""
+    null_label = 9
+
+    def model(theta):
+        def fn(z, t, cond, h):
+            lab = cond["label"][:, None].astype(jnp.float32)
+            return theta[0] * z * (1 + lab) + theta[1] * t[:, None] + theta[2] * h[:, None] * z
+        return fn
+
+    theta = jnp.array([0.4, -0.3, 0.2])
+    z = jax.random.normal(jax.random.key(0), (3, 4))
+    v = jax.random.normal(jax.random.key(1), (3, 4))
+    t = jnp.array([0.9, 0.6, 0.3])
+    cond = {"label": jnp.array([2, null_label, 5])}  # row 1: condition dropped
+    null = {"label": jnp.array([null_label])}  # a leading 1 broadcasts, as in samplers.guided
+    w = 2.5
+    obj = diffusion.make_objective(dict(name="meanflow", guidance=w))
+    got = obj.velocity(model(theta), z, v, t, cond, null_cond=null)
+    u_uncond = model(theta)(z, t, {"label": jnp.full((3,), null_label)}, jnp.zeros(3))
+    want = w * v + (1 - w) * u_uncond
+    np.testing.assert_allclose(got[np.array([0, 2])], want[np.array([0, 2])], rtol=1e-6)
+    np.testing.assert_allclose(got[1], v[1])
+    off = diffusion.make_objective(dict(name="meanflow"))
+    assert off.guidance == 1.0
+    np.testing.assert_array_equal(off.velocity(model(theta), z, v, t, cond, null_cond=null), v)
+    np.testing.assert_array_equal(obj.velocity(model(theta), z, v, t, {}, null_cond=None), v)
+
+    # Stop-gradient: the loss gradient equals the one with the (guided) target a constant.
+    x0 = jax.random.normal(jax.random.key(2), (3, 4))
+    r = jnp.array([0.2, 0.6, 0.0])
+    grad = jax.grad(lambda th: obj.loss_tr(model(th), x0, cond, t, r, v, null_cond=null)[0])(
+        theta)
+    zt, vt = obj.corrupt(x0, v, t)
+    mixed = obj.velocity(model(theta), zt, vt, t, cond, null_cond=null)
+    _, target = meanflow.mean_flow_target(model(theta), zt, mixed, t, r, cond)
+    target = np.asarray(target)
+
+    def const_loss(th):
+        err = jnp.mean((model(th)(zt, t, cond, t - r) - target) ** 2, axis=1)
+        return jnp.mean(jax.lax.stop_gradient(1.0 / (err + obj.adaptive_c)) * err)
+
+    np.testing.assert_allclose(grad, jax.grad(const_loss)(theta), rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------- jvp through each attention backend
+def _attention_jvp(fn):
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, 64, 4, 8)) for i in range(3))
+    tq, tk, tv = (jax.random.normal(jax.random.key(10 + i), q.shape) for i in range(3))
+    return jax.jit(lambda *a: jax.jvp(fn, a[:3], a[3:]))(q, k, v, tq, tk, tv)
+
+
+@pytest.mark.parametrize("kind", ["chunked_blocks", "xla", "ulysses", "ring"])
+def test_attention_jvp_equals_dense(kind):
+    """jax.jvp through every attention path that runs on CPU equals the dense reference's: the
+    chunked backend with real blocks (lax.map + remat), xla, and both sequence-parallel
+    strategies in shard_map."""
+    from vidit import sharding
+    from vidit.models import attention, context_parallel
+    want = _attention_jvp(attention.dense_attention)
+    if kind == "chunked_blocks":
+        got = _attention_jvp(functools.partial(attention.chunked_attention, chunk=16))
+    elif kind == "xla":
+        got = _attention_jvp(attention.xla_attention)
+    else:
+        mesh = sharding.make_mesh(dict(data=2, sequence=4))
+        fn = functools.partial(context_parallel.self_attention, backend="dense", strategy=kind)
+        with sharding.use(mesh, config_lib.base_config().sharding_rules):
+            got = _attention_jvp(fn)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), got, want)
+
+
+def test_splash_kernel_has_no_jvp_rule():
+    """Why attention.NO_JVP lists splash: its kernel is a custom_vjp (run here in interpret
+    mode). cudnn's fused attention is a custom_vjp too (GPU only, not run here)."""
+    splash = pytest.importorskip("jax.experimental.pallas.ops.tpu.splash_attention")
+    from vidit.models import attention
+    assert set(attention.NO_JVP) == {"cudnn", "splash"}
+    n, h = 128, 2
+    kernel = splash.make_splash_mha(splash.MultiHeadMask([splash.FullMask((n, n))] * h),
+                                    head_shards=1, q_seq_shards=1, interpret=True)
+    q = jax.random.normal(jax.random.key(0), (h, n, 128))
+    assert jax.grad(lambda q: kernel(q, q, q).sum())(q).shape == q.shape  # a VJP: yes
+    with pytest.raises(TypeError, match="custom_vjp"):
+        jax.jvp(lambda q: kernel(q, q, q), (q,), (q,))  # a JVP: no
+
+
+@pytest.mark.parametrize("name", ["meanflow", "distill"])
+@pytest.mark.parametrize("backend", ["splash", "cudnn"])
+def test_jvp_objectives_refuse_backends_without_jvp(name, backend):
+    from vidit import sharding
+    from vidit import train as train_lib
+    c = config_lib.base_config()
+    c.objective = diffusion.default_config(name)
+    if name == "distill":
+        c.objective.teacher_workdir = "/somewhere"  # not read by validate
+    c.model.interval_input = True
+    c.model.attention = backend
+    with pytest.raises(sharding.ConfigError,
+                       match=rf"config.model.attention='{backend}' has no JVP rule"):
+        train_lib.validate(c, sharding.make_mesh(dict(data=-1)))
+    c.objective = diffusion.default_config("shortcut")  # no jvp: only the platform check remains
+    with pytest.raises(sharding.ConfigError, match="runs on (gpu|tpu) only"):
+        train_lib.validate(c, sharding.make_mesh(dict(data=-1)))
+
+
+def test_trained_in_guidance_needs_a_conditional_model():
+    from vidit import sharding
+    from vidit import train as train_lib
+    c = config_lib.base_config()
+    c.objective = diffusion.default_config("meanflow")
+    c.objective.guidance = 2.0
+    c.model.interval_input = True
+    c.train.cond_drop_prob = 0.0
+    with pytest.raises(sharding.ConfigError, match="cond_drop_prob"):
+        train_lib.validate(c, sharding.make_mesh(dict(data=-1)))

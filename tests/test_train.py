@@ -329,3 +329,41 @@ def test_meanflow_trains_and_samples_in_one_step(data_dir, tmp_path):
     c.model.interval_input = False
     with pytest.raises(sharding.ConfigError, match="interval_input=True"):
         train_lib.validate(c, sharding.make_mesh(dict(data=-1)))
+
+
+def test_shortcut_trains_and_samples_in_one_step(data_dir, tmp_path):
+    """Shortcut models through the same trainer (EMA targets); one-step samples are finite."""
+    from vidit import sample as sample_lib
+    c = moving_digits.get_config("smoke,objective=shortcut")
+    c.data.data_dir = data_dir
+    c.train.progress = False
+    c.sample.num = 0
+    assert c.model.interval_input and c.objective.consistency_fraction == 0.25
+    summary = train_lib.train(c, str(tmp_path))
+    assert summary["step"] == c.train.steps and all(np.isfinite(summary["losses"]))
+    videos, _ = sample_lib.generate(str(tmp_path), num=2, label=3, steps_=1)
+    assert videos.shape[0] == 2 and np.isfinite(videos).all()
+
+
+def test_distill_from_a_flow_checkpoint_resumes_and_samples_in_one_step(data_dir, tmp_path):
+    """A flow teacher trained for two steps, then a distill student of its Orbax checkpoint: the
+    teacher is read from teacher_workdir at every start (not stored in the student's
+    checkpoints), a resumed run reads it again, and the student samples in one step."""
+    from vidit import sample as sample_lib
+    from vidit import teacher as teacher_lib
+    teacher_dir, student_dir = str(tmp_path / "teacher"), str(tmp_path / "student")
+    train_lib.train(smoke_config(data_dir), teacher_dir, stop_at=2)
+    c = moving_digits.get_config("smoke,objective=distill")
+    c.data.data_dir = data_dir
+    c.train.progress = False
+    c.sample.num = 0
+    c.objective.teacher_workdir = teacher_dir
+    first = train_lib.train(c, student_dir, stop_at=3)
+    second = train_lib.train(c, student_dir)
+    assert second["step"] == c.train.steps
+    assert all(np.isfinite(first["losses"] + second["losses"]))
+    videos, _ = sample_lib.generate(student_dir, num=2, label=3, steps_=1)
+    assert videos.shape[0] == 2 and np.isfinite(videos).all()
+    c.objective.teacher_workdir = str(tmp_path / "gone")
+    with pytest.raises(teacher_lib.TeacherError, match="gone"):
+        train_lib.train(c, str(tmp_path / "other"))

@@ -76,9 +76,11 @@ def compile_step(config: Any, topology: str, num_slices: int = 1):
     train_lib.validate(config, mesh)
     setup = Setup(config, mesh)
     objective = diffusion.make_objective(config.objective)
+    # A distillation step also takes the frozen teacher, laid out like the params.
+    teacher = (setup.abstract.params,) if objective.target_model == "teacher" else ()
     with sharding.use(mesh, config.sharding_rules):
         lowered = steps.jit_train_step(setup, objective).lower(
-            setup.abstract, steps.abstract_batch(config, mesh))
+            setup.abstract, steps.abstract_batch(config, mesh), *teacher)
     return lowered.compile(), setup
 
 

@@ -30,20 +30,45 @@ def _split_micro(batch: dict, n: int) -> dict:
     return jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), batch)
 
 
-def train_step(setup: Setup, objective: Any, state: TrainState, batch: dict):
+def bind(setup: Setup, params: Any):
+    """model_fn(x, t, cond, h=None) for these params, merged per call: objectives may call it
+    inside jax.jvp, and nnx modules belong to one trace."""
+    def model_fn(*args, **kw):
+        return setup.model(params)(*args, **kw)
+    return model_fn
+
+
+def target_params(objective: Any, state: TrainState, teacher_params: Any = None) -> Any:
+    """The frozen parameters an objective's targets come from (objective.target_model):
+    None, the run's EMA parameters, or the teacher's."""
+    kind = getattr(objective, "target_model", None)
+    if kind is None:
+        return None
+    if kind == "ema":
+        return state.ema_params
+    if teacher_params is None:
+        raise ValueError(f"objective {objective.name!r} needs teacher parameters: pass them to "
+                         "the train step (vidit.train loads config.objective.teacher_workdir)")
+    return teacher_params
+
+
+def train_step(setup: Setup, objective: Any, state: TrainState, batch: dict,
+               teacher_params: Any = None):
+    """One optimizer update. ``teacher_params`` (distillation only) are frozen, sharded like
+    the params, and not part of the state."""
     config = setup.config
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     accum = int(config.optim.grad_accum)
+    frozen = target_params(objective, state, teacher_params)  # never differentiated
+    target_fn = None if frozen is None else bind(setup, frozen)
 
     def loss_fn(params, micro, rng):
         drop_rng, loss_rng = jax.random.split(rng)
-        cond = setup.model(params).drop_cond(condition(micro, config.model.cond), drop_rng,
-                                             config.train.cond_drop_prob)
-
-        def model_fn(*args, **kw):  # merged per call: objectives may call it inside jax.jvp,
-            return setup.model(params)(*args, **kw)  # and nnx modules belong to one trace
-
-        loss, _ = objective.loss(model_fn, micro["video"], cond, loss_rng)
+        model = setup.model(params)
+        cond = model.drop_cond(condition(micro, config.model.cond), drop_rng,
+                               config.train.cond_drop_prob)
+        loss, _ = objective.loss(bind(setup, params), micro["video"], cond, loss_rng,
+                                 target_fn=target_fn, null_cond=model.null_cond(cond) or None)
         return loss
 
     grad_fn = jax.value_and_grad(loss_fn)
@@ -76,7 +101,8 @@ def train_step(setup: Setup, objective: Any, state: TrainState, batch: dict):
 
 
 def jit_train_step(setup: Setup, objective: Any):
-    """train_step jitted with the state's shardings in and out, and the old state donated."""
+    """train_step jitted with the state's shardings in and out, and the old state donated
+    (not the teacher params: called as step(state, batch) or step(state, batch, teacher))."""
     return jax.jit(functools.partial(train_step, setup, objective),
                    out_shardings=(setup.shardings, sharding.replicated(setup.mesh)),
                    donate_argnums=0)
@@ -118,9 +144,6 @@ def eval_step(setup: Setup, objective: Any, params: Any, batch: dict, rng: jax.A
 def sample(setup: Setup, objective: Any, params: Any, noise: jax.Array, cond: dict, *,
            steps: int, guidance: float):
     null = setup.model(params).null_cond(cond) if cond else None
-
-    def model_fn(x, t, c, **kw):  # merged inside the sampler's loop body: nnx modules are per-trace
-        return setup.model(params)(x, t, c, **kw)
-
-    return objective.sample(model_fn, noise, cond, steps=steps, null_cond=null,
+    # merged inside the sampler's loop body: nnx modules are per-trace
+    return objective.sample(bind(setup, params), noise, cond, steps=steps, null_cond=null,
                             guidance=guidance if cond else 1.0)

@@ -23,9 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from vidit import (checkpoint, cli, diffusion, distributed, flops, metrics, sharding, steps,
-                   video_io)
+                   teacher as teacher_lib, video_io)
 from vidit.train_state import Setup
-from vidit.models import context_parallel
+from vidit.models import attention, context_parallel
 
 log = logging.getLogger("vidit")
 
@@ -52,10 +52,30 @@ def validate(config: Any, mesh) -> None:
             f"config.optim.grad_accum={accum}: each micro-batch (batch_size / grad_accum) must "
             f"still divide over the {sharding.batch_shards(mesh)} batch shards")
     objective = diffusion.make_objective(config.objective)
-    if getattr(objective, "needs_interval", False) and not config.model.get("interval_input"):
+    if objective.needs_interval and not config.model.get("interval_input"):
         raise sharding.ConfigError(
             f"config.objective.name='{objective.name}' trains an average-velocity model; set "
             "config.model.interval_input=True")
+    if objective.needs_jvp and config.model.attention in attention.NO_JVP:
+        raise sharding.ConfigError(
+            f"config.objective.name='{objective.name}' takes a jax.jvp through the model and "
+            f"config.model.attention='{config.model.attention}' has no JVP rule (its kernel is "
+            "a custom_vjp); use config.model.attention='xla', 'chunked' or 'dense', or "
+            "config.objective.name='shortcut' (no jvp)")
+    guidance = getattr(objective, "guidance", 1.0)
+    if guidance != 1.0 and config.model.cond == "none":
+        raise sharding.ConfigError(
+            f"config.objective.guidance={guidance} trains guidance in, which needs a conditional "
+            "model (config.model.cond='class' or 'text'), or set it to 1")
+    if guidance != 1.0 and objective.target_model is None and not config.train.cond_drop_prob > 0:
+        raise sharding.ConfigError(
+            f"config.objective.guidance={guidance} mixes in the model's own unconditional "
+            "velocity, which it learns only from dropped conditions: set "
+            "config.train.cond_drop_prob > 0")
+    if objective.target_model == "teacher" and not config.objective.get("teacher_workdir"):
+        raise sharding.ConfigError(
+            f"config.objective.name='{objective.name}' distils a trained flow model: set "
+            "config.objective.teacher_workdir to its vidit.train workdir or vidit.export folder")
     platform = mesh.devices.flat[0].platform
     needs = {"cudnn": "gpu", "splash": "tpu"}.get(config.model.attention)
     if needs and platform != needs:
@@ -135,11 +155,16 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict:
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                    keep=config.train.keep_ckpts)
     restored = ckpt.restore(setup.abstract, train_iter, config)
+    # Distillation: the frozen teacher, an extra train-step argument (not in the state).
+    teacher = teacher_lib.load(config, setup) if objective.target_model == "teacher" else None
     if restored:
         start_step, state = restored
         log.info("resumed from step %d", start_step)
     else:
         start_step, state = 0, setup.init()
+        if teacher is not None:
+            state = teacher.init_student(setup, state)
+    step_args = () if teacher is None else (teacher.params,)
     if is_main:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             json.dump(config.to_dict(), f, indent=2, default=str)
@@ -204,7 +229,7 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict:
     while step < total:
         local = next(train_iter)
         with sharding.use(mesh, config.sharding_rules):
-            state, step_metrics = train_step(state, global_batch(local, mesh))
+            state, step_metrics = train_step(state, global_batch(local, mesh), *step_args)
         step += 1
         pending.append((step, step_metrics))
         progress.update(1)

@@ -12,8 +12,14 @@ tangents (v, 1, 0) gives u and du/dt together; the per-example error is reweight
 The network sees h = t - r as a second time input (models with config.model.interval_input);
 its embedder is zero-initialised, so a flow checkpoint loads and starts as the same model, and
 a call without h is the instantaneous velocity u(z, t, t) = v.
+
+Trained-in guidance (``guidance`` = w != 1): on the examples that kept their condition, the
+velocity v (the jvp tangent and the target) becomes w v + (1 - w) sg(u(z, t, t | null)), the
+model's own unconditional velocity; examples whose condition was dropped keep v, so the
+unconditional model stays the plain one. A model trained so samples with sampling guidance 1.
 """
 import dataclasses
+import functools
 from typing import Any, ClassVar, Optional
 
 import jax
@@ -35,9 +41,11 @@ class MeanFlowObjective(FlowObjective):
     equal_fraction: float = 0.75  # share of the batch with r = t (flow matching)
     adaptive_p: float = 1.0  # loss = err / sg(err + adaptive_c)^p; 0 = plain MSE
     adaptive_c: float = 0.01
+    guidance: float = 1.0  # trained-in CFG scale w (module docstring); 1 = off
 
     name: ClassVar[str] = "meanflow"
     needs_interval: ClassVar[bool] = True
+    needs_jvp: ClassVar[bool] = True
 
     def __post_init__(self):
         super().__post_init__()
@@ -52,15 +60,33 @@ class MeanFlowObjective(FlowObjective):
         equal = jax.random.uniform(eq_rng, (batch_size,)) < self.equal_fraction
         return t, jnp.where(equal, t, r)
 
-    def loss(self, model_fn: ModelFn, x0: jax.Array, cond: Any, rng: jax.Array):
+    def loss(self, model_fn: ModelFn, x0: jax.Array, cond: Any, rng: jax.Array, *,
+             target_fn: Optional[ModelFn] = None, null_cond: Any = None):
         tr_rng, noise_rng = jax.random.split(rng)
         t, r = self.sample_t_r(tr_rng, x0.shape[0])
         noise = jax.random.normal(noise_rng, x0.shape, jnp.float32)
-        return self.loss_tr(model_fn, x0, cond, t, r, noise)
+        return self.loss_tr(model_fn, x0, cond, t, r, noise, target_fn=target_fn,
+                            null_cond=null_cond)
 
-    def loss_tr(self, model_fn: ModelFn, x0, cond, t, r, noise):
+    def velocity(self, model_fn: ModelFn, z, v, t, cond, *, target_fn=None, null_cond=None):
+        """The velocity field the average velocity is taken of: the data velocity v, or with
+        trained-in guidance w v + (1 - w) sg(u(z, t, t | null)) where the condition was kept."""
+        del target_fn
+        if self.guidance == 1.0 or not null_cond:
+            return v
+        null = jax.tree.map(lambda c, n: jnp.broadcast_to(n, jnp.shape(c)).astype(c.dtype),
+                            cond, null_cond)
+        u_uncond = model_fn(z, t, null, h=jnp.zeros_like(t))  # u(z, t, t | null)
+        u_uncond = jax.lax.stop_gradient(u_uncond.astype(v.dtype))
+        mixed = self.guidance * v + (1.0 - self.guidance) * u_uncond
+        dropped = is_null(cond, null).reshape((-1,) + (1,) * (v.ndim - 1))
+        return jnp.where(dropped, v, mixed)
+
+    def loss_tr(self, model_fn: ModelFn, x0, cond, t, r, noise, *, target_fn=None,
+                null_cond=None):
         """The MeanFlow loss at given (t, r, noise): (mean, per-example [B])."""
         z, v = self.corrupt(x0, noise, t)
+        v = self.velocity(model_fn, z, v, t, cond, target_fn=target_fn, null_cond=null_cond)
         u, u_target = mean_flow_target(model_fn, z, v, t, r, cond)
         err = jnp.square(u.astype(jnp.float32) - u_target)
         per_example = jnp.mean(err.reshape(err.shape[0], -1), axis=1)
@@ -83,13 +109,27 @@ class MeanFlowObjective(FlowObjective):
         return _jump(model_fn, noise.astype(jnp.float32), times, cond, null_cond, guidance)
 
 
-def _jump(model_fn, x, times, cond, null_cond, guidance):
-    """fori_loop over the grid: one compiled body whatever the number of steps."""
+def is_null(cond: Any, null_cond: Any) -> jax.Array:
+    """[B] bool: which examples' condition equals the null (unconditional) one in every leaf."""
+    def same(c, n):
+        c = jnp.asarray(c)
+        eq = c == jnp.broadcast_to(jnp.asarray(n, c.dtype), c.shape)
+        return jnp.all(eq.reshape(c.shape[0], -1), axis=1)
+
+    return functools.reduce(jnp.logical_and, jax.tree.leaves(jax.tree.map(same, cond, null_cond)))
+
+
+def _jump(model_fn, x, times, cond, null_cond, guidance, interval=None):
+    """fori_loop over the grid: one compiled body whatever the number of steps.
+
+    The model's second time input is h = t - r, or ``interval(t - r)`` when given."""
+    interval = interval or (lambda h: h)
+
     def body(i, x):
         t, r = times[i], times[i + 1]
 
         def with_interval(x, t_vec, c):
-            return model_fn(x, t_vec, c, h=jnp.full((x.shape[0],), t - r))
+            return model_fn(x, t_vec, c, h=interval(jnp.full((x.shape[0],), t - r)))
 
         fn = samplers.guided(with_interval, cond, null_cond, guidance)
         u = fn(x, jnp.full((x.shape[0],), t))

@@ -2,13 +2,15 @@
 
 ``make_objective(cfg)`` builds a frozen (hashable) dataclass from an ``ml_collections``
 ConfigDict whose ``name`` picks the kind: ``'flow'`` (rectified flow, the default of the big
-video systems), ``'vp'`` (the DiT paper's variance-preserving diffusion) or ``'meanflow'``
-(average-velocity one-step generation; needs a model with config.model.interval_input). Both share the loss
-below and expose the same methods:
+video systems), ``'vp'`` (the DiT paper's variance-preserving diffusion), or one of the few-step
+objectives, which need a model with config.model.interval_input: ``'meanflow'`` (average
+velocity, one jvp per step), ``'shortcut'`` (step-size-conditioned, self-consistency targets
+from the EMA model, no jvp) and ``'distill'`` (MeanFlow with a frozen flow teacher's velocity).
+All expose the same methods:
 
     sample_t(rng, batch_size) -> t [B]
     corrupt(x0, noise, t) -> (x_t, target)
-    loss(model_fn, x0, cond, rng) -> (loss, per_example_loss [B])
+    loss(model_fn, x0, cond, rng, *, target_fn=None, null_cond=None) -> (loss, per_example [B])
     loss_at(model_fn, x0, cond, t, noise) -> (loss, per_example_loss [B])
     eval_times(n) -> t [n]
     predict_x0_eps(output, x_t, t) -> (x0_hat, eps_hat)
@@ -16,9 +18,18 @@ below and expose the same methods:
 
 ``model_fn(x_t, t, cond)`` takes x_t [B, T, H, W, C], t float32 [B] in [0, 1] (1 = most noise)
 and any pytree ``cond`` with a leading batch dimension, and returns an array shaped like x_t.
+
+Frozen targets. An objective whose targets come from another network says so in the class
+attribute ``target_model``: ``None`` (flow, vp, meanflow), ``'ema'`` (shortcut: the run's own
+EMA parameters) or ``'teacher'`` (distill: a frozen model loaded at start-up). The train step
+then passes that network to ``loss`` as ``target_fn`` (a model_fn bound to those parameters,
+never differentiated); it also passes ``null_cond``, the unconditional input shaped like
+``cond``, which objectives with trained-in guidance use. Objectives ignore what they do not
+need, so the train step calls every objective the same way. ``needs_jvp`` marks objectives that
+differentiate the model forward (attention backends without a JVP rule cannot train them).
 """
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +44,9 @@ class Objective:
     ``sample_t``, ``corrupt``, ``predict_x0_eps`` and ``sample``."""
 
     name: str = ""
+    target_model: Optional[str] = None  # None | 'ema' | 'teacher': where target_fn comes from
+    needs_jvp: bool = False  # the loss takes jax.jvp through the model
+    needs_interval: bool = False  # the model takes the second time input h (interval_input)
 
     def sample_t(self, rng: jax.Array, batch_size: int) -> jax.Array:
         raise NotImplementedError
@@ -53,8 +67,12 @@ class Objective:
         per_example = jnp.mean(err.reshape(err.shape[0], -1), axis=1)
         return jnp.mean(per_example), per_example
 
-    def loss(self, model_fn: ModelFn, x0: jax.Array, cond: Any, rng: jax.Array):
-        """Training loss: draws t with ``sample_t`` and Gaussian noise, then ``loss_at``."""
+    def loss(self, model_fn: ModelFn, x0: jax.Array, cond: Any, rng: jax.Array, *,
+             target_fn: Optional[ModelFn] = None, null_cond: Any = None):
+        """Training loss: draws t with ``sample_t`` and Gaussian noise, then ``loss_at``.
+
+        ``target_fn`` and ``null_cond`` (see the module docstring) are unused here."""
+        del target_fn, null_cond
         t_rng, noise_rng = jax.random.split(rng)
         t = self.sample_t(t_rng, x0.shape[0])
         noise = jax.random.normal(noise_rng, x0.shape, jnp.float32)
@@ -71,11 +89,14 @@ class Objective:
 
 def _objective_classes() -> dict:
     # Imported here because flow.py and vp.py import ``Objective`` from this module.
+    from vidit.diffusion.distill import DistillObjective
     from vidit.diffusion.flow import FlowObjective
     from vidit.diffusion.meanflow import MeanFlowObjective
+    from vidit.diffusion.shortcut import ShortcutObjective
     from vidit.diffusion.vp import VPObjective
 
-    return {"flow": FlowObjective, "vp": VPObjective, "meanflow": MeanFlowObjective}
+    return {"flow": FlowObjective, "vp": VPObjective, "meanflow": MeanFlowObjective,
+            "shortcut": ShortcutObjective, "distill": DistillObjective}
 
 
 def _fields(cls) -> dict:

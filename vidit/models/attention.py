@@ -21,6 +21,9 @@ import jax.numpy as jnp
 from vidit import sharding
 
 BACKENDS = ("chunked", "dense", "xla", "cudnn", "splash")
+# Backends whose kernels define a VJP (jax.custom_vjp) but no JVP rule: jax.jvp through them
+# fails, so objectives that take a jvp of the model (MeanFlow, distill) cannot use them.
+NO_JVP = ("cudnn", "splash")
 SPLASH_BLOCK = 512
 CHUNK = 256  # DiT-S, 1k tokens, quiet 2-core CPU: 6.41 s/step vs 6.54 (128) and 6.76 (dense)
 
