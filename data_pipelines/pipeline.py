@@ -132,7 +132,7 @@ def _preprocess(element: dict, rng: np.random.Generator, *, spec: _Spec, train: 
         caption = caption.decode("utf-8")
     return {
         "video": video / 127.5 - 1.0,
-        "label": np.int32(element["label"]),
+        "label": np.int32(element.get("label", -1)),  # -1: unlabelled (e.g. build_video_folder)
         "text": tokenize.encode(caption, spec.text_len),
     }
 
@@ -258,7 +258,8 @@ def make_iterator(data_cfg, split: str, *, seed: int, train: bool,
     Returns:
       A checkpointable `grain.DatasetIterator` of dicts with numpy arrays
       `video` float32 [b, num_frames, height, width, channels] in [-1, 1],
-      `label` int32 [b] and `text` int32 [b, text_len], b = batch_size / process_count.
+      `label` int32 [b] (-1 where the dataset has no labels) and `text` int32 [b, text_len],
+      b = batch_size / process_count.
     """
     cfg = default_data_config()
     cfg.update(data_cfg)
