@@ -122,6 +122,8 @@ def _temporal_crop(video: np.ndarray, spec: _Spec, rng: np.random.Generator, tra
 
 def _preprocess(element: dict, rng: np.random.Generator, *, spec: _Spec, train: bool) -> dict:
     """One stored example -> {'video' float32 [-1, 1], 'label' int32, 'text' int32 tokens}."""
+    if "latent" in element:  # a latent dataset (encode_latents.py): the stored latent as is
+        return _latent_example(element, spec)
     video = _temporal_crop(np.asarray(element["video"]), spec, rng, train)
     video = video.astype(np.float32)
     if video.shape[1:3] != (spec.height, spec.width):
@@ -133,6 +135,19 @@ def _preprocess(element: dict, rng: np.random.Generator, *, spec: _Spec, train: 
     return {
         "video": video / 127.5 - 1.0,
         "label": np.int32(element.get("label", -1)),  # -1: unlabelled (e.g. build_video_folder)
+        "text": tokenize.encode(caption, spec.text_len),
+    }
+
+
+def _latent_example(element: dict, spec: _Spec) -> dict:
+    """{'latent' float32 [T', H', W', C] (raw posterior mean; the train step normalises it),
+    'label', 'text'} from a dataset written by data_pipelines/encode_latents.py."""
+    caption = element.get("caption", tokenize.NULL)
+    if isinstance(caption, bytes):
+        caption = caption.decode("utf-8")
+    return {
+        "latent": np.asarray(element["latent"], np.float32),
+        "label": np.int32(element.get("label", -1)),
         "text": tokenize.encode(caption, spec.text_len),
     }
 
@@ -210,6 +225,8 @@ def _data_source(data_cfg, split: str, spec: _Spec):
     if base_split not in builder.info.splits:
         raise ValueError(f"split={split!r} does not exist in data.name={data_cfg.name!r}; "
                          f"available: {sorted(builder.info.splits)}")
+    if "latent" in builder.info.features:  # latents of whole clips: nothing to crop
+        return builder.as_data_source(split)
     stored_length = builder.info.features["video"].shape[0]
     if stored_length is not None:  # variable-length clips are checked per element
         _check_span(spec, stored_length)
@@ -259,7 +276,8 @@ def make_iterator(data_cfg, split: str, *, seed: int, train: bool,
       A checkpointable `grain.DatasetIterator` of dicts with numpy arrays
       `video` float32 [b, num_frames, height, width, channels] in [-1, 1],
       `label` int32 [b] (-1 where the dataset has no labels) and `text` int32 [b, text_len],
-      b = batch_size / process_count.
+      b = batch_size / process_count. A latent dataset (data_pipelines/encode_latents.py)
+      gives `latent` float32 [b, T', H', W', C] instead of `video`.
     """
     cfg = default_data_config()
     cfg.update(data_cfg)

@@ -68,6 +68,9 @@ def base_config() -> ml_collections.ConfigDict:
         text_len=40,
         num_workers=0,
         builder_kwargs={},
+        # A VAE run (workdir or export) to train a DiT in its latent space: online encoding,
+        # or cached with a dataset from data_pipelines/encode_latents.py (vidit/autoencoder.py).
+        autoencoder="",
     )
 
     c.model = dict(

@@ -3,13 +3,14 @@
     python -m vidit.export --workdir runs/quickstart --out exports/quickstart
 
 An export is a folder with `model.safetensors` (EMA params, keys like 'blocks/attn/qkv/kernel')
-and `config.json`; no Orbax, no optimizer state. Loading checks every shape against the model the
+and `config.json` (a VAE run's also `latent_stats.json`); no Orbax, no optimizer state. Loading checks every shape against the model the
 config builds and names each mismatch.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from typing import Any
 
@@ -37,8 +38,12 @@ def read_config(path: str) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(json.load(f))
 
 
+def _key(path: tuple) -> str:
+    return "/".join(str(k) for k in path)  # list items (the VAE's layers) have int keys
+
+
 def _flat(params: Any) -> dict:
-    return {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
+    return {_key(k): np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
 
 
 def check_shapes(loaded: dict, expected: dict, source: str) -> None:
@@ -62,10 +67,11 @@ def load(path: str, mesh=None) -> tuple[ml_collections.ConfigDict, Setup, Any, i
     if os.path.exists(weights):
         from safetensors.numpy import load_file
         loaded = load_file(weights)
-        expected = {"/".join(k): v for k, v in
+        paths = {_key(k): k for k in traverse_util.flatten_dict(setup.abstract.params)}
+        expected = {_key(k): v for k, v in
                     traverse_util.flatten_dict(setup.abstract.params).items()}
         check_shapes(loaded, expected, weights)
-        params = traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in loaded.items()})
+        params = traverse_util.unflatten_dict({paths[k]: v for k, v in loaded.items()})
         params = jax.device_put(params, setup.shardings.params)
         return config, setup, params, None
     if not os.path.isdir(os.path.join(path, "checkpoints")):
@@ -82,6 +88,10 @@ def export(workdir: str, out: str) -> str:
     save_file(flat, os.path.join(out, WEIGHTS), metadata={"step": str(step), "format": "vidit"})
     with open(os.path.join(out, CONFIG), "w") as f:
         json.dump(config.to_dict(), f, indent=2)
+    from vidit import autoencoder
+    stats = os.path.join(workdir, autoencoder.STATS_FILE)
+    if os.path.exists(stats):  # a VAE's latent normalisation travels with its weights
+        shutil.copyfile(stats, os.path.join(out, autoencoder.STATS_FILE))
     n = sum(v.size for v in flat.values())
     print(f"exported step {step}: {len(flat)} tensors, {n:,} parameters -> {out}")
     return out

@@ -69,3 +69,45 @@ def count_params(model: Any) -> int:
         text_block = (tw * 3 * tw + 3 * tw) + (tw * tw + tw) + (tw * 4 * tw + 4 * tw) + (4 * tw * tw + tw)
         total += 258 * tw + lt * tw + model.text_depth * text_block + tw * w + w
     return total
+
+
+def conv_flops(fn, *args) -> float:
+    """FLOPs of the convolutions in fn(*args), read off its jaxpr (tracing only, no compile):
+    2 * output elements * kernel volume * input channels per conv (the VAE is all convs)."""
+    import jax
+
+    def walk(jaxpr) -> float:
+        total = 0.0
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "conv_general_dilated":
+                out = eqn.outvars[0].aval.shape
+                kernel = eqn.invars[1].aval.shape  # DHWIO: kt, kh, kw, cin, cout
+                total += 2.0 * math.prod(out) * math.prod(kernel[:-1])
+            for value in eqn.params.values():
+                sub = getattr(value, "jaxpr", value)
+                if hasattr(sub, "eqns"):
+                    total += walk(sub)
+        return total
+
+    return walk(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def train_cost(config: Any, input_shape: tuple[int, int, int, int]) -> tuple[float, int]:
+    """(model FLOPs of one optimizer step over the global batch, tokens per step) for a run's
+    config; input_shape is one model input (frames, height, width, channels): the pixel clip,
+    or a latent DiT's latent. A VAE's 'tokens' are its latent positions."""
+    b = int(config.data.batch_size)
+    if config.model.get("kind", "dit") == "vae":
+        import jax
+        import jax.numpy as jnp
+        from flax import nnx
+        from vidit.models import vae
+        cfg = vae.vae_model_config(config.model)
+        model = nnx.eval_shape(lambda: vae.VideoVAE(cfg, nnx.Rngs(0)))
+        x = jax.ShapeDtypeStruct((1,) + tuple(input_shape), jnp.float32)
+        forward = conv_flops(lambda m, v: m(v), model, x)
+        t, h, w, _ = model.latent_shape(x.shape)[1:]
+        return 3.0 * forward * b, t * h * w * b
+    f, h, w, _ = input_shape
+    fwd = forward_flops(config.model, f, h, w)
+    return 3.0 * fwd["total"] * b, fwd["tokens"] * b

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vidit import checkpoint, cli, diffusion, export, sharding, steps, video_io
+from vidit import autoencoder, checkpoint, cli, diffusion, export, sharding, steps, video_io
 
 
 def conditions(config, num: int, label: int | None, prompt: str | None) -> dict:
@@ -42,15 +42,20 @@ def generate(path: str, *, num: int, label=None, prompt=None, steps_: int | None
              guidance: float | None = None, seed: int = 0):
     """Returns (videos [num, T, H, W, C] in [-1, 1], config)."""
     config, setup, params, _ = export.load(path)
+    if config.model.get("kind", "dit") == "vae":
+        raise ValueError(f"{path} is a VAE run: its reconstructions are under samples/; "
+                         "vidit.sample generates with a DiT")
     objective = diffusion.make_objective(config.objective)
     cond = jax.tree.map(jnp.asarray, conditions(config, num, label, prompt))
-    shape = (num, config.data.num_frames, config.data.height, config.data.width,
-             config.data.channels)
+    # A latent DiT samples latents, which the autoencoder's decoder turns into video.
+    shape = (num,) + autoencoder.input_shape(config)
+    ae_params = (setup.autoencoder.load_params(setup.mesh) if setup.autoencoder is not None
+                 else None)
     noise = jax.random.normal(jax.random.key(seed), shape)
     fn = jax.jit(functools.partial(steps.sample, setup, objective),
                  static_argnames=("steps", "guidance"))
     with sharding.use(setup.mesh, config.sharding_rules):
-        videos = fn(params, noise, cond, steps=int(steps_ or config.sample.steps),
+        videos = fn(params, noise, cond, ae_params, steps=int(steps_ or config.sample.steps),
                     guidance=float(config.sample.guidance if guidance is None else guidance))
     return np.asarray(jax.device_get(videos)), config
 

@@ -53,9 +53,9 @@ def target_params(objective: Any, state: TrainState, teacher_params: Any = None)
 
 
 def train_step(setup: Setup, objective: Any, state: TrainState, batch: dict,
-               teacher_params: Any = None):
-    """One optimizer update. ``teacher_params`` (distillation only) are frozen, sharded like
-    the params, and not part of the state."""
+               teacher_params: Any = None, ae_params: Any = None):
+    """One optimizer update. ``teacher_params`` (distillation only) and ``ae_params`` (a latent
+    DiT's online encoder, vidit/autoencoder.py) are frozen, not part of the state."""
     config = setup.config
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     accum = int(config.optim.grad_accum)
@@ -67,8 +67,10 @@ def train_step(setup: Setup, objective: Any, state: TrainState, batch: dict,
         model = setup.model(params)
         cond = model.drop_cond(condition(micro, config.model.cond), drop_rng,
                                config.train.cond_drop_prob)
-        loss, _ = objective.loss(bind(setup, params), micro["video"], cond, loss_rng,
-                                 target_fn=target_fn, null_cond=model.null_cond(cond) or None)
+        extra = {"step": state.step} if getattr(objective, "needs_step", False) else {}
+        loss, _ = objective.loss(bind(setup, params), setup.model_input(micro, ae_params), cond,
+                                 loss_rng, target_fn=target_fn,
+                                 null_cond=model.null_cond(cond) or None, **extra)
         return loss
 
     grad_fn = jax.value_and_grad(loss_fn)
@@ -102,7 +104,8 @@ def train_step(setup: Setup, objective: Any, state: TrainState, batch: dict,
 
 def jit_train_step(setup: Setup, objective: Any):
     """train_step jitted with the state's shardings in and out, and the old state donated
-    (not the teacher params: called as step(state, batch) or step(state, batch, teacher))."""
+    (not the frozen params: called as step(state, batch), step(state, batch, teacher) or
+    step(state, batch, teacher_or_None, autoencoder_params))."""
     return jax.jit(functools.partial(train_step, setup, objective),
                    out_shardings=(setup.shardings, sharding.replicated(setup.mesh)),
                    donate_argnums=0)
@@ -119,15 +122,20 @@ def abstract_batch(config: Any, mesh) -> dict:
             for k, (shape, dtype) in shapes.items()}
 
 
-def eval_step(setup: Setup, objective: Any, params: Any, batch: dict, rng: jax.Array):
-    """Loss at `config.train.eval_times` evenly spaced t with fixed noise: [num_times].
+def eval_step(setup: Setup, objective: Any, params: Any, batch: dict, rng: jax.Array,
+              ae_params: Any = None) -> dict:
+    """Validation metrics of one batch, a dict of arrays the caller averages over batches.
 
-    Fixed t and noise remove the sampling variance of t from the comparison, which is why this
-    metric tracks sample quality across a sweep (SD3, Open-Sora).
+    Diffusion objectives: {'loss_t': [num_times]}, the loss at `config.train.eval_times` evenly
+    spaced t with fixed noise. Fixed t and noise remove the sampling variance of t from the
+    comparison, which is why this metric tracks sample quality across a sweep (SD3, Open-Sora).
+    Objectives with `eval_metrics` (the VAE's: loss, psnr, ssim) give their own.
     """
     config = setup.config
     cond = condition(batch, config.model.cond)
-    x0 = batch["video"]
+    x0 = setup.model_input(batch, ae_params)
+    if hasattr(objective, "eval_metrics"):
+        return objective.eval_metrics(bind(setup, params), x0)
     times = objective.eval_times(int(config.train.eval_times))
 
     def at(args):
@@ -138,12 +146,17 @@ def eval_step(setup: Setup, objective: Any, params: Any, batch: dict, rng: jax.A
         return loss
 
     times = jnp.asarray(times, jnp.float32)
-    return jax.lax.map(at, (jnp.arange(times.shape[0]), times))
+    return {"loss_t": jax.lax.map(at, (jnp.arange(times.shape[0]), times))}
 
 
-def sample(setup: Setup, objective: Any, params: Any, noise: jax.Array, cond: dict, *,
-           steps: int, guidance: float):
+def sample(setup: Setup, objective: Any, params: Any, noise: jax.Array, cond: dict,
+           ae_params: Any = None, *, steps: int, guidance: float):
+    """Videos from noise (a VAE: reconstructions of the clips passed as `noise`, beside them).
+    A latent DiT's latents are decoded to pixels with the autoencoder's decoder."""
     null = setup.model(params).null_cond(cond) if cond else None
     # merged inside the sampler's loop body: nnx modules are per-trace
-    return objective.sample(bind(setup, params), noise, cond, steps=steps, null_cond=null,
-                            guidance=guidance if cond else 1.0)
+    out = objective.sample(bind(setup, params), noise, cond, steps=steps, null_cond=null,
+                           guidance=guidance if cond else 1.0)
+    if setup.autoencoder is not None:
+        out = setup.autoencoder.decode(ae_params, out)
+    return out

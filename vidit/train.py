@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vidit import (checkpoint, cli, diffusion, distributed, flops, metrics, sharding, steps,
-                   teacher as teacher_lib, video_io)
+from vidit import (autoencoder as autoencoder_lib, checkpoint, cli, diffusion, distributed, flops,
+                   metrics, sharding, steps, teacher as teacher_lib, video_io)
 from vidit.train_state import Setup
 from vidit.models import attention, context_parallel
 
@@ -38,10 +38,13 @@ def validate(config: Any, mesh) -> None:
         raise sharding.ConfigError(
             f"config.data.batch_size={config.data.batch_size} does not divide over "
             f"{jax.process_count()} processes")
-    if config.model.channels != config.data.channels:
-        raise sharding.ConfigError(
-            f"config.model.channels={config.model.channels} differs from "
-            f"config.data.channels={config.data.channels}")
+    if config.model.get("kind", "dit") == "dit":
+        frames, height, width, channels = autoencoder_lib.input_shape(config)
+        what = ("the autoencoder's latent_channels" if config.data.get("autoencoder")
+                else "config.data.channels")
+        if config.model.channels != channels:
+            raise sharding.ConfigError(
+                f"config.model.channels={config.model.channels} differs from {what}={channels}")
     if config.model.cond == "text" and config.model.text_len != config.data.text_len:
         raise sharding.ConfigError(
             f"config.model.text_len={config.model.text_len} differs from "
@@ -51,7 +54,17 @@ def validate(config: Any, mesh) -> None:
         raise sharding.ConfigError(
             f"config.optim.grad_accum={accum}: each micro-batch (batch_size / grad_accum) must "
             f"still divide over the {sharding.batch_shards(mesh)} batch shards")
+    if config.train.nonfinite not in ("skip", "stop"):
+        raise sharding.ConfigError(
+            f"config.train.nonfinite='{config.train.nonfinite}' is not one of ['skip', 'stop']")
     objective = diffusion.make_objective(config.objective)
+    if config.model.get("kind", "dit") == "vae":
+        validate_vae(config, objective)
+        return
+    if objective.name == "vae":
+        raise sharding.ConfigError("config.objective.name='vae' trains a VAE: set "
+                                   "config.model.kind='vae' and a VAE model config "
+                                   "(configs/vae_moving_digits.py)")
     if objective.needs_interval and not config.model.get("interval_input"):
         raise sharding.ConfigError(
             f"config.objective.name='{objective.name}' trains an average-velocity model; set "
@@ -82,12 +95,31 @@ def validate(config: Any, mesh) -> None:
         raise sharding.ConfigError(
             f"config.model.attention='{config.model.attention}' runs on {needs} only and this "
             f"mesh is {platform}; use 'chunked' (any device) or 'xla'")
-    d = config.data
-    tokens = flops.tokens(config.model, d.num_frames, d.height, d.width)
+    tokens = flops.tokens(config.model, frames, height, width)
     context_parallel.check_layout(config.model, dict(mesh.shape), tokens)
-    if config.train.nonfinite not in ("skip", "stop"):
+
+
+def validate_vae(config: Any, objective: Any) -> None:
+    """Config errors of a VAE run (config.model.kind = 'vae')."""
+    if objective.name != "vae":
         raise sharding.ConfigError(
-            f"config.train.nonfinite='{config.train.nonfinite}' is not one of ['skip', 'stop']")
+            f"config.model.kind='vae' trains with config.objective.name='vae', not "
+            f"'{objective.name}' (use diffusion.default_config('vae'))")
+    if config.data.get("autoencoder"):
+        raise sharding.ConfigError("a VAE run trains on pixels: config.data.autoencoder must be ''")
+    d, m = config.data, config.model
+    if m.channels != d.channels:
+        raise sharding.ConfigError(
+            f"config.model.channels={m.channels} differs from config.data.channels={d.channels}")
+    st, sh, sw = (int(f) for f in m.compression)
+    if (d.num_frames - 1) % st:
+        raise sharding.ConfigError(
+            f"config.data.num_frames={d.num_frames}: a VAE with temporal compression {st} needs "
+            f"1 + k*{st} frames ({', '.join(str(1 + k * st) for k in range(1, 5))}, ...)")
+    if d.height % sh or d.width % sw:
+        raise sharding.ConfigError(
+            f"config.data.height x width = {d.height}x{d.width} does not divide by the spatial "
+            f"compression {sh}x{sw} (config.model.compression)")
 
 
 def to_host(tree: Any) -> Any:
@@ -102,6 +134,19 @@ def global_batch(local: dict, mesh) -> dict:
     """This process's rows -> global arrays sharded over the batch axes."""
     return {k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, v.ndim), v)
             for k, v in local.items()}
+
+
+def validation_clips(config: Any, num: int) -> np.ndarray:
+    """The first `num` validation clips (first frames), the inputs of a VAE's samples."""
+    from data_pipelines import pipeline
+    it = pipeline.make_iterator(config.data, "validation", seed=0, train=False,
+                                process_index=0, process_count=1)
+    clips = []
+    for batch in it:
+        clips.append(batch["video"])
+        if sum(len(c) for c in clips) >= num:
+            break
+    return np.concatenate(clips)[:num]
 
 
 def sample_conditions(config: Any, num: int) -> dict:
@@ -164,7 +209,12 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict:
         start_step, state = 0, setup.init()
         if teacher is not None:
             state = teacher.init_student(setup, state)
-    step_args = () if teacher is None else (teacher.params,)
+    # Latent DiT: the frozen autoencoder's params, another train-step argument.
+    ae_params = setup.autoencoder.load_params(mesh) if setup.autoencoder is not None else None
+    step_args = ((teacher.params if teacher is not None else None, ae_params)
+                 if ae_params is not None else () if teacher is None else (teacher.params,))
+    is_vae = config.model.get("kind", "dit") == "vae"
+    input_shape = autoencoder_lib.input_shape(config)
     if is_main:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             json.dump(config.to_dict(), f, indent=2, default=str)
@@ -177,9 +227,7 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict:
                 static_argnames=("steps", "guidance")), "sample")
 
     total = int(config.train.steps)
-    step_flops = flops.train_flops_per_step(config.model, config.data)
-    tokens_per_step = flops.forward_flops(config.model, config.data.num_frames, config.data.height,
-                                          config.data.width)["tokens"] * config.data.batch_size
+    step_flops, tokens_per_step = flops.train_cost(config, input_shape)
     # Simulated CPU devices share one host's cores: the peak is per host there, per chip elsewhere.
     on_cpu = jax.devices()[0].platform == "cpu"
     peak = metrics.measure_matmul_peak() * (jax.process_count() if on_cpu else jax.device_count())
@@ -188,28 +236,40 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict:
 
     def evaluate(step):
         it = pipeline.make_iterator(config.data, "validation", seed=config.seed, train=False)
-        losses = []
+        outs = []
+        # A VAE is judged by its EMA params (what is exported and encodes latents).
+        params = state.ema_params if is_vae else state.params
         for i, local in zip(range(config.train.eval_batches), it):
             with sharding.use(mesh, config.sharding_rules):
-                losses.append(eval_step(state.params, global_batch(local, mesh),
-                                        jax.random.key(1000 + i)))
-        per_t = np.mean(to_host(losses), axis=0)
-        values = {"eval/loss": float(per_t.mean())}
-        values.update({f"eval/loss_t{t:.3f}": v for t, v in
-                       zip(np.asarray(objective.eval_times(len(per_t))), per_t)})
+                outs.append(eval_step(params, global_batch(local, mesh),
+                                      jax.random.key(1000 + i), ae_params))
+        outs = to_host(outs)
+        mean = {k: np.mean([o[k] for o in outs], axis=0) for k in outs[0]}
+        if "loss_t" in mean:  # diffusion: fixed-t losses
+            per_t = mean["loss_t"]
+            values = {"eval/loss": float(per_t.mean())}
+            values.update({f"eval/loss_t{t:.3f}": float(v) for t, v in
+                           zip(np.asarray(objective.eval_times(len(per_t))), per_t)})
+        else:  # the objective's own metrics (VAE: loss, l1, psnr, ssim)
+            values = {f"eval/{k}": float(v) for k, v in mean.items()}
         writer.scalars(step, values)
-        log.info(metrics.format_metrics(step, {"eval_loss": values["eval/loss"]}))
+        log.info(metrics.format_metrics(step, {k.replace("eval/", "eval_"): v
+                                               for k, v in values.items() if "loss_t" not in k}))
+        if is_main:
+            with open(os.path.join(workdir, "eval.jsonl"), "a") as f:
+                f.write(json.dumps({"step": step, **values}) + "\n")
         return values["eval/loss"]
 
     def write_samples(step):
         num = int(config.sample.num)
-        shape = (num, config.data.num_frames, config.data.height, config.data.width,
-                 config.data.channels)
-        noise = jax.random.normal(jax.random.key(config.sample.seed), shape)
-        cond = jax.tree.map(jnp.asarray, sample_conditions(config, num))
+        if is_vae:  # reconstructions of the first validation clips, beside them
+            noise, cond = jnp.asarray(validation_clips(config, num)), {}
+        else:
+            noise = jax.random.normal(jax.random.key(config.sample.seed), (num,) + input_shape)
+            cond = jax.tree.map(jnp.asarray, sample_conditions(config, num))
         with sharding.use(mesh, config.sharding_rules):
             videos = np.asarray(to_host(sample_fn(
-                state.ema_params, noise, cond, steps=int(config.sample.steps),
+                state.ema_params, noise, cond, ae_params, steps=int(config.sample.steps),
                 guidance=float(config.sample.guidance))))
         if is_main:
             base = os.path.join(workdir, "samples", f"step_{step:07d}")
@@ -278,6 +338,8 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict:
             eval_loss = evaluate(step)
         if config.sample.num:
             write_samples(step)
+        if is_vae:  # what a latent DiT normalises with (vidit/autoencoder.py)
+            autoencoder_lib.write_stats(workdir, config, setup, state.ema_params, step)
     ckpt.close()
     writer.close()
     if stopped_for:

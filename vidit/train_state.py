@@ -19,6 +19,17 @@ from vidit import sharding
 from vidit.models import dit
 
 
+def build_model(model_cfg: Any, seed: int) -> nnx.Module:
+    """The module config.model.kind names: 'dit' (the default) or 'vae' (VAE + discriminator)."""
+    kind = model_cfg.get("kind", "dit")
+    if kind == "vae":
+        from vidit.models import vae
+        return vae.VAEModel(model_cfg, nnx.Rngs(params=seed))
+    if kind != "dit":
+        raise sharding.ConfigError(f"config.model.kind='{kind}' is not one of ['dit', 'vae']")
+    return dit.build(model_cfg, seed)
+
+
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array
@@ -78,7 +89,7 @@ class Setup:
         self.config = config
         self.mesh = mesh
         rules = config.sharding_rules
-        abstract_model = nnx.eval_shape(lambda: dit.build(config.model, config.seed))
+        abstract_model = nnx.eval_shape(lambda: build_model(config.model, config.seed))
         self.graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
         self.param_names = sharding.logical_names(abstract_params)
         abstract_params = nnx.to_pure_dict(abstract_params)
@@ -95,12 +106,33 @@ class Setup:
         self.abstract = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
             jax.eval_shape(self._init_fn), self.shardings)
+        # A latent DiT's frozen autoencoder (config.data.autoencoder): structure and latent
+        # statistics only; its parameters are a train-step argument (vidit/autoencoder.py).
+        from vidit import autoencoder
+        self.autoencoder = (None if config.model.get("kind", "dit") == "vae"
+                            else autoencoder.get(config))
 
-    def model(self, params: Any) -> dit.VideoDiT:
+    def model(self, params: Any) -> nnx.Module:
         return nnx.merge(self.graphdef, params)
 
+    def model_input(self, batch: dict, ae_params: Any = None) -> jax.Array:
+        """What the model trains on: the batch's pixel clips; with an autoencoder, their
+        normalised latents, encoded here (online: batch['video'] and ae_params) or read from a
+        latent dataset (cached: batch['latent'], raw posterior means)."""
+        if "latent" in batch:
+            if self.autoencoder is None:
+                raise sharding.ConfigError(
+                    "the dataset holds latents (written by data_pipelines/encode_latents.py): set "
+                    "config.data.autoencoder to the VAE run that encoded it")
+            return self.autoencoder.normalize(batch["latent"])
+        if self.autoencoder is not None:
+            if ae_params is None:
+                raise ValueError("online latent training needs the autoencoder's params")
+            return self.autoencoder.encode(ae_params, batch["video"])
+        return batch["video"]
+
     def _init_fn(self) -> TrainState:
-        model = dit.build(self.config.model, self.config.seed)
+        model = build_model(self.config.model, self.config.seed)
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         return TrainState(
             step=jnp.zeros((), jnp.int32),

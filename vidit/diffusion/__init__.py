@@ -5,6 +5,7 @@ few-step objectives MeanFlow, shortcut models and consistency distillation.
     loss, per_example = obj.loss(model_fn, x0, cond, rng)
     x0 = obj.sample(model_fn, noise, cond, steps=50, null_cond=null, guidance=5.0)
 """
+from vidit.diffusion.autoencoding import VAEObjective
 from vidit.diffusion.distill import DistillObjective
 from vidit.diffusion.flow import FlowObjective, shift_for_tokens, shift_time
 from vidit.diffusion.meanflow import MeanFlowObjective
@@ -15,6 +16,6 @@ from vidit.diffusion.vp import VPObjective, alphas_cumprod
 
 __all__ = [
     "DistillObjective", "FlowObjective", "MeanFlowObjective", "Objective", "ShortcutObjective",
-    "VPObjective", "alphas_cumprod", "ddim", "default_config", "euler", "guided", "heun",
+    "VAEObjective", "VPObjective", "alphas_cumprod", "ddim", "default_config", "euler", "guided", "heun",
     "make_objective", "shift_for_tokens", "shift_time",
 ]

@@ -47,6 +47,7 @@ class Objective:
     target_model: Optional[str] = None  # None | 'ema' | 'teacher': where target_fn comes from
     needs_jvp: bool = False  # the loss takes jax.jvp through the model
     needs_interval: bool = False  # the model takes the second time input h (interval_input)
+    needs_step: bool = False  # loss() takes step= (the train step's index)
 
     def sample_t(self, rng: jax.Array, batch_size: int) -> jax.Array:
         raise NotImplementedError
@@ -89,6 +90,7 @@ class Objective:
 
 def _objective_classes() -> dict:
     # Imported here because flow.py and vp.py import ``Objective`` from this module.
+    from vidit.diffusion.autoencoding import VAEObjective
     from vidit.diffusion.distill import DistillObjective
     from vidit.diffusion.flow import FlowObjective
     from vidit.diffusion.meanflow import MeanFlowObjective
@@ -96,7 +98,7 @@ def _objective_classes() -> dict:
     from vidit.diffusion.vp import VPObjective
 
     return {"flow": FlowObjective, "vp": VPObjective, "meanflow": MeanFlowObjective,
-            "shortcut": ShortcutObjective, "distill": DistillObjective}
+            "shortcut": ShortcutObjective, "distill": DistillObjective, "vae": VAEObjective}
 
 
 def _fields(cls) -> dict:

@@ -634,3 +634,47 @@ def normalize(z, stats):
 def denormalize(z, stats):
     mean, std = stats
     return z * std + mean
+
+
+# ---------------------------------------------------------------------------------------------
+# What vidit.train trains (config.model.kind = 'vae')
+def vae_model_config(model_cfg: Any) -> ml_collections.ConfigDict:
+    """The VideoVAE / PatchDiscriminator fields of a run's config.model (which also holds
+    'kind' and 'cond')."""
+    return ml_collections.ConfigDict(
+        {k: v for k, v in model_cfg.to_dict().items() if k not in ("kind", "cond", "loss")})
+
+
+class VAEModel(nnx.Module):
+    """The VAE and its patch discriminator as one module, so one parameter tree
+    {'vae': ..., 'disc': ...} holds both (one optimizer, one EMA, one checkpoint). The
+    discriminator always exists (it is small); the 'vae' objective runs it only when its
+    gan_weight > 0. `drop_cond` / `null_cond` make it look like an unconditional DiT to the
+    train step."""
+
+    def __init__(self, model_cfg: Any, rngs: nnx.Rngs | None = None, *, seed: int = 0):
+        rngs = rngs if rngs is not None else nnx.Rngs(params=seed)
+        cfg = vae_model_config(model_cfg)
+        self.vae = VideoVAE(cfg, rngs)
+        self.disc = PatchDiscriminator(cfg, rngs)
+
+    def __call__(self, x, rng=None, *, gan: bool = False) -> dict:
+        """recon, mean, logvar (z sampled with rng; the posterior mean when None) and, with
+        gan=True, discriminator logits: g_logits = D_sg(recon) (stop-gradient discriminator:
+        its gradient reaches only the VAE), d_real = D(x), d_fake = D(sg(recon)) (gradient
+        reaches only the discriminator)."""
+        recon, mean, logvar = self.vae(x, rng)
+        out = {"recon": recon, "mean": mean, "logvar": logvar}
+        if gan:
+            graphdef, state = nnx.split(self.disc)
+            frozen = nnx.merge(graphdef, jax.lax.stop_gradient(state))
+            out["g_logits"] = frozen(recon)
+            out["d_real"] = self.disc(x)
+            out["d_fake"] = self.disc(jax.lax.stop_gradient(recon))
+        return out
+
+    def null_cond(self, cond: dict) -> dict:
+        return {}
+
+    def drop_cond(self, cond: dict, rng, prob: float) -> dict:
+        return cond

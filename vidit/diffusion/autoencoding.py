@@ -1,0 +1,79 @@
+"""The VAE's training objective ('vae'): reconstruction + KL, with an optional patch-GAN term.
+
+It has the objectives' interface, so `vidit.train` trains a VAE (config.model.kind = 'vae')
+with the same loop, checkpoints, sharding and metrics as a DiT:
+
+    loss(model_fn, x0, cond, rng, *, step=None) -> (loss, per_example [B])
+    eval_metrics(model_fn, x0) -> {'loss', 'l1', 'psnr', 'ssim'} (posterior mean, no noise)
+    sample(model_fn, x0, cond, **_) -> [B, T, H, 2W, C]: input | reconstruction, side by side
+
+``model_fn`` is bound to a `vae.VAEModel` (the VAE and its discriminator in one parameter tree
+``{'vae': ..., 'disc': ...}``); ``model_fn(x, rng, gan=True)`` returns the reconstruction, the
+posterior and the discriminator logits.
+
+GAN term (``gan_weight > 0``, from step ``gan_start`` on). One loss and one optimizer update
+both networks through a stop-gradient split:
+
+    loss = L1 + beta * KL + w * g_hinge(D_sg(recon)) + w * d_hinge(D(x), D(sg(recon)))
+
+where ``D_sg`` is the discriminator with stop-gradient parameters and ``sg(recon)`` a
+stop-gradient reconstruction. The generator term's gradient therefore reaches only the VAE and
+the hinge loss's only the discriminator (tests check both), so the sum is the two players' losses
+optimised simultaneously. Before ``gan_start`` both GAN terms are multiplied by 0 (the
+discriminator's gradients are zero and Adam leaves it where it is). There is no LDM-style
+adaptive weight (ratio of last-layer gradient norms): ``gan_weight`` is used as given.
+"""
+import dataclasses
+from typing import Any, ClassVar, Optional
+
+import jax
+import jax.numpy as jnp
+
+from vidit.diffusion.objective import ModelFn, Objective
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEObjective(Objective):
+    """L1 + beta * KL (per element means, see `vae.vae_loss`) + the optional hinge GAN."""
+
+    beta: float = 1e-6
+    gan_weight: float = 0.0  # 0: no GAN term (the discriminator is never run)
+    gan_start: int = 0  # first train step with the GAN term
+
+    name: ClassVar[str] = "vae"
+    needs_step: ClassVar[bool] = True  # the train step passes step= (for gan_start)
+
+    def __post_init__(self):
+        if self.beta < 0 or self.gan_weight < 0 or self.gan_start < 0:
+            raise ValueError("vae objective: beta, gan_weight and gan_start must be >= 0")
+
+    def loss(self, model_fn: ModelFn, x0: jax.Array, cond: Any, rng: jax.Array, *,
+             target_fn: Optional[ModelFn] = None, null_cond: Any = None, step=None):
+        del cond, target_fn, null_cond
+        from vidit.models import vae
+        gan = self.gan_weight > 0
+        out = model_fn(x0, rng, gan=gan)
+        loss, _ = vae.vae_loss(out["recon"], x0, out["mean"], out["logvar"], self.beta)
+        diff = jnp.abs(out["recon"].astype(jnp.float32) - x0.astype(jnp.float32))
+        per_example = jnp.mean(diff.reshape(diff.shape[0], -1), axis=1)
+        if gan:
+            on = jnp.asarray(1.0 if step is None else step >= self.gan_start, jnp.float32)
+            g = vae.g_hinge_loss(out["g_logits"])
+            d = vae.d_hinge_loss(out["d_real"], out["d_fake"])
+            loss = loss + on * self.gan_weight * (g + d)
+        return loss, per_example
+
+    def eval_metrics(self, model_fn: ModelFn, x0: jax.Array) -> dict:
+        """Reconstruction metrics of the posterior mean: loss (= L1), PSNR (dB), SSIM."""
+        from vidit.models import vae
+        recon = jnp.clip(model_fn(x0, None)["recon"], -1.0, 1.0)
+        l1 = jnp.mean(jnp.abs(recon - x0.astype(jnp.float32)))
+        return {"loss": l1, "l1": l1, "psnr": vae.psnr(recon, x0), "ssim": vae.ssim(recon, x0)}
+
+    def sample(self, model_fn: ModelFn, x0: jax.Array, cond: Any = None, **_):
+        """Input and reconstruction (posterior mean) side by side along the width."""
+        recon = jnp.clip(model_fn(x0, None)["recon"], -1.0, 1.0)
+        return jnp.concatenate([x0.astype(jnp.float32), recon], axis=3)
+
+    def eval_times(self, n: int) -> jax.Array:  # no noise levels: kept for the interface
+        return jnp.zeros((0,), jnp.float32)
