@@ -130,9 +130,32 @@ def level_plan(cfg) -> list[tuple[int, int, int]]:
 # ---------------------------------------------------------------------------------------------
 # Building blocks
 def _conv(x, kernel, stride, padding, dtype):
-    return jax.lax.conv_general_dilated(
-        x.astype(dtype), kernel.astype(dtype), window_strides=tuple(stride), padding=padding,
-        dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+    """3D conv [B, T, H, W, C] x [kt, kh, kw, Cin, Cout]. On CPU it runs as kt 2D convs over
+    frames folded into the batch, summed: XLA:CPU's 3D convolution (and its gradient) is ~4x
+    slower than its 2D one (measured: 0.66 vs 0.17 CPU-s for a 16-channel 3x3x3 layer's
+    forward + backward on 8 x 11 x 32 x 32); other backends get the native 3D conv."""
+    x, kernel = x.astype(dtype), kernel.astype(dtype)
+    if jax.default_backend() != "cpu":
+        return jax.lax.conv_general_dilated(
+            x, kernel, window_strides=tuple(stride), padding=padding,
+            dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+    (pt0, pt1), pad_h, pad_w = (tuple(p) for p in padding)
+    st, sh, sw = stride
+    kt = kernel.shape[0]
+    if pt0 or pt1:
+        x = jnp.pad(x, ((0, 0), (pt0, pt1), (0, 0), (0, 0), (0, 0)))
+    b, t = x.shape[:2]
+    n = (t - kt) // st + 1
+    if n <= 0:  # too few frames for one window (an empty chunk): no output frames
+        return jnp.zeros((b, 0) + x.shape[2:4] + kernel.shape[-1:], dtype)[:, :, ::sh, ::sw]
+    out = None
+    for i in range(kt):
+        frames = jax.lax.slice_in_dim(x, i, i + st * (n - 1) + 1, stride=st, axis=1)
+        y = jax.lax.conv_general_dilated(
+            frames.reshape((b * n,) + frames.shape[2:]), kernel[i], window_strides=(sh, sw),
+            padding=(pad_h, pad_w), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        out = y if out is None else out + y
+    return out.reshape((b, n) + out.shape[1:])
 
 
 def _spatial_padding(k: int, s: int) -> tuple[int, int]:
