@@ -43,7 +43,11 @@ def get_config(arg=None):
     m.channel_mult = (1, 2, 4, 4)[: len(m.channel_mult)]
     m.num_res_blocks = 1
     m.latent_channels = LATENT_CHANNELS[compression]
-    m.norm = "rms"
+    # GroupNorm per frame: with the bias-free per-pixel RMSNorm ("rms") even one batch of 4
+    # clips would not overfit (13.8 dB after 250 Adam steps, flat) where "group" reached 19.5 dB
+    # after 200 and was still climbing; a 1200-step "rms" run plateaued at 14.3 dB.
+    m.norm = "group"
+    m.norm_groups = 8
     m.disc = dict(width=16, num_layers=3)
     del m["loss"]  # the loss weights are config.objective's
     c.model = dict(kind="vae", cond="none", **m.to_dict())
