@@ -66,6 +66,10 @@ def get_config(arg=None):
 
     if arg.objective == "shortcut":
         c.sample.steps = 4  # a trained step size (d = 1/4); 1 and 2 work too
+    if arg.objective == "meanflow":  # guidance trained in (w = 3), one network call per sample
+        c.objective.guidance = c.sample.guidance
+        c.sample.guidance = 1.0
+        c.sample.steps = 1
     if arg.objective == "distill":  # a fine-tune of the teacher, guidance distilled in
         c.objective.guidance = c.sample.guidance
         c.sample.guidance = 1.0

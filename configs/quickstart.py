@@ -6,14 +6,17 @@ The moving_digits recipe (4 x 128 DiT, batch 8) on 4-frame clips instead of 8: 1
 clip, so a step costs about half as much and the run takes twice the steps in the same time.
 At 1200 steps of 8-frame clips the samples were still blobs; digit shapes need more updates,
 not longer clips. Samples (one per digit 0-9) land in runs/quickstart/samples/.
+
+Variants: smoke, objective=<flow|meanflow|...> (as in moving_digits; the one-step comparison in
+docs/few_step.md trains :objective=meanflow at this same budget).
 """
 from configs import moving_digits
 from vidit import config_lib
 
 
 def get_config(arg=None):
-    arg = config_lib.parse_arg(arg, smoke=False)
-    c = moving_digits.get_config()
+    arg = config_lib.parse_arg(arg, smoke=False, objective="flow")
+    c = moving_digits.get_config(f"objective={arg.objective}")
     c.data.num_frames = 4  # 2 x 8 x 8 = 128 tokens with the (2, 4, 4) patch
     c.train.steps = 2400
     c.optim.warmup_steps = 100
