@@ -186,6 +186,10 @@ class MovingDigits(tfds.core.GeneratorBasedBuilder):
                  num_validation: int = _DEFAULT_CONFIG.num_validation,
                  seed: int = _DEFAULT_CONFIG.seed, **kwargs):
         kwargs.setdefault("config", _config_for(num_train, num_validation, seed))
+        # Grain worker processes rebuild the builder from a pickled copy of its config; TFDS
+        # refuses a copy that shares a stock config's name, so the stock one goes by name.
+        if getattr(kwargs["config"], "name", None) == _DEFAULT_CONFIG.name:
+            kwargs["config"] = _DEFAULT_CONFIG.name
         # ArrayRecord supports random access, which Grain needs, and needs no TensorFlow.
         kwargs.setdefault("file_format", tfds.core.FileFormat.ARRAY_RECORD)
         super().__init__(**kwargs)

@@ -280,6 +280,14 @@ def test_worker_processes_give_the_same_batches(cfg):
         iterator.close()
 
 
+def test_builder_rebuilds_from_a_copy_of_the_stock_config(tmp_path):
+    # What a Grain worker does with the default-size dataset: unpickle a copy of its config.
+    import copy
+    builder = md.MovingDigits(data_dir=str(tmp_path),
+                                         config=copy.deepcopy(md._DEFAULT_CONFIG))
+    assert builder.builder_config is md._DEFAULT_CONFIG
+
+
 @pytest.mark.parametrize("change, split, key", [
     (dict(batch_size=9), "train", "batch_size"),
     (dict(), "test", "split"),
