@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from vidit import flops, sweep as sweep_lib
+from vidit import flops, scaling, sweep as sweep_lib
 from tests import test_scaling
 
 
@@ -93,6 +93,23 @@ def test_analyze_writes_report_and_plots(tmp_path):
     assert "| N_opt ~ C^a | a = 0.4" in report and "0.57" in report
     assert "Prediction at C = 1e+20" in report
     assert np.isfinite(float(report.split("a = ")[1].split()[0]))
+    assert "## How far to trust this" in report and "falls with compute at every budget" in report
+
+
+def test_caveats_flag_edge_minima_and_a_frontier_that_does_not_fall():
+    # Two budgets, three sizes; at 1e12 the smallest size wins (edge), at 1e13 the loss is worse.
+    sizes = [1e4, 1e5, 1e6]
+    results = [{"params": n, "flops": c, "eval_loss": loss}
+               for c, row in ((1e12, (1.0, 1.1, 1.2)), (1e13, (1.3, 1.05, 1.4)))
+               for n, loss in zip(sizes, row)]
+    params, flops_, losses = zip(*[(r["params"], r["flops"], r["eval_loss"]) for r in results])
+    fit = {"minima": scaling.isoflop_minima(params, flops_, losses),
+           "frontier": scaling.frontier(flops_, losses),
+           "a": scaling.Fit(0.5, 0.1, 0.9)}
+    text = " ".join(sweep_lib.caveats(results, fit))
+    assert "At 1e+12 FLOPs the best size is at the edge of the grid" in text
+    assert "1e+13 FLOPs the best size is at the edge" not in text
+    assert "does not fall at every step" in text and "interval on a is wide" in text
 
 
 @pytest.mark.slow
