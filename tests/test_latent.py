@@ -241,7 +241,8 @@ def test_cached_and_online_give_the_same_loss(vae_run, latents, data_dir):
     assert np.all(np.abs(inputs[0].mean(axis=(0, 1, 2, 3))) < 1.0)
 
 
-def test_latent_dit_trains_and_samples_decoded_videos(vae_run, latents, data_dir, tmp_path):
+def test_latent_dit_trains_and_samples_decoded_videos(vae_run, latents, data_dir, tmp_path,
+                                                      monkeypatch):
     vae_dir, _, _ = vae_run
     out, _ = latents
     c = _latent_config(vae_dir, data_dir, out, "cached")
@@ -254,3 +255,14 @@ def test_latent_dit_trains_and_samples_decoded_videos(vae_run, latents, data_dir
     videos, _ = sample.generate(workdir, num=2, steps_=2)
     assert videos.shape == (2, 9, 32, 32, 1)
     assert np.all(np.abs(videos) <= 1.0)
+
+    # vidit.evaluate scores decoded samples against the VAE's pixel clips, not the latents.
+    from flax import nnx
+    from vidit import evaluate
+    from vidit.eval import classifier
+    seen = []
+    monkeypatch.setattr(evaluate, "classifier_for", lambda d: seen.append(d) or
+                        classifier.FrameClassifier(rngs=nnx.Rngs(0)))
+    report = evaluate.evaluate(workdir, step_counts=[2], num=4, batch=4)
+    assert seen[0].name == "moving_digits" and seen[0].num_frames == 9
+    assert 0.0 <= report["results"][0]["class_accuracy"] <= 1.0

@@ -290,7 +290,7 @@ def test_evaluate_reports_every_step_count(data_dir, tmp_path, monkeypatch):
     workdir = str(tmp_path / "run")
     train_lib.train(c, workdir, stop_at=2)
     monkeypatch.setattr(evaluate, "classifier_for",
-                        lambda config: classifier.FrameClassifier(rngs=nnx.Rngs(0)))
+                        lambda data_cfg: classifier.FrameClassifier(rngs=nnx.Rngs(0)))
     report = evaluate.evaluate(workdir, step_counts=[1, 2], num=12, batch=8)
     assert [r["steps"] for r in report["results"]] == [1, 2]
     for r in report["results"]:

@@ -21,22 +21,33 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vidit import checkpoint, cli, diffusion, export, sharding, steps
+from vidit import autoencoder, checkpoint, cli, diffusion, export, sharding, steps
 from vidit.eval import classifier, metrics
 
 
-def classifier_for(config) -> classifier.FrameClassifier:
-    """The frame classifier for this run's data (trained once per data layout, then cached)."""
-    d = config.data
+def pixel_data(config):
+    """The pixel clips a run's samples are compared with: its data, or for a latent DiT the
+    data its VAE was trained on (cached latents hold no pixels to compare with)."""
+    ae = autoencoder.get(config)
+    if ae is None:
+        return config.data
+    d = ae.config.data.copy_and_resolve_references()
+    d.num_frames = config.data.num_frames  # the clip length the DiT's latents decode to
+    return d
+
+
+def classifier_for(data_cfg) -> classifier.FrameClassifier:
+    """The frame classifier for this pixel data (trained once per data layout, then cached)."""
+    d = data_cfg
     key = f"{d.name}_{d.height}x{d.width}x{d.channels}_f{d.num_frames}"
     cache = os.path.join(os.environ.get("VIDIT_CACHE", os.path.expanduser("~/.cache/vidit")),
                          "classifiers", key)
     return classifier.get_or_train_classifier(cache, d)
 
 
-def real_clips(config, num: int) -> tuple[np.ndarray, np.ndarray]:
+def real_clips(data_cfg, num: int) -> tuple[np.ndarray, np.ndarray]:
     from data_pipelines import pipeline
-    it = pipeline.make_iterator(config.data, "validation", seed=0, train=False,
+    it = pipeline.make_iterator(data_cfg, "validation", seed=0, train=False,
                                 process_index=0, process_count=1)
     videos, labels = [], []
     for batch in it:
@@ -59,8 +70,9 @@ def generate(config, setup, params, labels: np.ndarray, num_steps: int, guidance
     objective = diffusion.make_objective(config.objective)
     fn = jax.jit(functools.partial(steps.sample, setup, objective),
                  static_argnames=("steps", "guidance"))
-    d = config.data
-    shape = (d.num_frames, d.height, d.width, d.channels)
+    shape = autoencoder.input_shape(config)  # a latent DiT samples latents, decoded below
+    ae_params = (setup.autoencoder.load_params(setup.mesh) if setup.autoencoder is not None
+                 else None)
     out, elapsed, compiled = [], 0.0, None
     for i in range(0, len(labels), batch):
         chunk = labels[i:i + batch]
@@ -70,10 +82,10 @@ def generate(config, setup, params, labels: np.ndarray, num_steps: int, guidance
         cond = {"label": jnp.asarray(chunk, jnp.int32)}
         with sharding.use(setup.mesh, config.sharding_rules):
             if compiled is None:  # compile outside the timing
-                compiled = fn.lower(params, noise, cond, steps=num_steps,
+                compiled = fn.lower(params, noise, cond, ae_params, steps=num_steps,
                                     guidance=guidance).compile()
             start = time.perf_counter()
-            videos = jax.block_until_ready(compiled(params, noise, cond))
+            videos = jax.block_until_ready(compiled(params, noise, cond, ae_params))
             elapsed += time.perf_counter() - start
         out.append(np.asarray(videos)[:n])
     return np.concatenate(out), len(labels) / elapsed
@@ -85,8 +97,9 @@ def evaluate(path: str, *, step_counts, num: int, guidance: float | None = None,
     if config.model.cond != "class":
         raise ValueError("evaluate scores class-conditional models (config.model.cond='class')")
     guidance = float(config.sample.guidance if guidance is None else guidance)
-    clf = classifier_for(config)
-    real, _ = real_clips(config, num)
+    data_cfg = pixel_data(config)
+    clf = classifier_for(data_cfg)
+    real, _ = real_clips(data_cfg, num)
     real_frames = classifier.features(clf, real)[1]
     real_mean, real_temporal = real_frames.mean(axis=1), temporal_features(real_frames)
     labels = np.arange(num) % config.model.num_classes
