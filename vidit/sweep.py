@@ -111,7 +111,8 @@ def run_point(point: Point, sweep, root: str, launcher: str) -> dict:
         return _result(point, done)
     os.makedirs(workdir, exist_ok=True)
     for attempt in (1, 2):
-        with open(os.path.join(workdir, f"train_attempt{attempt}.log"), "w") as log:
+        # Appended: a point resumed after the sweep was killed keeps the log of its first part.
+        with open(os.path.join(workdir, f"train_attempt{attempt}.log"), "a") as log:
             status = subprocess.run(_launch_command(point, sweep, workdir, launcher), cwd=ROOT,
                                     stdout=log, stderr=subprocess.STDOUT).returncode
         if status == 0 and os.path.exists(done):
