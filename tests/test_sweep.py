@@ -99,7 +99,8 @@ def test_analyze_writes_report_and_plots(tmp_path):
 def test_caveats_flag_edge_minima_and_a_frontier_that_does_not_fall():
     # Two budgets, three sizes; at 1e12 the smallest size wins (edge), at 1e13 the loss is worse.
     sizes = [1e4, 1e5, 1e6]
-    results = [{"params": n, "flops": c, "eval_loss": loss}
+    results = [{"name": f"n{n:g}_c{c:g}", "params": n, "flops": c, "eval_loss": loss,
+                "train.steps": 16 if (n, c) == (1e6, 1e12) else 1000}
                for c, row in ((1e12, (1.0, 1.1, 1.2)), (1e13, (1.3, 1.05, 1.4)))
                for n, loss in zip(sizes, row)]
     params, flops_, losses = zip(*[(r["params"], r["flops"], r["eval_loss"]) for r in results])
@@ -110,6 +111,7 @@ def test_caveats_flag_edge_minima_and_a_frontier_that_does_not_fall():
     assert "At 1e+12 FLOPs the best size is at the edge of the grid" in text
     assert "1e+13 FLOPs the best size is at the edge" not in text
     assert "does not fall at every step" in text and "interval on a is wide" in text
+    assert "1 point(s) train for under 200 steps (n1e+06_c1e+12: 16)" in text
 
 
 @pytest.mark.slow

@@ -234,6 +234,12 @@ def caveats(results, fit) -> list[str]:
     else:
         out.append(f"The frontier falls with compute at every budget ({front[0]:.4f} -> "
                    f"{front[-1]:.4f}).")
+    short = sorted((r["train.steps"], r["name"]) for r in results
+                   if int(r.get("train.steps", 10**9)) < 200)
+    if short:
+        out.append(f"{len(short)} point(s) train for under 200 steps ("
+                   + ", ".join(f"{name}: {steps}" for steps, name in short)
+                   + "): far from converged, they pull that budget's N_opt toward smaller models.")
     a = fit["a"]
     if a.high - a.low > 0.3:
         out.append(f"The 90% interval on a is wide ({a.low:.2f} to {a.high:.2f}); agreement or "
