@@ -36,7 +36,6 @@ import numpy as np
 from vidit import flops as flops_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PUBLISHED = {"DiT (Peebles & Xie), N_opt exponent a": 0.57, "D_opt exponent b": 0.43}
 
 
 @dataclasses.dataclass
@@ -178,7 +177,7 @@ def analyze(root: str, predict_flops: float | None = None, metric: str = "eval_l
         f"{len(results)} points; loss = {metric} (fixed-t validation loss); exponents with 90% "
         f"bootstrap intervals ({fit['bootstrap_samples']} resamples within each budget).",
         "",
-        "| law | fitted | published (DiT) |",
+        "| law | fitted | published (DiT, Liang et al. 2024) |",
         "|---|---|---|",
         f"| N_opt ~ C^a | a = {fit['a']} | 0.57 |",
         f"| D_opt ~ C^b | b = {fit['b']} | 0.43 |",
@@ -248,11 +247,12 @@ def caveats(results, fit) -> list[str]:
         "One seed per point, one learning rate for every size (no per-size tuning), and a "
         "fixed-t validation loss averaged over a few batches: each loss carries noise of the "
         "order of the differences between neighbouring sizes.",
-        "Models of 25k-1.3M parameters on 32x32 one-channel clips of ten digit shapes: the data "
-        "saturate early, the embedding and final layers are a large share of the parameters, "
-        "and attention is a bigger share of FLOPs than at DiT scale. The published DiT "
-        "exponents come from ImageNet-scale models at 1e17-1e21 FLOPs; this sweep shows the "
-        "loop works end to end, not what the exponents are for video DiTs at scale.",
+        f"Models of {min(r['params'] for r in results):,}-{max(r['params'] for r in results):,} "
+        "parameters: at this size the embeddings and the final layer are a large share of the "
+        "parameters and attention a bigger share of the FLOPs than at scale, and a small "
+        "dataset saturates early. The published exponents (Liang et al. 2024: DiTs at "
+        "1e17-6e18 FLOPs) describe large models; a sweep this small shows that the loop works "
+        "end to end, not what the exponents are for video DiTs at scale.",
     ]
     return out
 
