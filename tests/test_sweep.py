@@ -128,3 +128,23 @@ def test_one_real_point_trains_and_records(data_dir, tmp_path):
     model.depth, model.width, model.heads = 1, 32, 2
     assert r["params"] == flops.count_params(model)
     assert r["eval_loss"] > 0 and r["final_train_loss"] > 0 and r["wall_s"] > 0
+
+
+@pytest.mark.parametrize("launcher, head", [
+    ("slurm", ["sbatch", "--wait", os.path.join(sweep_lib.ROOT, "launch", "slurm.sbatch")]),
+    ("tpu_vm", [os.path.join(sweep_lib.ROOT, "launch", "tpu_vm.sh"), "run"]),
+])
+def test_cluster_launchers_submit_the_same_train_arguments(launcher, head, tmp_path, monkeypatch):
+    """Each point goes to the cluster script with exactly the train flags a local run gets
+    (the scripts pass them on to `python -m vidit.train`)."""
+    seen = []
+    fake = FakeTrainer()
+    monkeypatch.setattr(sweep_lib.subprocess, "run",
+                        lambda command, **kw: seen.append(command) or fake(command, **kw))
+    results = sweep_lib.run_sweep(tiny_sweep(), str(tmp_path), launcher=launcher)
+    assert len(results) == 4 and len(seen) == 4
+    for command, point in zip(seen, sweep_lib.plan(tiny_sweep())):
+        local = point.command(tiny_sweep(), str(tmp_path / "points" / point.name))
+        assert command[:len(head)] == head and command[len(head):] == local[3:]
+    with pytest.raises(ValueError, match="not one of local, tpu_vm, slurm"):
+        sweep_lib.run_sweep(tiny_sweep(), str(tmp_path / "x"), launcher="kubernetes")
