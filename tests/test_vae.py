@@ -222,3 +222,19 @@ def test_every_param_has_logical_names_with_rules(devices):
     shardings = sharding.tree_shardings(shapes, names, mesh, rules)
     for s, a in zip(jax.tree.leaves(shardings), jax.tree.leaves(shapes)):
         s.shard_shape(a.shape)  # valid for every shape
+
+
+def test_vae_objective_l2_weight_adds_the_mse():
+    """objective.l2_weight adds w * MSE to L1 + beta KL (and negative weights are refused)."""
+    from vidit import diffusion
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.uniform(-1, 1, (2, 5, 8, 8, 1)), jnp.float32)
+    recon = jnp.asarray(rng.uniform(-1, 1, x.shape), jnp.float32)
+    latent = jnp.asarray(rng.normal(size=(2, 2, 2, 2, 4)), jnp.float32)
+    fn = lambda x0, r, gan=False: {"recon": recon, "mean": latent, "logvar": 0 * latent}  # noqa: E731
+    loss = {w: float(diffusion.make_objective(dict(name="vae", l2_weight=w)).loss(
+        fn, x, {}, jax.random.key(0))[0]) for w in (0.0, 2.0)}
+    np.testing.assert_allclose(loss[2.0] - loss[0.0], 2.0 * float(jnp.mean((recon - x) ** 2)),
+                               rtol=1e-5)
+    with pytest.raises(ValueError, match="l2_weight"):
+        diffusion.make_objective(dict(name="vae", l2_weight=-1.0))
