@@ -8,7 +8,7 @@ At 1200 steps of 8-frame clips the samples were still blobs; digit shapes need m
 not longer clips. Samples (one per digit 0-9) land in runs/quickstart/samples/.
 
 Variants: smoke, objective=<flow|meanflow|...> (as in moving_digits; the one-step comparison in
-docs/few_step.md trains :objective=meanflow at this same budget).
+docs/few_step/README.md trains :objective=meanflow at this same budget).
 """
 from configs import moving_digits
 from vidit import config_lib

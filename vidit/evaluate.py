@@ -65,14 +65,13 @@ def temporal_features(per_frame: np.ndarray) -> np.ndarray:
 
 
 def generate(config, setup, params, labels: np.ndarray, num_steps: int, guidance: float,
-             batch: int, seed: int = 0) -> tuple[np.ndarray, float]:
-    """Class-conditional samples for `labels`; returns (videos, samples per second)."""
+             batch: int, seed: int = 0, ae_params=None) -> tuple[np.ndarray, float]:
+    """Class-conditional samples for `labels`; returns (videos, samples per second). A latent
+    DiT's samples are decoded with `ae_params`, its autoencoder's parameters."""
     objective = diffusion.make_objective(config.objective)
     fn = jax.jit(functools.partial(steps.sample, setup, objective),
                  static_argnames=("steps", "guidance"))
-    shape = autoencoder.input_shape(config)  # a latent DiT samples latents, decoded below
-    ae_params = (setup.autoencoder.load_params(setup.mesh) if setup.autoencoder is not None
-                 else None)
+    shape = autoencoder.input_shape(config)  # a latent DiT samples latents
     out, elapsed, compiled = [], 0.0, None
     for i in range(0, len(labels), batch):
         chunk = labels[i:i + batch]
@@ -103,10 +102,12 @@ def evaluate(path: str, *, step_counts, num: int, guidance: float | None = None,
     real_frames = classifier.features(clf, real)[1]
     real_mean, real_temporal = real_frames.mean(axis=1), temporal_features(real_frames)
     labels = np.arange(num) % config.model.num_classes
+    ae_params = (setup.autoencoder.load_params(setup.mesh) if setup.autoencoder is not None
+                 else None)  # read once, for every step count
     rows = []
     for n_steps in step_counts:
         videos, rate = generate(config, setup, params, labels, n_steps, guidance,
-                                min(batch, num))
+                                min(batch, num), ae_params=ae_params)
         pred, _ = classifier.classify_videos(clf, videos)
         frames = classifier.features(clf, videos)[1]
         precision, recall = metrics.precision_recall(real_mean, frames.mean(axis=1))

@@ -56,11 +56,11 @@ class VAEObjective(Objective):
         from vidit.models import vae
         gan = self.gan_weight > 0
         out = model_fn(x0, rng, gan=gan)
-        loss, _ = vae.vae_loss(out["recon"], x0, out["mean"], out["logvar"], self.beta)
+        loss, terms = vae.vae_loss(out["recon"], x0, out["mean"], out["logvar"], self.beta)
         diff = jnp.abs(out["recon"].astype(jnp.float32) - x0.astype(jnp.float32))
         per_example = jnp.mean(diff.reshape(diff.shape[0], -1), axis=1)
         if self.l2_weight:
-            loss = loss + self.l2_weight * jnp.mean(jnp.square(diff))
+            loss = loss + self.l2_weight * terms["mse"]
         if gan:
             on = jnp.asarray(1.0 if step is None else step >= self.gan_start, jnp.float32)
             g = vae.g_hinge_loss(out["g_logits"])
