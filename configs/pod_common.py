@@ -16,6 +16,7 @@ def latent_video_config(*, depth, width, heads, latent_clip, batch, mesh, lr=1e-
     c.model.text_width, c.model.text_depth, c.model.text_heads = 1024, 2, 8
     c.model.dtype, c.model.param_dtype = "bfloat16", "float32"
     c.model.remat = "full"
+    c.model.scan_layers = True  # one compiled layer: compile time independent of depth
     c.model.attention = "splash"
     c.model.sequence_parallel = "ulysses"
     frames, height, width_, channels = latent_clip

@@ -580,6 +580,40 @@ def test_attention_backends_agree(masked):
         attention_lib.attention(q, k, v, backend="flash")
 
 
+def _plain_softmax_attend(q, k, v, mask):
+    """The attention core through plain autodiff (no hand-written derivative)."""
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k)
+    if mask is not None:
+        logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+    return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(logits, axis=-1), v)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_attention_core_hand_derivative_matches_autodiff(masked):
+    """The attention core's hand-written JVP (which reverse mode transposes) equals autodiff of
+    the plain formula: jvp, vjp, and a second derivative (grad of a jvp, as MeanFlow's loss
+    takes)."""
+    rng = np.random.RandomState(3)
+    q, k, v, tq, tk, tv, w = (jnp.asarray(rng.standard_normal((2, 2, 9, 8)), jnp.float32)
+                              for _ in range(7))
+    mask = jnp.asarray(np.arange(9)[None] < np.array([[6], [2]])) if masked else None
+    core = functools.partial(attention_lib._softmax_attend, mask=mask)
+    plain = functools.partial(_plain_softmax_attend, mask=mask)
+    for f in (core, plain):
+        assert f(q, k, v).shape == q.shape
+    (out, tan), (out_ref, tan_ref) = (jax.jvp(f, (q, k, v), (tq, tk, tv)) for f in (core, plain))
+    np.testing.assert_allclose(out, out_ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(tan, tan_ref, rtol=1e-4, atol=1e-5)
+    grads, grads_ref = (jax.grad(lambda *a: jnp.sum(f(*a) * w), argnums=(0, 1, 2))(q, k, v)
+                        for f in (core, plain))
+    for g, r in zip(grads, grads_ref):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5)
+    second, second_ref = (
+        jax.grad(lambda q: jnp.sum(jax.jvp(f, (q, k, v), (tq, tk, tv))[1] * w))(q)
+        for f in (core, plain))
+    np.testing.assert_allclose(second, second_ref, rtol=1e-3, atol=1e-4)
+
+
 def test_model_with_multi_block_chunked_attention_matches_dense(monkeypatch):
     """The default 'chunked' backend, forced to 4 query blocks of 16 (the tiny grid's 64 tokens
     otherwise fit one block), gives the same model output as 'dense'."""

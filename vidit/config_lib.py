@@ -90,7 +90,10 @@ def base_config() -> ml_collections.ConfigDict:
         rope_theta=10000.0,
         dtype="float32",  # compute dtype
         param_dtype="float32",
-        scan_layers=True,
+        # False: a Python loop over blocks. On the 2-core CPU, DiT-S trains 1.2x faster so
+        # (3.7 vs 4.5 s/step) than as one lax.scan, whose backward stacks and slices every
+        # layer's residuals. The pod configs scan (compile time independent of depth).
+        scan_layers=False,
         remat="none",  # none | dots_saveable | full
         attention="chunked",  # chunked | dense | xla (see vidit/models/attention.py)
         sequence_parallel="ulysses",  # ulysses | ring | gspmd, when mesh.sequence > 1

@@ -52,9 +52,10 @@ class Dense(nnx.Module):
     def __call__(self, x):
         kernel = self.kernel[...].astype(self.dtype)
         n = self.num_in
-        y = jax.lax.dot_general(
-            x.astype(self.dtype), kernel,
-            (((tuple(range(x.ndim - n, x.ndim))), tuple(range(n))), ((), ())))
+        lead = x.shape[:x.ndim - n]
+        x2 = x.reshape((-1,) + x.shape[x.ndim - n:]).astype(self.dtype)
+        y = jax.lax.dot_general(x2, kernel, ((tuple(range(1, 1 + n)), tuple(range(n))), ((), ())))
+        y = y.reshape(lead + y.shape[1:])
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
