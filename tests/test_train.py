@@ -69,12 +69,16 @@ def test_params_are_sharded_as_the_rules_say(data_dir):
     mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
     setup = Setup(c, mesh)
     state = setup.init()
-    fc1 = state.params["blocks"]["mlp"]["fc1"]["kernel"]  # [layers, embed, mlp]
-    assert fc1.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    fc1 = state.params["blocks"][1]["mlp"]["fc1"]["kernel"]  # [embed, mlp]
+    assert fc1.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
     moments = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state.opt_state)
-               if "blocks']['mlp']['fc1']['kernel']" in jax.tree_util.keystr(path)]
+               if "blocks'][1]['mlp']['fc1']['kernel']" in jax.tree_util.keystr(path)]
     assert len(moments) == 2  # Adam's mu and nu, each sharded like its parameter
     assert all(m.sharding.spec == fc1.sharding.spec for m in moments)
+    # Scanned layers: the same rule, with the stacked 'layers' axis unsharded.
+    c.model.scan_layers = True
+    stacked = Setup(c, mesh).init().params["blocks"]["mlp"]["fc1"]["kernel"]
+    assert stacked.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
 
 
 def test_resume_equals_uninterrupted(data_dir, tmp_path):

