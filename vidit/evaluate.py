@@ -65,9 +65,10 @@ def temporal_features(per_frame: np.ndarray) -> np.ndarray:
 
 
 def generate(config, setup, params, labels: np.ndarray, num_steps: int, guidance: float,
-             batch: int, seed: int = 0, ae_params=None) -> tuple[np.ndarray, float]:
+             batch: int, *, ae_params, seed: int = 0) -> tuple[np.ndarray, float]:
     """Class-conditional samples for `labels`; returns (videos, samples per second). A latent
-    DiT's samples are decoded with `ae_params`, its autoencoder's parameters."""
+    DiT's samples are decoded with `ae_params`, its autoencoder's parameters (None for a
+    pixel-space DiT)."""
     objective = diffusion.make_objective(config.objective)
     fn = jax.jit(functools.partial(steps.sample, setup, objective),
                  static_argnames=("steps", "guidance"))

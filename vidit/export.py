@@ -38,12 +38,13 @@ def read_config(path: str) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(json.load(f))
 
 
-def _key(path: tuple) -> str:
+def param_key(path: tuple) -> str:
+    """'blocks/0/mlp/fc1/kernel' for a flattened parameter path."""
     return "/".join(str(k) for k in path)  # list items (the VAE's layers) have int keys
 
 
 def _flat(params: Any) -> dict:
-    return {_key(k): np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
+    return {param_key(k): np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
 
 
 def check_shapes(loaded: dict, expected: dict, source: str) -> None:
@@ -67,8 +68,8 @@ def load(path: str, mesh=None) -> tuple[ml_collections.ConfigDict, Setup, Any, i
     if os.path.exists(weights):
         from safetensors.numpy import load_file
         loaded = load_file(weights)
-        paths = {_key(k): k for k in traverse_util.flatten_dict(setup.abstract.params)}
-        expected = {_key(k): v for k, v in
+        paths = {param_key(k): k for k in traverse_util.flatten_dict(setup.abstract.params)}
+        expected = {param_key(k): v for k, v in
                     traverse_util.flatten_dict(setup.abstract.params).items()}
         check_shapes(loaded, expected, weights)
         params = traverse_util.unflatten_dict({paths[k]: v for k, v in loaded.items()})

@@ -107,8 +107,8 @@ def load(config: Any, setup: Setup) -> Teacher:
     for k, a in expected.items():  # a flow teacher: a zero interval embedder adds nothing
         if k[0] == INTERVAL and k not in flat:
             flat[k] = jnp.zeros(a.shape, a.dtype)
-    export.check_shapes({"/".join(map(str, k)): v for k, v in flat.items()},
-                        {"/".join(map(str, k)): v for k, v in expected.items()},
+    export.check_shapes({export.param_key(k): v for k, v in flat.items()},
+                        {export.param_key(k): v for k, v in expected.items()},
                         f"config.objective.teacher_workdir={path!r}")
     params = jax.device_put(traverse_util.unflatten_dict(flat), setup.shardings.params)
     log.info("teacher: EMA params%s from %s (held apart from the state; not checkpointed)",

@@ -56,16 +56,19 @@ def _softmax_attend(q, k, v, mask):
     needs one: dP = P * (dS - rowsum(P * dS)). DiT-S, 1k tokens, fwd+bwd on the 2-core CPU:
     106 ms against 125 ms for the same math through autodiff.
     """
+    return _weights_and_out(q, k, v, mask)[1]
+
+
+def _weights_and_out(q, k, v, mask):
     p = _softmax(jnp.einsum("bhqd,bhkd->bhqk", q, k, **_F32), mask)
-    return jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), v, **_F32).astype(v.dtype)
+    return p, jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), v, **_F32).astype(v.dtype)
 
 
 @_softmax_attend.defjvp
 def _softmax_attend_jvp(primals, tangents):
     q, k, v, mask = primals
     dq, dk, dv, _ = tangents  # the mask is boolean: no tangent
-    p = _softmax(jnp.einsum("bhqd,bhkd->bhqk", q, k, **_F32), mask)
-    out = jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), v, **_F32).astype(v.dtype)
+    p, out = _weights_and_out(q, k, v, mask)
     ds = (jnp.einsum("bhqd,bhkd->bhqk", dq, k, **_F32)
           + jnp.einsum("bhqd,bhkd->bhqk", q, dk, **_F32))
     dp = p * (ds - jnp.sum(p * ds, axis=-1, keepdims=True))
