@@ -7,8 +7,8 @@ clip, so a step costs about half as much and the run takes twice the steps in th
 At 1200 steps of 8-frame clips the samples were still blobs; digit shapes need more updates,
 not longer clips. Samples (one per digit 0-9) land in runs/quickstart/samples/.
 
-Variants: smoke, objective=<flow|meanflow|...> (as in moving_digits; the one-step comparison in
-docs/few_step/README.md trained :objective=meanflow and flow at the earlier 2400 steps).
+Variants: smoke, objective=<flow|meanflow|...> (as in moving_digits; docs/few_step/README.md
+compares :objective=meanflow with flow at these 4800 steps and at 2400).
 """
 from configs import moving_digits
 from vidit import config_lib
@@ -18,7 +18,8 @@ def get_config(arg=None):
     arg = config_lib.parse_arg(arg, smoke=False, objective="flow")
     c = moving_digits.get_config(f"objective={arg.objective}")
     c.data.num_frames = 4  # 2 x 8 x 8 = 128 tokens with the (2, 4, 4) patch
-    # 4800 steps: 9 min 39 s of training on the 2 cores, 87% class accuracy (2400: 52-57%)
+    # 4800 steps: 10 min 33 s on the 2 cores from a fresh venv (8 min 47 s of it training);
+    # 87% class accuracy (2400 steps: 52-57%)
     c.train.steps = 4800
     c.optim.warmup_steps = 100
     c.train.eval_every = 1600

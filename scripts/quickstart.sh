@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs vidit and trains the quickstart config on the embedded moving-digits dataset (CPU),
 # then writes sample videos to runs/quickstart/samples/. Training is 4800 steps of 4-frame clips:
-# 9 min 39 s on 2 CPU cores, plus ~1.5 min of install and dataset build (2026-12-01).
+# 10 min 33 s on 2 CPU cores from a fresh venv, install and dataset build included (2026-12-01).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install --quiet --disable-pip-version-check -e ".[video]"
