@@ -4,7 +4,7 @@
     python -m vidit.train --config configs/vae_moving_digits.py:smoke --workdir /tmp/vae_smoke
 
 Same trainer, checkpoints, sharding and metrics as a DiT (config.model.kind = 'vae', objective
-'vae': L1 + beta * KL, vidit/diffusion/autoencoding.py). Evaluation is PSNR / SSIM / L1 of the
+'vae': L1 + l2_weight * MSE + beta * KL, vidit/diffusion/autoencoding.py). Evaluation is PSNR / SSIM / L1 of the
 EMA model's reconstructions of validation clips (eval/psnr, eval/ssim in TensorBoard and
 WORKDIR/eval.jsonl); samples/step_*.gif show each input beside its reconstruction. When the run
 ends it writes WORKDIR/latent_stats.json (per-channel latent mean/std over training clips), which

@@ -68,9 +68,9 @@ def load(path: str, mesh=None) -> tuple[ml_collections.ConfigDict, Setup, Any, i
     if os.path.exists(weights):
         from safetensors.numpy import load_file
         loaded = load_file(weights)
-        paths = {param_key(k): k for k in traverse_util.flatten_dict(setup.abstract.params)}
-        expected = {param_key(k): v for k, v in
-                    traverse_util.flatten_dict(setup.abstract.params).items()}
+        abstract = traverse_util.flatten_dict(setup.abstract.params)
+        paths = {param_key(k): k for k in abstract}
+        expected = {param_key(k): v for k, v in abstract.items()}
         check_shapes(loaded, expected, weights)
         params = traverse_util.unflatten_dict({paths[k]: v for k, v in loaded.items()})
         params = jax.device_put(params, setup.shardings.params)

@@ -141,8 +141,8 @@ def apply_rope(x, cos, sin):
     """Rotates pairs (x[i], x[i + d/2]) of x [B, N, H, D] by the per-token angles."""
     half = x.shape[-1] // 2
     # x * (cos, cos) + (x2, x1) * (-sin, sin): one swap of halves and one fused multiply-add;
-    # DiT-S trains 5% faster so on the 2-core CPU than with the products computed per half and
-    # concatenated (3.63 vs 3.86 s/step, same process, alternating steps).
+    # DiT-S trains 5% faster this way on the 2-core CPU than with the products computed per half
+    # and concatenated (3.63 vs 3.86 s/step, same process, alternating steps).
     cos = jnp.concatenate([cos, cos], axis=-1)[None, :, None, :].astype(x.dtype)
     sin = jnp.concatenate([-sin, sin], axis=-1)[None, :, None, :].astype(x.dtype)
     swapped = jnp.concatenate([x[..., half:], x[..., :half]], axis=-1)
