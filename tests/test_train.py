@@ -165,8 +165,13 @@ def test_export_round_trip_and_shape_check(data_dir, tmp_path):
     workdir, out = str(tmp_path / "run"), str(tmp_path / "export")
     train_lib.train(c, workdir, stop_at=2)
     export.export(workdir, out)
-    _, _, from_workdir, _ = export.load(workdir)
+    _, _, from_workdir, step = export.load(workdir)
     _, _, from_export, _ = export.load(out)
+    assert step == 2 and export.load(workdir, step=2)[3] == 2
+    with pytest.raises(export.LoadError, match=r"no checkpoint at step 1; it has steps \[2\]"):
+        export.load(workdir, step=1)
+    with pytest.raises(export.LoadError, match="is an export"):
+        export.load(out, step=2)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(from_export),
                  jax.device_get(from_workdir))
     with open(os.path.join(out, "config.json")) as f:

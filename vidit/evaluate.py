@@ -92,8 +92,8 @@ def generate(config, setup, params, labels: np.ndarray, num_steps: int, guidance
 
 
 def evaluate(path: str, *, step_counts, num: int, guidance: float | None = None,
-             batch: int = 50) -> dict:
-    config, setup, params, ckpt_step = export.load(path)
+             batch: int = 50, checkpoint_step: int | None = None) -> dict:
+    config, setup, params, ckpt_step = export.load(path, step=checkpoint_step)
     if config.model.cond != "class":
         raise ValueError("evaluate scores class-conditional models (config.model.cond='class')")
     guidance = float(config.sample.guidance if guidance is None else guidance)
@@ -146,7 +146,8 @@ def main(argv):
     cli.setup()
     try:
         report = evaluate(f.workdir, step_counts=[int(s) for s in f.steps.split(",")],
-                          num=f.num, guidance=f.guidance, batch=f.batch)
+                          num=f.num, guidance=f.guidance, batch=f.batch,
+                          checkpoint_step=f.checkpoint_step)
     except (export.LoadError, checkpoint.CheckpointError, ValueError) as e:
         sys.exit(f"error: {e}")
     out = f.out or os.path.join(f.workdir, "eval")
@@ -165,6 +166,7 @@ if __name__ == "__main__":
     flags.DEFINE_integer("num", 200, "Samples per step count (labels cycle over the classes).")
     flags.DEFINE_float("guidance", None, "Guidance scale (default: the config's).")
     flags.DEFINE_integer("batch", 50, "Sampling batch size.")
+    flags.DEFINE_integer("checkpoint_step", None, "Checkpoint to score (default: the newest).")
     flags.DEFINE_string("out", None, "Output folder (default: <workdir>/eval).")
     flags.mark_flags_as_required(["workdir"])
     app.run(main)

@@ -58,14 +58,18 @@ def check_shapes(loaded: dict, expected: dict, source: str) -> None:
                         + "\n  ".join(problems[:20]))
 
 
-def load(path: str, mesh=None) -> tuple[ml_collections.ConfigDict, Setup, Any, int | None]:
-    """(config, setup, EMA params, step) from an export folder or a training workdir."""
+def load(path: str, mesh=None, step: int | None = None
+         ) -> tuple[ml_collections.ConfigDict, Setup, Any, int | None]:
+    """(config, setup, EMA params, step) from an export folder or a training workdir (its
+    newest checkpoint, or the one at `step`)."""
     config = read_config(path)
     mesh = mesh or sharding.make_mesh({"fsdp": -1})
     config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, sequence=1))
     setup = Setup(config, mesh)
     weights = os.path.join(path, WEIGHTS)
     if os.path.exists(weights):
+        if step is not None:
+            raise LoadError(f"{path} is an export (one set of weights); it has no step {step}")
         from safetensors.numpy import load_file
         loaded = load_file(weights)
         abstract = traverse_util.flatten_dict(setup.abstract.params)
@@ -75,9 +79,13 @@ def load(path: str, mesh=None) -> tuple[ml_collections.ConfigDict, Setup, Any, i
         params = traverse_util.unflatten_dict({paths[k]: v for k, v in loaded.items()})
         params = jax.device_put(params, setup.shardings.params)
         return config, setup, params, None
-    if not os.path.isdir(os.path.join(path, "checkpoints")):
+    ckpt_dir = os.path.join(path, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
         raise LoadError(f"{path} has a config but neither {WEIGHTS} nor checkpoints/")
-    step, state = checkpoint.restore_params(os.path.join(path, "checkpoints"), setup.abstract)
+    if step is not None and not os.path.isdir(os.path.join(ckpt_dir, str(step))):
+        have = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
+        raise LoadError(f"{path} has no checkpoint at step {step}; it has steps {have}")
+    step, state = checkpoint.restore_params(ckpt_dir, setup.abstract, step)
     return config, setup, state.ema_params, step
 
 
