@@ -167,6 +167,18 @@ def test_teacher_errors_name_the_path(tmp_path):
     same = moving_digits.get_config("smoke")
     same.model.attention, same.model.remat = "xla", "full"
     teacher_lib.check_compatible(same, sc, "x")
+    # A teacher written before model.time_scale existed was trained at the old fixed 1000 ...
+    old = moving_digits.get_config("smoke").to_dict()
+    del old["model"]["time_scale"]
+    with open(empty / "config.json", "w") as f:
+        json.dump(old, f)
+    read = export.read_config(str(empty))
+    assert read.model.time_scale == sc.model.time_scale == 1000.0
+    teacher_lib.check_compatible(read, sc, "x")
+    # ... and a different time embedding is a different function
+    read.model.time_scale = 1.0
+    with pytest.raises(teacher_lib.TeacherError, match="model.time_scale: teacher=1.0"):
+        teacher_lib.check_compatible(read, sc, "x")
 
 
 @pytest.mark.parametrize("attention", ["chunked", "dense", "xla"])

@@ -76,6 +76,13 @@ def test_step_with_r_equal_t_is_the_identity_and_u_is_v():
                                z)
 
 
+def test_r_equals_t_on_the_configured_fraction():
+    obj = diffusion.make_objective(dict(name="meanflow", equal_fraction=0.6))
+    t, r = jax.jit(obj.sample_t_r, static_argnums=1)(jax.random.key(0), 20000)
+    assert bool(jnp.all(t >= r)) and bool(jnp.all((r >= 0) & (t <= 1)))
+    assert float(jnp.mean(t == r)) == pytest.approx(0.6, abs=0.015)
+
+
 def test_stop_gradient_is_on_the_target():
     """d loss / d theta equals the gradient of the same loss with the target a constant."""
     obj = diffusion.make_objective(dict(name="meanflow", adaptive_p=1.0))
@@ -223,6 +230,25 @@ def test_trained_in_guidance_mixes_the_unconditional_velocity():
         return jnp.mean(jax.lax.stop_gradient(1.0 / (err + obj.adaptive_c)) * err)
 
     np.testing.assert_allclose(grad, jax.grad(const_loss)(theta), rtol=1e-5, atol=1e-7)
+
+    # guidance_mix k: w (1 - k) v + k sg(u(z, t, t | c)) + (1 - w (1 - k) - k) sg(u(... | null))
+    k = 0.5
+    mix = diffusion.make_objective(dict(name="meanflow", guidance=w, guidance_mix=k))
+    got = mix.velocity(model(theta), z, v, t, cond, null_cond=null)
+    u_cond = model(theta)(z, t, cond, jnp.zeros(3))
+    want = w * (1 - k) * v + k * u_cond + (1 - w * (1 - k) - k) * u_uncond
+    np.testing.assert_allclose(got[np.array([0, 2])], want[np.array([0, 2])], rtol=1e-6)
+    np.testing.assert_allclose(got[1], v[1])
+
+    # Same fixed point: a model whose u(z, t, t | c) already is w v + (1 - w) u_uncond gets it
+    # back as the mixed target.
+    def at_fixed_point(z, t, c, h):
+        return jnp.where(meanflow.is_null(c, null)[:, None], u_uncond, w * v + (1 - w) * u_uncond)
+
+    np.testing.assert_allclose(mix.velocity(at_fixed_point, z, v, t, cond, null_cond=null)[0],
+                               (w * v + (1 - w) * u_uncond)[0], rtol=1e-6)
+    with pytest.raises(ValueError, match="guidance_mix"):
+        diffusion.make_objective(dict(name="meanflow", guidance_mix=1.0))
 
 
 # ------------------------------------------------------- jvp through each attention backend

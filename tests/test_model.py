@@ -219,6 +219,18 @@ def test_model_output_is_exactly_zero_at_init(cond):
     assert np.abs(out).max() > 1e-3
 
 
+@pytest.mark.parametrize("scale", [1.0, 1000.0])
+def test_time_embedding_scale_bounds_its_time_derivative(scale):
+    """time_scale s: the features are sinusoids of s t, so d/dt of each is at most s (MeanFlow's
+    jvp differentiates through them; at DiT's 1000 the fast ones dominate du/dt)."""
+    t = jnp.linspace(0.0, 1.0, 64)
+    emb, d_emb = jax.jvp(lambda t: layers.timestep_embedding(t, 256, scale=scale), (t,),
+                         (jnp.ones_like(t),))
+    np.testing.assert_allclose(emb, layers.timestep_embedding(t * scale / 1000.0, 256), atol=2e-4)
+    assert float(jnp.max(jnp.abs(d_emb))) <= scale * 1.0001
+    assert float(jnp.max(jnp.abs(d_emb))) >= 0.5 * scale  # the fastest feature moves at ~s
+
+
 # ---------------------------------------------------------------------------------- 3. RoPE
 def test_rope_split_covers_head_dim():
     """(t, h, w) parts sum to head_dim, each even, h = w = 2 floor(d / 6) (Wan); the angle table

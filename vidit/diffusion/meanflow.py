@@ -17,6 +17,11 @@ Trained-in guidance (``guidance`` = w != 1): on the examples that kept their con
 velocity v (the jvp tangent and the target) becomes w v + (1 - w) sg(u(z, t, t | null)), the
 model's own unconditional velocity; examples whose condition was dropped keep v, so the
 unconditional model stays the plain one. A model trained so samples with sampling guidance 1.
+With ``guidance_mix`` = k > 0 the mixture also takes the model's own guided velocity (Geng et
+al. 2025, eq. 21):
+w (1 - k) v + k sg(u(z, t, t | c)) + (1 - w (1 - k) - k) sg(u(z, t, t | null)). Its fixed point
+is the same guided velocity, but the noisy data velocity v enters at w (1 - k) instead of w, so
+that part of the target's variance falls by (1 - k)^2.
 """
 import dataclasses
 import functools
@@ -42,6 +47,7 @@ class MeanFlowObjective(FlowObjective):
     adaptive_p: float = 1.0  # loss = err / sg(err + adaptive_c)^p; 0 = plain MSE
     adaptive_c: float = 0.01
     guidance: float = 1.0  # trained-in CFG scale w (module docstring); 1 = off
+    guidance_mix: float = 0.0  # k: share of the guided target from the model's own u(z, t, t | c)
 
     name: ClassVar[str] = "meanflow"
     needs_interval: ClassVar[bool] = True
@@ -51,6 +57,8 @@ class MeanFlowObjective(FlowObjective):
         super().__post_init__()
         if not 0.0 <= self.equal_fraction <= 1.0:
             raise ValueError("equal_fraction must lie in [0, 1]")
+        if not 0.0 <= self.guidance_mix < 1.0:
+            raise ValueError("guidance_mix must lie in [0, 1)")
 
     def sample_t_r(self, rng: jax.Array, batch_size: int):
         """(t, r) [B] with t >= r, both logit-normal; r = t for `equal_fraction` of the batch."""
@@ -76,9 +84,14 @@ class MeanFlowObjective(FlowObjective):
             return v
         null = jax.tree.map(lambda c, n: jnp.broadcast_to(n, jnp.shape(c)).astype(c.dtype),
                             cond, null_cond)
-        u_uncond = model_fn(z, t, null, h=jnp.zeros_like(t))  # u(z, t, t | null)
-        u_uncond = jax.lax.stop_gradient(u_uncond.astype(v.dtype))
-        mixed = self.guidance * v + (1.0 - self.guidance) * u_uncond
+
+        def u_tt(c):  # u(z, t, t | c), a constant of the loss
+            return jax.lax.stop_gradient(model_fn(z, t, c, h=jnp.zeros_like(t)).astype(v.dtype))
+
+        w, k = self.guidance, self.guidance_mix
+        mixed = w * (1.0 - k) * v + (1.0 - w * (1.0 - k) - k) * u_tt(null)
+        if k:
+            mixed = mixed + k * u_tt(cond)
         dropped = is_null(cond, null).reshape((-1,) + (1,) * (v.ndim - 1))
         return jnp.where(dropped, v, mixed)
 

@@ -209,10 +209,12 @@ class VideoDiT(nnx.Module):
         self.channels = cfg.channels
         patch_dim = math.prod(self.patch) * cfg.channels
         self.patch_embed = Dense((patch_dim,), (cfg.width,), ("patch", "embed"), **kw)
-        self.t_embed = layers.TimestepEmbedder(cfg.width, **kw)
+        time_scale = cfg.get("time_scale", 1000.0)
+        self.t_embed = layers.TimestepEmbedder(cfg.width, **kw, time_scale=time_scale)
         # MeanFlow/shortcut models also see the interval h = t - r; zero output at init, so a
         # flow checkpoint loads into this model and starts as that flow model.
-        self.h_embed = (layers.TimestepEmbedder(cfg.width, **kw, zero_init_output=True)
+        self.h_embed = (layers.TimestepEmbedder(cfg.width, **kw, zero_init_output=True,
+                                                time_scale=time_scale)
                         if cfg.get("interval_input", False) else None)
         if cfg.cond == "class":  # one extra row: the null label for classifier-free guidance
             # Unit-scale rows, like the timestep embedding grows to within a few hundred steps:

@@ -86,11 +86,13 @@ class RMSNorm(nnx.Module):
         return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
-def timestep_embedding(t, dim: int, max_period: float = 10000.0):
-    """Sinusoidal features of a continuous time t in [0, 1] (scaled by 1000 as in DiT)."""
+def timestep_embedding(t, dim: int, max_period: float = 10000.0, scale: float = 1000.0):
+    """Sinusoidal features of a continuous time t in [0, 1], scaled by `scale` (1000 as in DiT:
+    t as a DDPM step index). d(features)/dt grows with the scale, which matters to objectives
+    that differentiate the model in t (MeanFlow's jvp)."""
     half = dim // 2
     freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
-    args = (1000.0 * t.astype(jnp.float32))[:, None] * freqs[None]
+    args = (scale * t.astype(jnp.float32))[:, None] * freqs[None]
     return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 
@@ -98,9 +100,10 @@ class TimestepEmbedder(nnx.Module):
     """t -> sinusoidal features -> MLP -> conditioning vector of size `width`."""
 
     def __init__(self, width: int, *, rngs, dtype, param_dtype, freq_dim: int = 256,
-                 zero_init_output: bool = False):
+                 zero_init_output: bool = False, time_scale: float = 1000.0):
         init = nnx.initializers.normal(0.02)
         self.freq_dim = freq_dim
+        self.time_scale = time_scale
         self.fc1 = Dense((freq_dim,), (width,), ("cond", "embed"), rngs=rngs, dtype=dtype,
                          param_dtype=param_dtype, kernel_init=init)
         self.fc2 = Dense((width,), (width,), ("mlp", "embed"), rngs=rngs, dtype=dtype,
@@ -108,7 +111,8 @@ class TimestepEmbedder(nnx.Module):
                          kernel_init=nnx.initializers.zeros if zero_init_output else init)
 
     def __call__(self, t):
-        return self.fc2(jax.nn.silu(self.fc1(timestep_embedding(t, self.freq_dim))))
+        features = timestep_embedding(t, self.freq_dim, scale=self.time_scale)
+        return self.fc2(jax.nn.silu(self.fc1(features)))
 
 
 # ---------------------------------------------------------------------------------------------
