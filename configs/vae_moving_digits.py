@@ -4,11 +4,11 @@
     python -m vidit.train --config configs/vae_moving_digits.py:smoke --workdir /tmp/vae_smoke
 
 Same trainer, checkpoints, sharding and metrics as a DiT (config.model.kind = 'vae', objective
-'vae': L1 + l2_weight * MSE + beta * KL, vidit/diffusion/autoencoding.py). Evaluation is PSNR / SSIM / L1 of the
-EMA model's reconstructions of validation clips (eval/psnr, eval/ssim in TensorBoard and
-WORKDIR/eval.jsonl); samples/step_*.gif show each input beside its reconstruction. When the run
-ends it writes WORKDIR/latent_stats.json (per-channel latent mean/std over training clips), which
-latent DiTs normalise with.
+'vae': L1 + l2_weight * MSE + beta * KL, vidit/diffusion/autoencoding.py). Evaluation is PSNR /
+SSIM / L1 of the EMA model's reconstructions of validation clips (eval/psnr, eval/ssim in
+TensorBoard and WORKDIR/eval.jsonl); samples/step_*.gif show each input beside its
+reconstruction. When the run ends it writes WORKDIR/latent_stats.json (per-channel latent
+mean/std over training clips), which latent DiTs normalise with.
 
 Variants (after ':', comma-separated): compression=4x4x4 (default) | 1x4x4 | 4x8x8, smoke, gan
 (the hinge patch-GAN term from step train.steps // 2 on, weight 0.1; not tuned).

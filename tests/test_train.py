@@ -122,6 +122,21 @@ def test_corrupt_checkpoint_falls_back_and_other_config_is_refused(data_dir, tmp
         train_lib.train(other, workdir)
 
 
+def test_config_saved_before_a_key_was_added_resumes_as_its_old_value():
+    """A run saved before model.time_scale existed trained at 1000: with the key filled in it
+    matches today's flow config (resume goes on) and still differs from a MeanFlow config at 1."""
+    now = moving_digits.get_config("smoke").to_dict()
+    saved = json.loads(json.dumps(now))
+    del saved["model"]["time_scale"]
+    assert checkpoint.config_mismatch(saved, now) == [
+        "model.time_scale: checkpoint=None now=1000.0"]
+    assert checkpoint.config_mismatch(checkpoint.with_added_keys(saved), now) == []
+    now["model"]["time_scale"] = 1.0
+    assert checkpoint.config_mismatch(saved, now) == [
+        "model.time_scale: checkpoint=1000.0 now=1.0"]
+    assert checkpoint.with_added_keys({"seed": 0}) == {"seed": 0}  # no model section: no key
+
+
 def test_nonfinite_update_is_skipped_or_stops(data_dir, tmp_path):
     c = smoke_config(data_dir)
     mesh = sharding.make_mesh(c.mesh)

@@ -17,11 +17,16 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from vidit.models import layers
+
 log = logging.getLogger("vidit")
 
 # Config sections that decide parameter shapes or their meaning: resuming across a change here
 # would silently train a different model.
 STRUCTURAL = ("model", "objective.name", "seed")
+# Config keys added after runs had been saved, with the value that rebuilds what those runs
+# trained: a saved config without one is read as having it (resume, export, teachers).
+ADDED_KEYS = {"model.time_scale": layers.DIT_TIME_SCALE}
 
 
 class CheckpointError(RuntimeError):
@@ -37,6 +42,19 @@ def _flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[key] = v
     return out
+
+
+def with_added_keys(saved: dict) -> dict:
+    """`saved` (a config dict as written to disk) with each missing key of ADDED_KEYS set, in
+    place; a section the config does not have (a model-less config) is left out."""
+    for dotted, value in ADDED_KEYS.items():
+        *sections, key = dotted.split(".")
+        d = saved
+        for s in sections:
+            d = d.get(s) if isinstance(d, dict) else None
+        if isinstance(d, dict):
+            d.setdefault(key, value)
+    return saved
 
 
 def config_mismatch(saved: dict, current: dict) -> list[str]:
@@ -81,7 +99,7 @@ class Checkpointer:
             except Exception as e:  # pylint: disable=broad-except
                 self._warn_bad(step, e, steps[i + 1:])
                 continue
-            diff = config_mismatch(saved_config, config.to_dict())
+            diff = config_mismatch(with_added_keys(saved_config), config.to_dict())
             if diff:
                 raise CheckpointError(
                     f"{self.directory} holds checkpoints of a different model config; use a new "

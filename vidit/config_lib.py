@@ -9,6 +9,7 @@ from __future__ import annotations
 import ml_collections
 
 from vidit import diffusion, sharding
+from vidit.models import layers
 
 # depth, width, heads (DiT paper sizes, plus tiny ones for tests and CPU runs)
 SIZES = {
@@ -98,7 +99,7 @@ def base_config() -> ml_collections.ConfigDict:
         attention="chunked",  # chunked | dense | xla (see vidit/models/attention.py)
         sequence_parallel="ulysses",  # ulysses | ring | gspmd, when mesh.sequence > 1
         interval_input=False,  # a second time input h = t - r (MeanFlow); zero-initialised
-        time_scale=1000.0,  # t (and h) enter the sinusoidal embedding as time_scale * t
+        time_scale=layers.DIT_TIME_SCALE,  # t and h enter the time embedding as time_scale * t
     )
 
     # Only the chosen objective's fields: a field of another objective is a config error.

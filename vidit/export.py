@@ -35,10 +35,7 @@ def read_config(path: str) -> ml_collections.ConfigDict:
     if not os.path.exists(file):
         raise LoadError(f"{path} is neither a vidit workdir nor an export: no {CONFIG}")
     with open(file) as f:
-        config = ml_collections.ConfigDict(json.load(f))
-    if "model" in config and "time_scale" not in config.model:
-        config.model.time_scale = 1000.0  # written before the key existed, when it was fixed
-    return config
+        return ml_collections.ConfigDict(checkpoint.with_added_keys(json.load(f)))
 
 
 def param_key(path: tuple) -> str:

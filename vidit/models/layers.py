@@ -86,7 +86,13 @@ class RMSNorm(nnx.Module):
         return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
-def timestep_embedding(t, dim: int, max_period: float = 10000.0, scale: float = 1000.0):
+# DiT's time scaling (t as a DDPM step index); model.time_scale's default, and the value every
+# model had before that key existed.
+DIT_TIME_SCALE = 1000.0
+
+
+def timestep_embedding(t, dim: int, max_period: float = 10000.0,
+                       scale: float = DIT_TIME_SCALE):
     """Sinusoidal features of a continuous time t in [0, 1], scaled by `scale` (1000 as in DiT:
     t as a DDPM step index). d(features)/dt grows with the scale, which matters to objectives
     that differentiate the model in t (MeanFlow's jvp)."""
@@ -100,7 +106,7 @@ class TimestepEmbedder(nnx.Module):
     """t -> sinusoidal features -> MLP -> conditioning vector of size `width`."""
 
     def __init__(self, width: int, *, rngs, dtype, param_dtype, freq_dim: int = 256,
-                 zero_init_output: bool = False, time_scale: float = 1000.0):
+                 zero_init_output: bool = False, time_scale: float = DIT_TIME_SCALE):
         init = nnx.initializers.normal(0.02)
         self.freq_dim = freq_dim
         self.time_scale = time_scale
