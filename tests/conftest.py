@@ -9,6 +9,10 @@ os.environ["XLA_FLAGS"] = (
     " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 ).strip()
 
+# The two xdist workers may both describe TPU topologies (test_compile, test_multislice), and
+# libtpu refuses a second process on the machine by default. Nothing here runs on a TPU.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
 import jax  # noqa: E402  (must come after the flags above)
 import pytest  # noqa: E402
 

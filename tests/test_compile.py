@@ -46,6 +46,17 @@ def test_compile_report_fits_and_counts():
     assert "FITS" in compile_lib.format_report(r)
 
 
+def test_libtpu_held_by_another_process_is_named(monkeypatch):
+    from jax.experimental import topologies
+
+    def held(**kwargs):
+        raise RuntimeError("ABORTED: Internal error when accessing libtpu multi-process lockfile.")
+
+    monkeypatch.setattr(topologies, "get_topology_desc", held)
+    with pytest.raises(RuntimeError, match="another process .* ALLOW_MULTIPLE_LIBTPU_LOAD=1"):
+        compile_lib.topology_devices("v5p:2x2x1")
+
+
 def test_unknown_chip_is_rejected():
     with pytest.raises(sharding.ConfigError, match="not one of"):
         compile_lib.topology_devices("v9x:2x2")

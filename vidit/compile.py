@@ -57,9 +57,11 @@ def topology_devices(name: str, num_slices: int = 1) -> list:
         return list(topologies.get_topology_desc(platform="tpu", topology_name=name,
                                                  **extra).devices)
     except (ImportError, RuntimeError, ValueError) as e:
-        raise RuntimeError(
-            f"cannot describe TPU topology '{name}' ({e}); is libtpu installed? "
-            f"pip install -e '.[tpu]'") from e
+        hint = "is libtpu installed? pip install -e '.[tpu]'"
+        if "lockfile" in str(e):  # libtpu admits one process per machine unless told otherwise
+            hint = ("another process on this machine has libtpu loaded; on a machine without "
+                    "TPUs in use, ALLOW_MULTIPLE_LIBTPU_LOAD=1 lets several compile at once")
+        raise RuntimeError(f"cannot describe TPU topology '{name}' ({e}); {hint}") from e
 
 
 def _shard_bytes(tree: Any) -> int:
