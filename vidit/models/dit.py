@@ -209,7 +209,7 @@ class VideoDiT(nnx.Module):
         self.channels = cfg.channels
         patch_dim = math.prod(self.patch) * cfg.channels
         self.patch_embed = Dense((patch_dim,), (cfg.width,), ("patch", "embed"), **kw)
-        time_scale = cfg.time_scale  # saved configs without it get DiT's 1000 (checkpoint.ADDED_KEYS)
+        time_scale = cfg.time_scale  # older saved configs get 1000 (checkpoint.ADDED_KEYS)
         self.t_embed = layers.TimestepEmbedder(cfg.width, **kw, time_scale=time_scale)
         # MeanFlow/shortcut models also see the interval h = t - r; zero output at init, so a
         # flow checkpoint loads into this model and starts as that flow model.
