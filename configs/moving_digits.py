@@ -75,8 +75,8 @@ def get_config(arg=None):
         # starting from a flow checkpoint of this config needs --config.model.time_scale=1000.
         c.model.time_scale = 1.0
         # Measured at 4800 steps, 500 samples, one step: w = 3 65.0%, w = 4 with mix 0.8 75.4%,
-        # w = 5 with mix 0.8 62.6%, each one seed. Seeds 1 and 2 of w = 4 scored 49.4% and
-        # 62.6%, so one-step accuracy spreads ~26 points between seeds: w = 3 vs 4 is not settled.
+        # w = 5 with mix 0.8 62.6%, each one seed. Seeds 1-4 of w = 4 scored 49.4-62.6% (mean
+        # of 5: 60.4%), so one step spreads ~26 points between seeds: w = 3 vs 4 is not settled.
         c.objective.guidance = 4.0
         c.objective.guidance_mix = 0.8
         c.sample.guidance = 1.0
