@@ -35,6 +35,14 @@ def u_star(z, t, cond=None, h=None):
                      z * (t - (1 - t) * S**2) / a(t) ** 2)
 
 
+def toy_model(theta):
+    """A model_fn with four parameters, nonlinear in z, t and h (for gradient checks)."""
+    def fn(z, t, cond, h):
+        tt, hh = t[:, None], h[:, None]
+        return theta[0] * z + theta[1] * tt * z ** 2 + theta[2] * hh * jnp.sin(z) + theta[3]
+    return fn
+
+
 def test_jvp_tangent_matches_float64_central_difference():
     with jax.enable_x64(True):
         z = jax.random.normal(jax.random.key(0), (3, 5), jnp.float64)
@@ -91,24 +99,65 @@ def test_stop_gradient_is_on_the_target():
     t = jnp.array([0.9, 0.8, 0.6, 0.5, 0.3, 0.2])
     r = jnp.array([0.1, 0.8, 0.2, 0.0, 0.3, 0.1])
 
-    def model(theta):
-        def fn(z, t, cond, h):
-            tt, hh = t[:, None], h[:, None]
-            return theta[0] * z + theta[1] * tt * z ** 2 + theta[2] * hh * jnp.sin(z) + theta[3]
-        return fn
-
     theta = jnp.array([0.3, -0.2, 0.5, 0.1])
-    grad = jax.grad(lambda th: obj.loss_tr(model(th), x0, None, t, r, noise)[0])(theta)
+    grad = jax.grad(lambda th: obj.loss_tr(toy_model(th), x0, None, t, r, noise)[0])(theta)
 
     z, v = obj.corrupt(x0, noise, t)
-    _, target = meanflow.mean_flow_target(model(theta), z, v, t, r, None)
+    _, target = meanflow.mean_flow_target(toy_model(theta), z, v, t, r, None)
     target = np.asarray(target)  # a constant: no path back to theta
 
     def const_loss(th):
-        u = model(th)(z, t, None, t - r)
+        u = toy_model(th)(z, t, None, t - r)
         err = jnp.mean((u - target) ** 2, axis=1)
         weight = jax.lax.stop_gradient(1.0 / (err + obj.adaptive_c))
         return jnp.mean(weight * err)
+
+    np.testing.assert_allclose(grad, jax.grad(const_loss)(theta), rtol=1e-5, atol=1e-7)
+    assert np.abs(grad).max() > 0
+
+
+def test_endpoint_rows_are_exact_for_the_true_average_velocity_and_start_on_time():
+    """Exact jumps compose, so u*(eps, 1, 0) is its own two-step jump: zero endpoint error. The
+    extra rows leave the MeanFlow rows as they were and count from endpoint_start on."""
+    obj = diffusion.make_objective(dict(name="meanflow", endpoint_fraction=0.25, endpoint_start=5))
+    plain = diffusion.make_objective(dict(name="meanflow"))
+    assert obj.num_endpoint(8) == 2 and plain.num_endpoint(8) == 0
+    noise = jax.random.normal(jax.random.key(2), (2, 6))
+    np.testing.assert_allclose(obj.endpoint_loss(u_star, noise, None)[1], 0.0, atol=1e-10)
+
+    x0 = S * jax.random.normal(jax.random.key(0), (8, 6))
+    rng = jax.random.key(1)
+    base, base_per = plain.loss(u_star, x0, None, rng)
+    for step in (4, 5):  # exact: the extra rows add nothing before or after the start
+        loss, per_example = obj.loss(u_star, x0, None, rng, step=jnp.asarray(step))
+        np.testing.assert_allclose(per_example, base_per, rtol=1e-6)
+        assert float(loss) == pytest.approx(float(base), abs=1e-6)
+
+    def crude(z, t, cond=None, h=None):  # not self-consistent: u(eps, 1, 0) != its 2 steps
+        return u_star(z, t, h=h) + 0.3 * jnp.sin(3 * z) * h[:, None]
+
+    loss_at_step = jax.jit(lambda step: obj.loss(crude, x0, None, rng, step=step)[0])
+    before, after = float(loss_at_step(jnp.asarray(4))), float(loss_at_step(jnp.asarray(5)))
+    assert before == pytest.approx(float(plain.loss(crude, x0, None, rng)[0]), rel=1e-6)
+    end = float(obj.endpoint_loss(crude, jax.random.normal(jax.random.fold_in(rng, 0x656E64),
+                                                           (2, 6)), None)[0])
+    assert end > 1e-3 and after == pytest.approx(before + 0.25 * end, rel=1e-5)
+    with pytest.raises(ValueError, match="endpoint_fraction"):
+        diffusion.make_objective(dict(name="meanflow", endpoint_fraction=1.5))
+
+
+def test_endpoint_target_is_the_models_two_step_sample_under_stop_gradient():
+    """d loss / d theta equals the gradient toward the constant (eps - two-step sample) / 1."""
+    obj = diffusion.make_objective(dict(name="meanflow", endpoint_fraction=1.0))
+    noise = jax.random.normal(jax.random.key(1), (4, 5))
+
+    theta = jnp.array([0.3, -0.2, 0.5, 0.1])
+    grad = jax.grad(lambda th: obj.endpoint_loss(toy_model(th), noise, None)[0])(theta)
+    target = np.asarray(noise - obj.sample(toy_model(theta), noise, None, steps=2))
+
+    def const_loss(th):
+        u = toy_model(th)(noise, jnp.ones(4), None, jnp.ones(4))
+        return jnp.mean((u - target) ** 2)
 
     np.testing.assert_allclose(grad, jax.grad(const_loss)(theta), rtol=1e-5, atol=1e-7)
     assert np.abs(grad).max() > 0
@@ -191,7 +240,7 @@ def test_trained_in_guidance_mixes_the_unconditional_velocity():
     plain MeanFlow. The mixed velocity is both the jvp tangent and the target's v."""
     null_label = 9
 
-    def model(theta):
+    def toy_model(theta):
         def fn(z, t, cond, h):
             lab = cond["label"][:, None].astype(jnp.float32)
             return theta[0] * z * (1 + lab) + theta[1] * t[:, None] + theta[2] * h[:, None] * z
@@ -205,28 +254,28 @@ def test_trained_in_guidance_mixes_the_unconditional_velocity():
     null = {"label": jnp.array([null_label])}  # a leading 1 broadcasts, as in samplers.guided
     w = 2.5
     obj = diffusion.make_objective(dict(name="meanflow", guidance=w))
-    got = obj.velocity(model(theta), z, v, t, cond, null_cond=null)
-    u_uncond = model(theta)(z, t, {"label": jnp.full((3,), null_label)}, jnp.zeros(3))
+    got = obj.velocity(toy_model(theta), z, v, t, cond, null_cond=null)
+    u_uncond = toy_model(theta)(z, t, {"label": jnp.full((3,), null_label)}, jnp.zeros(3))
     want = w * v + (1 - w) * u_uncond
     np.testing.assert_allclose(got[np.array([0, 2])], want[np.array([0, 2])], rtol=1e-6)
     np.testing.assert_allclose(got[1], v[1])
     off = diffusion.make_objective(dict(name="meanflow"))
     assert off.guidance == 1.0
-    np.testing.assert_array_equal(off.velocity(model(theta), z, v, t, cond, null_cond=null), v)
-    np.testing.assert_array_equal(obj.velocity(model(theta), z, v, t, {}, null_cond=None), v)
+    np.testing.assert_array_equal(off.velocity(toy_model(theta), z, v, t, cond, null_cond=null), v)
+    np.testing.assert_array_equal(obj.velocity(toy_model(theta), z, v, t, {}, null_cond=None), v)
 
     # Stop-gradient: the loss gradient equals the one with the (guided) target a constant.
     x0 = jax.random.normal(jax.random.key(2), (3, 4))
     r = jnp.array([0.2, 0.6, 0.0])
-    grad = jax.grad(lambda th: obj.loss_tr(model(th), x0, cond, t, r, v, null_cond=null)[0])(
+    grad = jax.grad(lambda th: obj.loss_tr(toy_model(th), x0, cond, t, r, v, null_cond=null)[0])(
         theta)
     zt, vt = obj.corrupt(x0, v, t)
-    mixed = obj.velocity(model(theta), zt, vt, t, cond, null_cond=null)
-    _, target = meanflow.mean_flow_target(model(theta), zt, mixed, t, r, cond)
+    mixed = obj.velocity(toy_model(theta), zt, vt, t, cond, null_cond=null)
+    _, target = meanflow.mean_flow_target(toy_model(theta), zt, mixed, t, r, cond)
     target = np.asarray(target)
 
     def const_loss(th):
-        err = jnp.mean((model(th)(zt, t, cond, t - r) - target) ** 2, axis=1)
+        err = jnp.mean((toy_model(th)(zt, t, cond, t - r) - target) ** 2, axis=1)
         return jnp.mean(jax.lax.stop_gradient(1.0 / (err + obj.adaptive_c)) * err)
 
     np.testing.assert_allclose(grad, jax.grad(const_loss)(theta), rtol=1e-5, atol=1e-7)
@@ -234,8 +283,8 @@ def test_trained_in_guidance_mixes_the_unconditional_velocity():
     # guidance_mix k: w (1 - k) v + k sg(u(z, t, t | c)) + (1 - w (1 - k) - k) sg(u(... | null))
     k = 0.5
     mix = diffusion.make_objective(dict(name="meanflow", guidance=w, guidance_mix=k))
-    got = mix.velocity(model(theta), z, v, t, cond, null_cond=null)
-    u_cond = model(theta)(z, t, cond, jnp.zeros(3))
+    got = mix.velocity(toy_model(theta), z, v, t, cond, null_cond=null)
+    u_cond = toy_model(theta)(z, t, cond, jnp.zeros(3))
     want = w * (1 - k) * v + k * u_cond + (1 - w * (1 - k) - k) * u_uncond
     np.testing.assert_allclose(got[np.array([0, 2])], want[np.array([0, 2])], rtol=1e-6)
     np.testing.assert_allclose(got[1], v[1])

@@ -339,13 +339,16 @@ def test_vp_objective_trains_and_samples(data_dir, tmp_path):
 
 
 def test_meanflow_trains_and_samples_in_one_step(data_dir, tmp_path):
-    """MeanFlow through the same trainer; the one-step sampler makes finite videos."""
+    """MeanFlow (with its endpoint rows) through the same trainer; the one-step sampler makes
+    finite videos."""
     from vidit import sample as sample_lib
     c = moving_digits.get_config("smoke,objective=meanflow")
     c.data.data_dir = data_dir
     c.train.progress = False
     c.sample.num = 0
     assert c.model.interval_input
+    # the endpoint rows start at 2/3 of the (smoke) run: steps 4 and 5 of 6 train them too
+    assert c.objective.endpoint_fraction > 0 and c.objective.endpoint_start == 4
     summary = train_lib.train(c, str(tmp_path))
     assert summary["step"] == c.train.steps and all(np.isfinite(summary["losses"]))
     videos, _ = sample_lib.generate(str(tmp_path), num=2, label=3, steps_=1)

@@ -22,6 +22,13 @@ al. 2025, eq. 21):
 w (1 - k) v + k sg(u(z, t, t | c)) + (1 - w (1 - k) - k) sg(u(z, t, t | null)). Its fixed point
 is the same guided velocity, but the noisy data velocity v enters at w (1 - k) instead of w, so
 that part of the target's variance falls by (1 - k)^2.
+
+Endpoint self-distillation (``endpoint_fraction`` > 0, not in the paper): that many extra rows
+(a share of the batch, with fresh noise and the first rows' conditions) train the one-step jump
+itself, u(eps, 1, 0 | c), toward sg of the model's own two-step jump over the grid 1, 1/2, 0
+(two forward passes, no jvp, no data), from train step ``endpoint_start`` on. Logit-normal
+(t, r) almost never draw the full interval, and at small budgets the two-step samples are much
+better than the one-step ones; this moves what the model does in two steps into one.
 """
 import dataclasses
 import functools
@@ -48,6 +55,10 @@ class MeanFlowObjective(FlowObjective):
     adaptive_c: float = 0.01
     guidance: float = 1.0  # trained-in CFG scale w (module docstring); 1 = off
     guidance_mix: float = 0.0  # k: share of the guided target from the model's own u(z, t, t | c)
+    endpoint_fraction: float = 0.0  # extra rows (share of the batch): u(eps, 1, 0) -> its 2 steps
+    endpoint_start: int = 0  # the train step from which those rows count
+
+    needs_step: ClassVar[bool] = True  # loss() takes step= (for endpoint_start)
 
     name: ClassVar[str] = "meanflow"
     needs_interval: ClassVar[bool] = True
@@ -59,6 +70,12 @@ class MeanFlowObjective(FlowObjective):
             raise ValueError("equal_fraction must lie in [0, 1]")
         if not 0.0 <= self.guidance_mix < 1.0:
             raise ValueError("guidance_mix must lie in [0, 1)")
+        if not 0.0 <= self.endpoint_fraction <= 1.0:
+            raise ValueError("endpoint_fraction must lie in [0, 1]")
+
+    def num_endpoint(self, batch_size: int) -> int:
+        """Extra rows per batch of this size that train the one-step jump (static)."""
+        return int(round(self.endpoint_fraction * batch_size))
 
     def sample_t_r(self, rng: jax.Array, batch_size: int):
         """(t, r) [B] with t >= r, both logit-normal; r = t for `equal_fraction` of the batch."""
@@ -69,12 +86,47 @@ class MeanFlowObjective(FlowObjective):
         return t, jnp.where(equal, t, r)
 
     def loss(self, model_fn: ModelFn, x0: jax.Array, cond: Any, rng: jax.Array, *,
-             target_fn: Optional[ModelFn] = None, null_cond: Any = None):
+             target_fn: Optional[ModelFn] = None, null_cond: Any = None, step=None):
         tr_rng, noise_rng = jax.random.split(rng)
         t, r = self.sample_t_r(tr_rng, x0.shape[0])
         noise = jax.random.normal(noise_rng, x0.shape, jnp.float32)
-        return self.loss_tr(model_fn, x0, cond, t, r, noise, target_fn=target_fn,
-                            null_cond=null_cond)
+        loss, per_example = self.loss_tr(model_fn, x0, cond, t, r, noise, target_fn=target_fn,
+                                         null_cond=null_cond)
+        n = self.num_endpoint(x0.shape[0])
+        if not n:
+            return loss, per_example
+        # n extra rows on the one-step jump, with fresh noise and the first n rows' conditions.
+        end_rng = jax.random.fold_in(rng, 0x656E64)  # leaves the MeanFlow rows' draws as they were
+        end_noise = jax.random.normal(end_rng, (n,) + x0.shape[1:], jnp.float32)
+        head = jax.tree.map(lambda a: a[:n], cond)
+
+        def end_loss():
+            return self.endpoint_loss(model_fn, end_noise, head)[0]
+
+        if step is not None:  # a branch, not a 0 weight: no cost before the start
+            end_loss = functools.partial(jax.lax.cond, step >= self.endpoint_start, end_loss,
+                                         lambda: jnp.zeros((), jnp.float32))
+        return loss + (n / x0.shape[0]) * end_loss(), per_example
+
+    def endpoint_loss(self, model_fn: ModelFn, noise, cond):
+        """u(eps, 1, 0 | c) against sg of the model's own two-step jump from eps, plain MSE:
+        (mean, per-example [B])."""
+        ones = jnp.ones((noise.shape[0],), jnp.float32)
+        half = ones / 2
+
+        def u_sg(z, t, h):
+            return jax.lax.stop_gradient(model_fn(z, t, cond, h=h).astype(jnp.float32))
+
+        u_first = u_sg(noise, ones, half)  # 1 -> 1/2
+        u_second = u_sg((noise - 0.5 * u_first).astype(noise.dtype), half, half)  # 1/2 -> 0
+        target = (u_first + u_second) / 2  # the two-step jump's average velocity over [0, 1]
+        u = model_fn(noise, ones, cond, h=ones)
+        err = jnp.square(u.astype(jnp.float32) - target)
+        per_example = jnp.mean(err.reshape(err.shape[0], -1), axis=1)
+        # Plain MSE, not the adaptive weight: the target is the model's own output, so at init
+        # (a zero output) the error is ~0, and 1 / sg(err + c) would blow that up to full-size
+        # gradients toward a self-consistent but flat field (measured: the model collapsed).
+        return jnp.mean(per_example), per_example
 
     def velocity(self, model_fn: ModelFn, z, v, t, cond, *, target_fn=None, null_cond=None):
         """The velocity field the average velocity is taken of: the data velocity v, or with
