@@ -144,16 +144,19 @@ def test_endpoint_rows_are_exact_for_the_true_average_velocity_and_start_on_time
     assert end > 1e-3 and after == pytest.approx(before + 0.25 * end, rel=1e-5)
     with pytest.raises(ValueError, match="endpoint_fraction"):
         diffusion.make_objective(dict(name="meanflow", endpoint_fraction=1.5))
+    with pytest.raises(ValueError, match="endpoint_steps"):
+        diffusion.make_objective(dict(name="meanflow", endpoint_steps=1))
 
 
-def test_endpoint_target_is_the_models_two_step_sample_under_stop_gradient():
-    """d loss / d theta equals the gradient toward the constant (eps - two-step sample) / 1."""
-    obj = diffusion.make_objective(dict(name="meanflow", endpoint_fraction=1.0))
+@pytest.mark.parametrize("k", [2, 4])
+def test_endpoint_target_is_the_models_k_step_sample_under_stop_gradient(k):
+    """d loss / d theta equals the gradient toward the constant (eps - k-step sample) / 1."""
+    obj = diffusion.make_objective(dict(name="meanflow", endpoint_fraction=1.0, endpoint_steps=k))
     noise = jax.random.normal(jax.random.key(1), (4, 5))
 
     theta = jnp.array([0.3, -0.2, 0.5, 0.1])
     grad = jax.grad(lambda th: obj.endpoint_loss(toy_model(th), noise, None)[0])(theta)
-    target = np.asarray(noise - obj.sample(toy_model(theta), noise, None, steps=2))
+    target = np.asarray(noise - obj.sample(toy_model(theta), noise, None, steps=k))
 
     def const_loss(th):
         u = toy_model(th)(noise, jnp.ones(4), None, jnp.ones(4))

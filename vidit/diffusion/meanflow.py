@@ -57,6 +57,7 @@ class MeanFlowObjective(FlowObjective):
     guidance_mix: float = 0.0  # k: share of the guided target from the model's own u(z, t, t | c)
     endpoint_fraction: float = 0.0  # extra rows (share of the batch): u(eps, 1, 0) -> its 2 steps
     endpoint_start: int = 0  # the train step from which those rows count
+    endpoint_steps: int = 2  # their target: the model's own jump in this many steps
 
     needs_step: ClassVar[bool] = True  # loss() takes step= (for endpoint_start)
 
@@ -72,6 +73,8 @@ class MeanFlowObjective(FlowObjective):
             raise ValueError("guidance_mix must lie in [0, 1)")
         if not 0.0 <= self.endpoint_fraction <= 1.0:
             raise ValueError("endpoint_fraction must lie in [0, 1]")
+        if self.endpoint_steps < 2:
+            raise ValueError("endpoint_steps must be >= 2 (the one-step jump is what it trains)")
 
     def num_endpoint(self, batch_size: int) -> int:
         """Extra rows per batch of this size that train the one-step jump (static)."""
@@ -103,23 +106,22 @@ class MeanFlowObjective(FlowObjective):
         def end_loss():
             return self.endpoint_loss(model_fn, end_noise, head)[0]
 
-        if step is not None:  # a branch, not a 0 weight: no cost before the start
-            end_loss = functools.partial(jax.lax.cond, step >= self.endpoint_start, end_loss,
-                                         lambda: jnp.zeros((), jnp.float32))
-        return loss + (n / x0.shape[0]) * end_loss(), per_example
+        if step is None:  # a direct call, outside a training run: the rows count
+            extra = end_loss()
+        else:  # a branch, not a 0 weight, so the rows cost nothing before the start
+            extra = jax.lax.cond(step >= self.endpoint_start, end_loss,
+                                 lambda: jnp.zeros((), jnp.float32))
+        return loss + (n / x0.shape[0]) * extra, per_example
 
     def endpoint_loss(self, model_fn: ModelFn, noise, cond):
-        """u(eps, 1, 0 | c) against sg of the model's own two-step jump from eps, plain MSE:
-        (mean, per-example [B])."""
+        """u(eps, 1, 0 | c) against sg of the model's own ``endpoint_steps``-step jump from eps,
+        plain MSE: (mean, per-example [B])."""
         ones = jnp.ones((noise.shape[0],), jnp.float32)
-        half = ones / 2
-
-        def u_sg(z, t, h):
-            return jax.lax.stop_gradient(model_fn(z, t, cond, h=h).astype(jnp.float32))
-
-        u_first = u_sg(noise, ones, half)  # 1 -> 1/2
-        u_second = u_sg((noise - 0.5 * u_first).astype(noise.dtype), half, half)  # 1/2 -> 0
-        target = (u_first + u_second) / 2  # the two-step jump's average velocity over [0, 1]
+        z, k = noise.astype(jnp.float32), self.endpoint_steps
+        for t in np.linspace(1.0, 1.0 / k, k):  # k jumps of 1/k, each sg: the target's path
+            u_t = model_fn(z.astype(noise.dtype), t * ones, cond, h=ones / k)
+            z = z - jax.lax.stop_gradient(u_t.astype(jnp.float32)) / k
+        target = noise.astype(jnp.float32) - z  # the k-step jump's average velocity over [0, 1]
         u = model_fn(noise, ones, cond, h=ones)
         err = jnp.square(u.astype(jnp.float32) - target)
         per_example = jnp.mean(err.reshape(err.shape[0], -1), axis=1)
