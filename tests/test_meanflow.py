@@ -243,7 +243,7 @@ def test_trained_in_guidance_mixes_the_unconditional_velocity():
     plain MeanFlow. The mixed velocity is both the jvp tangent and the target's v."""
     null_label = 9
 
-    def toy_model(theta):
+    def model(theta):
         def fn(z, t, cond, h):
             lab = cond["label"][:, None].astype(jnp.float32)
             return theta[0] * z * (1 + lab) + theta[1] * t[:, None] + theta[2] * h[:, None] * z
@@ -257,28 +257,28 @@ def test_trained_in_guidance_mixes_the_unconditional_velocity():
     null = {"label": jnp.array([null_label])}  # a leading 1 broadcasts, as in samplers.guided
     w = 2.5
     obj = diffusion.make_objective(dict(name="meanflow", guidance=w))
-    got = obj.velocity(toy_model(theta), z, v, t, cond, null_cond=null)
-    u_uncond = toy_model(theta)(z, t, {"label": jnp.full((3,), null_label)}, jnp.zeros(3))
+    got = obj.velocity(model(theta), z, v, t, cond, null_cond=null)
+    u_uncond = model(theta)(z, t, {"label": jnp.full((3,), null_label)}, jnp.zeros(3))
     want = w * v + (1 - w) * u_uncond
     np.testing.assert_allclose(got[np.array([0, 2])], want[np.array([0, 2])], rtol=1e-6)
     np.testing.assert_allclose(got[1], v[1])
     off = diffusion.make_objective(dict(name="meanflow"))
     assert off.guidance == 1.0
-    np.testing.assert_array_equal(off.velocity(toy_model(theta), z, v, t, cond, null_cond=null), v)
-    np.testing.assert_array_equal(obj.velocity(toy_model(theta), z, v, t, {}, null_cond=None), v)
+    np.testing.assert_array_equal(off.velocity(model(theta), z, v, t, cond, null_cond=null), v)
+    np.testing.assert_array_equal(obj.velocity(model(theta), z, v, t, {}, null_cond=None), v)
 
     # Stop-gradient: the loss gradient equals the one with the (guided) target a constant.
     x0 = jax.random.normal(jax.random.key(2), (3, 4))
     r = jnp.array([0.2, 0.6, 0.0])
-    grad = jax.grad(lambda th: obj.loss_tr(toy_model(th), x0, cond, t, r, v, null_cond=null)[0])(
+    grad = jax.grad(lambda th: obj.loss_tr(model(th), x0, cond, t, r, v, null_cond=null)[0])(
         theta)
     zt, vt = obj.corrupt(x0, v, t)
-    mixed = obj.velocity(toy_model(theta), zt, vt, t, cond, null_cond=null)
-    _, target = meanflow.mean_flow_target(toy_model(theta), zt, mixed, t, r, cond)
+    mixed = obj.velocity(model(theta), zt, vt, t, cond, null_cond=null)
+    _, target = meanflow.mean_flow_target(model(theta), zt, mixed, t, r, cond)
     target = np.asarray(target)
 
     def const_loss(th):
-        err = jnp.mean((toy_model(th)(zt, t, cond, t - r) - target) ** 2, axis=1)
+        err = jnp.mean((model(th)(zt, t, cond, t - r) - target) ** 2, axis=1)
         return jnp.mean(jax.lax.stop_gradient(1.0 / (err + obj.adaptive_c)) * err)
 
     np.testing.assert_allclose(grad, jax.grad(const_loss)(theta), rtol=1e-5, atol=1e-7)
@@ -286,8 +286,8 @@ def test_trained_in_guidance_mixes_the_unconditional_velocity():
     # guidance_mix k: w (1 - k) v + k sg(u(z, t, t | c)) + (1 - w (1 - k) - k) sg(u(... | null))
     k = 0.5
     mix = diffusion.make_objective(dict(name="meanflow", guidance=w, guidance_mix=k))
-    got = mix.velocity(toy_model(theta), z, v, t, cond, null_cond=null)
-    u_cond = toy_model(theta)(z, t, cond, jnp.zeros(3))
+    got = mix.velocity(model(theta), z, v, t, cond, null_cond=null)
+    u_cond = model(theta)(z, t, cond, jnp.zeros(3))
     want = w * (1 - k) * v + k * u_cond + (1 - w * (1 - k) - k) * u_uncond
     np.testing.assert_allclose(got[np.array([0, 2])], want[np.array([0, 2])], rtol=1e-6)
     np.testing.assert_allclose(got[1], v[1])

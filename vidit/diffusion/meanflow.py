@@ -25,8 +25,9 @@ that part of the target's variance falls by (1 - k)^2.
 
 Endpoint self-distillation (``endpoint_fraction`` > 0, not in the paper): that many extra rows
 (a share of the batch, with fresh noise and the first rows' conditions) train the one-step jump
-itself, u(eps, 1, 0 | c), toward sg of the model's own two-step jump over the grid 1, 1/2, 0
-(two forward passes, no jvp, no data), from train step ``endpoint_start`` on. Logit-normal
+itself, u(eps, 1, 0 | c), toward sg of the model's own ``endpoint_steps``-step jump (default 2:
+over the grid 1, 1/2, 0, two forward passes; no jvp, no data), from train step
+``endpoint_start`` on. Logit-normal
 (t, r) almost never draw the full interval, and at small budgets the two-step samples are much
 better than the one-step ones; this moves what the model does in two steps into one.
 """
@@ -117,11 +118,10 @@ class MeanFlowObjective(FlowObjective):
         """u(eps, 1, 0 | c) against sg of the model's own ``endpoint_steps``-step jump from eps,
         plain MSE: (mean, per-example [B])."""
         ones = jnp.ones((noise.shape[0],), jnp.float32)
-        z, k = noise.astype(jnp.float32), self.endpoint_steps
-        for t in np.linspace(1.0, 1.0 / k, k):  # k jumps of 1/k, each sg: the target's path
-            u_t = model_fn(z.astype(noise.dtype), t * ones, cond, h=ones / k)
-            z = z - jax.lax.stop_gradient(u_t.astype(jnp.float32)) / k
-        target = noise.astype(jnp.float32) - z  # the k-step jump's average velocity over [0, 1]
+        x = noise.astype(jnp.float32)
+        times = jnp.asarray(self.sample_times(self.endpoint_steps), jnp.float32)
+        k_step = jax.lax.stop_gradient(_jump(model_fn, x, times, cond, None, 1.0))  # the sampler's
+        target = x - k_step  # the k-step jump's average velocity over [0, 1]
         u = model_fn(noise, ones, cond, h=ones)
         err = jnp.square(u.astype(jnp.float32) - target)
         per_example = jnp.mean(err.reshape(err.shape[0], -1), axis=1)
