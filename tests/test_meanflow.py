@@ -3,6 +3,7 @@
 Closed forms for Gaussian data x ~ N(0, s^2 I): z_t = a(t) z_1 with a(t)^2 = (1-t)^2 s^2 + t^2,
 v*(z, t) = z (t - (1 - t) s^2) / a(t)^2 and u*(z, t, r) = z (1 - a(r)/a(t)) / (t - r).
 """
+import dataclasses
 import functools
 
 import jax
@@ -142,10 +143,15 @@ def test_endpoint_rows_are_exact_for_the_true_average_velocity_and_start_on_time
     end = float(obj.endpoint_loss(crude, jax.random.normal(jax.random.fold_in(rng, 0x656E64),
                                                            (2, 6)), None)[0])
     assert end > 1e-3 and after == pytest.approx(before + 0.25 * end, rel=1e-5)
+    heavy = dataclasses.replace(obj, endpoint_weight=10.0)  # scales the rows' term only
+    assert float(heavy.loss(crude, x0, None, rng, step=jnp.asarray(5))[0]) == pytest.approx(
+        before + 10.0 * 0.25 * end, rel=1e-5)
     with pytest.raises(ValueError, match="endpoint_fraction"):
         diffusion.make_objective(dict(name="meanflow", endpoint_fraction=1.5))
     with pytest.raises(ValueError, match="endpoint_steps"):
         diffusion.make_objective(dict(name="meanflow", endpoint_steps=1))
+    with pytest.raises(ValueError, match="endpoint_weight"):
+        diffusion.make_objective(dict(name="meanflow", endpoint_weight=-1.0))
 
 
 @pytest.mark.parametrize("k", [2, 4])

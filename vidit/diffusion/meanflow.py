@@ -27,7 +27,7 @@ Endpoint self-distillation (``endpoint_fraction`` > 0, not in the paper): that m
 (a share of the batch, with fresh noise and the first rows' conditions) train the one-step jump
 itself, u(eps, 1, 0 | c), toward sg of the model's own ``endpoint_steps``-step jump (default 2:
 over the grid 1, 1/2, 0, two forward passes; no jvp, no data), from train step
-``endpoint_start`` on. Logit-normal
+``endpoint_start`` on, their plain-MSE loss scaled by ``endpoint_weight``. Logit-normal
 (t, r) almost never draw the full interval, and at small budgets the two-step samples are much
 better than the one-step ones; this moves what the model does in two steps into one.
 """
@@ -59,6 +59,7 @@ class MeanFlowObjective(FlowObjective):
     endpoint_fraction: float = 0.0  # extra rows (share of the batch): u(eps, 1, 0) -> its 2 steps
     endpoint_start: int = 0  # the train step from which those rows count
     endpoint_steps: int = 2  # their target: the model's own jump in this many steps
+    endpoint_weight: float = 1.0  # multiplies their plain-MSE loss (the rows' share is separate)
 
     needs_step: ClassVar[bool] = True  # loss() takes step= (for endpoint_start)
 
@@ -74,6 +75,8 @@ class MeanFlowObjective(FlowObjective):
             raise ValueError("guidance_mix must lie in [0, 1)")
         if not 0.0 <= self.endpoint_fraction <= 1.0:
             raise ValueError("endpoint_fraction must lie in [0, 1]")
+        if self.endpoint_weight < 0:
+            raise ValueError("endpoint_weight must be >= 0")
         if self.endpoint_steps < 2:
             raise ValueError("endpoint_steps must be >= 2 (the one-step jump is what it trains)")
 
@@ -112,7 +115,7 @@ class MeanFlowObjective(FlowObjective):
         else:  # a branch, not a 0 weight, so the rows cost nothing before the start
             extra = jax.lax.cond(step >= self.endpoint_start, end_loss,
                                  lambda: jnp.zeros((), jnp.float32))
-        return loss + (n / x0.shape[0]) * extra, per_example
+        return loss + self.endpoint_weight * (n / x0.shape[0]) * extra, per_example
 
     def endpoint_loss(self, model_fn: ModelFn, noise, cond):
         """u(eps, 1, 0 | c) against sg of the model's own ``endpoint_steps``-step jump from eps,
