@@ -27,9 +27,9 @@ Endpoint self-distillation (``endpoint_fraction`` > 0, not in the paper): that m
 (a share of the batch, with fresh noise and the first rows' conditions) train the one-step jump
 itself, u(eps, 1, 0 | c), toward sg of the model's own ``endpoint_steps``-step jump (default 2:
 over the grid 1, 1/2, 0, two forward passes; no jvp, no data), from train step
-``endpoint_start`` on, their plain-MSE loss scaled by ``endpoint_weight``. Logit-normal
-(t, r) almost never draw the full interval, and at small budgets the two-step samples are much
-better than the one-step ones; this moves what the model does in two steps into one.
+``endpoint_start`` on, their plain-MSE loss scaled by ``endpoint_weight``. Logit-normal (t, r)
+almost never draw the full interval, and at small budgets the two-step samples are much better
+than the one-step ones; this moves what the model does in two steps into one.
 """
 import dataclasses
 import functools
