@@ -80,13 +80,12 @@ def get_config(arg=None):
         c.objective.guidance = 4.0
         c.objective.guidance_mix = 0.8
         # For the last third of training, 2 extra rows per batch pull the one-step jump toward
-        # the model's own two-step jump (MeanFlowObjective docstring). Measured at 4800 steps,
-        # 500 samples, seeds 0-4: one step 60.4% -> 69.6% on the mean, each seed +0 to +21
-        # points; 4 rows instead of 2 gained nothing more (docs/few_step/README.md).
+        # the model's own two-step jump, their loss x10 (MeanFlowObjective docstring). Measured
+        # at 4800 steps, 500 samples, seeds 0-4, one step: 60.4% without the rows, 69.6% at
+        # weight 1, 73.2% at weight 10 (each seed +0.4 to +9.2 over weight 1); 4 rows instead
+        # of 2 gained nothing, weight 100 destabilised two of four seeds (docs/few_step).
         c.objective.endpoint_fraction = 0.25
         c.objective.endpoint_start = c.train.get_ref("steps") * 2 // 3  # follows train.steps
-        # Their loss x10: 73.2% mean one-step on the same five seeds (+0.4 to +9.2 each); x100
-        # destabilised two of four seeds (docs/few_step/README.md, session 11).
         c.objective.endpoint_weight = 10.0
         c.sample.guidance = 1.0
         c.sample.steps = 1

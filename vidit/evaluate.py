@@ -64,6 +64,12 @@ def temporal_features(per_frame: np.ndarray) -> np.ndarray:
     return np.concatenate([per_frame.mean(axis=1), motion], axis=1)
 
 
+def chunk_noise(seed: int, start: int, batch: int, shape) -> jax.Array:
+    """The noise of the chunk of samples starting at `start`: the same for every step count, so
+    samples at different step counts are paired."""
+    return jax.random.normal(jax.random.fold_in(jax.random.key(seed), start), (batch,) + shape)
+
+
 def generate(config, setup, params, labels: np.ndarray, num_steps: int, guidance: float,
              batch: int, *, ae_params, seed: int = 0) -> tuple[np.ndarray, float]:
     """Class-conditional samples for `labels`; returns (videos, samples per second). A latent
@@ -78,7 +84,7 @@ def generate(config, setup, params, labels: np.ndarray, num_steps: int, guidance
         chunk = labels[i:i + batch]
         n = len(chunk)
         chunk = np.pad(chunk, (0, batch - n))  # one compiled shape for every chunk
-        noise = jax.random.normal(jax.random.fold_in(jax.random.key(seed), i), (batch,) + shape)
+        noise = chunk_noise(seed, i, batch, shape)
         cond = {"label": jnp.asarray(chunk, jnp.int32)}
         with sharding.use(setup.mesh, config.sharding_rules):
             if compiled is None:  # compile outside the timing

@@ -11,19 +11,11 @@ README.md beside this file.
 """
 import argparse
 
-import jax
 import numpy as np
 
 from vidit import evaluate, export
 
 STEPS = (1, 2, 4)
-
-
-def noise_like(num: int, batch: int, shape, seed: int = 0) -> np.ndarray:
-    """The noise `evaluate.generate` draws, chunk by chunk (it folds the chunk start in)."""
-    chunks = [jax.random.normal(jax.random.fold_in(jax.random.key(seed), i), (batch,) + shape)
-              for i in range(0, num, batch)]
-    return np.concatenate([np.asarray(c) for c in chunks])[:num]
 
 
 def high_frequency_share(err: np.ndarray) -> float:
@@ -43,10 +35,13 @@ def main():
     args = parser.parse_args()
 
     config, setup, params, step = export.load(args.workdir)
+    if setup.autoencoder is not None:  # the noise would be latent, the samples pixels
+        raise SystemExit(f"{args.workdir} is a latent DiT; this script compares pixel-space runs")
     labels = np.arange(args.num) % config.model.num_classes
     samples = {k: evaluate.generate(config, setup, params, labels, k, 1.0, args.batch,
                                     ae_params=None)[0] for k in STEPS}
-    noise = noise_like(args.num, args.batch, samples[1].shape[1:])
+    noise = np.concatenate([np.asarray(evaluate.chunk_noise(0, i, args.batch, samples[1].shape[1:]))
+                            for i in range(0, args.num, args.batch)])[:args.num]
     digits = samples[STEPS[-1]] > 0.0
     print(f"{args.workdir} step {step}, {args.num} samples; digit pixels: {digits.mean():.3f}")
     for a, b in [(1, 4), (2, 4), (1, 2)]:
@@ -57,7 +52,7 @@ def main():
               f"{corr:.3f}, high-frequency share {high_frequency_share(err):.2f}")
     if args.png:
         from PIL import Image
-        pick = [1, 4, 5, 7, 9]
+        pick = [1, 4, 5, 7, 9]  # five classes, as drawn in the docs' figure
         rows = [np.concatenate([np.concatenate(list(clip[..., 0]), axis=1)
                                 for clip in samples[k][pick]], axis=1) for k in STEPS]
         img = ((np.clip(np.concatenate(rows), -1, 1) + 1) * 127.5).astype(np.uint8)

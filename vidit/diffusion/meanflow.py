@@ -56,7 +56,7 @@ class MeanFlowObjective(FlowObjective):
     adaptive_c: float = 0.01
     guidance: float = 1.0  # trained-in CFG scale w (module docstring); 1 = off
     guidance_mix: float = 0.0  # k: share of the guided target from the model's own u(z, t, t | c)
-    endpoint_fraction: float = 0.0  # extra rows (share of the batch): u(eps, 1, 0) -> its 2 steps
+    endpoint_fraction: float = 0.0  # extra rows (share of the batch): u(eps, 1, 0) -> its k steps
     endpoint_start: int = 0  # the train step from which those rows count
     endpoint_steps: int = 2  # their target: the model's own jump in this many steps
     endpoint_weight: float = 1.0  # multiplies their plain-MSE loss (the rows' share is separate)
