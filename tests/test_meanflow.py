@@ -380,3 +380,116 @@ def test_trained_in_guidance_needs_a_conditional_model():
     c.train.cond_drop_prob = 0.0
     with pytest.raises(sharding.ConfigError, match="cond_drop_prob"):
         train_lib.validate(c, sharding.make_mesh(dict(data=-1)))
+
+
+# ------------------------------------------------------------------- the adversarial term
+def toy_disc(phi):
+    """disc_fn(x, cond, frozen=False) with two parameters; frozen reads them through sg."""
+    def fn(x, cond, frozen=False):
+        p = jax.lax.stop_gradient(phi) if frozen else phi
+        return (p[0] * jnp.tanh(x) + p[1] * x ** 2).reshape(x.shape[0], -1)
+    return fn
+
+
+def test_adversarial_loss_splits_the_players_gradients():
+    """The generator's gradient is the hinge g's alone, the discriminator's the hinge d's alone
+    (neither player's gradient carries the other's loss)."""
+    from vidit.models import vae
+    theta, phi = jnp.array([0.7, -0.3]), jnp.array([0.4, 0.9])
+    noise = jax.random.normal(jax.random.key(0), (3, 5))
+    real = jax.random.normal(jax.random.key(1), (3, 5))
+
+    def fake(th):
+        return th[0] * noise + th[1] * noise ** 2
+
+    both = lambda th, ph: meanflow.adversarial_loss(toy_disc(ph), fake(th), real, None)  # noqa
+    g_theta, g_phi = jax.grad(both, argnums=(0, 1))(theta, phi)
+    d = lambda ph: vae.d_hinge_loss(toy_disc(ph)(real, None), toy_disc(ph)(fake(theta), None))  # noqa
+    g = lambda th: vae.g_hinge_loss(toy_disc(phi)(fake(th), None))  # noqa
+    np.testing.assert_allclose(g_theta, jax.grad(g)(theta), rtol=1e-6)
+    np.testing.assert_allclose(g_phi, jax.grad(d)(phi), rtol=1e-6)
+    assert np.abs(g_theta).min() > 0 and np.abs(g_phi).min() > 0
+
+
+def test_adversarial_term_rides_on_the_endpoint_rows():
+    """loss = the endpoint-row loss + share * w * (g + d) on the rows' one-step samples
+    eps - u(eps, 1, 0) against the first rows' data, from endpoint_start on (g from
+    adversarial_start on); bad settings fail."""
+    obj = diffusion.make_objective(dict(name="meanflow", endpoint_fraction=0.25, endpoint_start=5,
+                                        adversarial_weight=0.5))
+    no_adv = dataclasses.replace(obj, adversarial_weight=0.0)
+    assert obj.adversarial and not no_adv.adversarial
+    x0 = S * jax.random.normal(jax.random.key(0), (8, 6))
+    rng, disc = jax.random.key(1), toy_disc(jnp.array([0.4, 0.9]))
+    theta = jnp.array([0.3, -0.2, 0.5, 0.1])
+    at = lambda o, step, **kw: float(o.loss(toy_model(theta), x0, None, rng,  # noqa
+                                            step=jnp.asarray(step), **kw)[0])
+    assert at(obj, 4, disc_fn=disc) == pytest.approx(at(no_adv, 4), rel=1e-6)  # before the start
+    eps = jax.random.normal(jax.random.fold_in(rng, 0x656E64), (2, 6))
+    one_step = eps - toy_model(theta)(eps, jnp.ones(2), None, jnp.ones(2))
+    adv = float(meanflow.adversarial_loss(disc, one_step, x0[:2], None))  # the first rows' data
+    assert abs(adv) > 1e-3
+    assert at(obj, 5, disc_fn=disc) == pytest.approx(at(no_adv, 5) + 0.25 * 0.5 * adv, rel=1e-5)
+    d_only = float(meanflow.adversarial_loss(disc, one_step, x0[:2], None, 0.0))
+    assert abs(d_only - adv) > 1e-3  # until adversarial_start the discriminator trains alone
+    late = dataclasses.replace(obj, adversarial_start=6)
+    assert at(late, 5, disc_fn=disc) == pytest.approx(at(no_adv, 5) + 0.25 * 0.5 * d_only,
+                                                      rel=1e-5)
+    with pytest.raises(ValueError, match="disc_fn"):
+        obj.loss(toy_model(theta), x0, None, rng)
+    with pytest.raises(ValueError, match="endpoint_fraction"):
+        diffusion.make_objective(dict(name="meanflow", adversarial_weight=1.0))
+    with pytest.raises(ValueError, match="adversarial_weight"):
+        diffusion.make_objective(dict(name="meanflow", endpoint_fraction=0.25,
+                                      adversarial_weight=-1.0))
+
+
+def test_dit_discriminator_is_class_conditional_and_freezes():
+    """disc_width > 0 adds a patch discriminator under 'disc' (the DiT's output is unchanged);
+    its label projection starts at zero; frozen=True passes no gradient to its parameters."""
+    from flax import nnx
+    from vidit import sharding
+    cfg = dit_config("dense")
+    cfg.disc_width, cfg.disc_layers = 4, 2
+    model = dit.build(cfg)
+    plain = dit_model("dense")
+    x = jax.random.normal(jax.random.key(0), (2, 2, 8, 8, 1))
+    t, label = jnp.array([0.3, 0.8]), {"label": jnp.array([1, 2])}
+    np.testing.assert_array_equal(model(x, t, label, h=t), plain(x, t, label, h=t))
+    logits = model.discriminate(x, label)
+    assert logits.shape[0] == 2 and logits.shape[-1] == 1
+    np.testing.assert_array_equal(logits, model.discriminate(x, {"label": jnp.array([3, 4])}))
+
+    graphdef, params = nnx.split(model, nnx.Param)
+    flat = dict(nnx.to_flat_state(params))
+    embed_key = next(k for k in flat if k[0] == "disc" and k[-1] == "class_embed")
+
+    def score(p, frozen, lab):
+        m = nnx.merge(graphdef, p)
+        return jnp.sum(m.discriminate(x, {"label": lab}, frozen=frozen))
+
+    live = jax.grad(score)(params, False, label["label"])
+    frozen = jax.grad(score)(params, True, label["label"])
+    live_disc = [np.abs(v.value).max() for k, v in nnx.to_flat_state(live) if k[0] == "disc"]
+    assert max(live_disc) > 0
+    assert all(np.abs(v.value).max() == 0 for _, v in nnx.to_flat_state(frozen))
+    # Nonzero rows: now the label changes the logits.
+    flat[embed_key].value = jax.random.normal(jax.random.key(3), flat[embed_key].value.shape)
+    model = nnx.merge(graphdef, nnx.from_flat_state(flat))
+    assert np.abs(model.discriminate(x, label)
+                  - model.discriminate(x, {"label": jnp.array([3, 4])})).max() > 1e-3
+    with pytest.raises(sharding.ConfigError, match="disc_width"):
+        plain.discriminate(x, label)
+
+
+def test_adversarial_weight_needs_a_discriminator():
+    from vidit import sharding
+    from vidit import train as train_lib
+    c = config_lib.base_config()
+    c.objective = diffusion.default_config("meanflow")
+    c.objective.endpoint_fraction, c.objective.adversarial_weight = 0.25, 0.1
+    c.model.interval_input = True
+    c.train.cond_drop_prob = 0.1
+    with pytest.raises(sharding.ConfigError, match="disc_width"):
+        train_lib.validate(c, sharding.make_mesh(dict(data=-1)))
+

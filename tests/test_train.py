@@ -64,6 +64,31 @@ def test_sharded_step_equals_single_device(data_dir, layout):
     assert losses_1[1] != losses_1[0]  # the step really updated the parameters
 
 
+def test_adversarial_meanflow_step_sharded_equals_single_device(data_dir):
+    """MeanFlow with endpoint rows and the adversarial term: the discriminator's parameters are
+    sharded by the same rules, both players train, and 8 devices give the 1-device step."""
+    c = moving_digits.get_config("smoke,objective=meanflow")
+    c.data.data_dir = data_dir
+    # Width 32: 2 channels per GroupNorm group after the strided conv. With 1 (width <= 16) that
+    # conv's bias is cancelled exactly, its gradient is rounding noise, and Adam's first step
+    # turns noise into +-lr, different on each layout.
+    c.model.disc_width, c.model.disc_layers = 32, 2
+    c.objective.endpoint_start, c.objective.adversarial_weight = 0, 0.5
+    batch = first_batch(c)
+    init = jax.device_get(Setup(c, sharding.make_mesh(dict(fsdp=1), jax.devices()[:1])).init())
+    losses_1, params_1 = run_steps(c, sharding.make_mesh(dict(fsdp=1), jax.devices()[:1]), batch, 2)
+    losses_8, params_8 = run_steps(c, sharding.make_mesh(dict(data=2, fsdp=2, tensor=2)), batch, 2)
+    np.testing.assert_allclose(losses_8, losses_1, rtol=1e-5)
+    # atol 2e-5: Adam divides each gradient by its own size, so an element whose gradient is
+    # near its rounding noise moves by a few 1e-6 differently per layout (measured: 2 of the
+    # 98k elements of a conv kernel); a wrong gradient moves by the update itself, >= 1e-4.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5),
+                 params_8, params_1)
+    moved = lambda a, b: float(np.abs(a - b).max())  # noqa: E731
+    assert moved(params_1["disc"]["head"]["kernel"], init.params["disc"]["head"]["kernel"]) > 1e-4
+    assert moved(params_1["final"]["proj"]["kernel"], init.params["final"]["proj"]["kernel"]) > 1e-4
+
+
 def test_params_are_sharded_as_the_rules_say(data_dir):
     c = smoke_config(data_dir)
     mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
@@ -123,12 +148,15 @@ def test_corrupt_checkpoint_falls_back_and_other_config_is_refused(data_dir, tmp
 
 
 def test_config_saved_before_a_key_was_added_resumes_as_its_old_value():
-    """A run saved before model.time_scale existed trained at 1000: with the key filled in it
-    matches today's flow config (resume goes on) and still differs from a MeanFlow config at 1."""
+    """A run saved before model.time_scale existed trained at 1000 (and before model.disc_width,
+    without a discriminator): with the keys filled in it matches today's flow config (resume
+    goes on) and still differs from a MeanFlow config at 1."""
     now = moving_digits.get_config("smoke").to_dict()
     saved = json.loads(json.dumps(now))
-    del saved["model"]["time_scale"]
+    for key in ("time_scale", "disc_width", "disc_layers"):
+        del saved["model"][key]
     assert checkpoint.config_mismatch(saved, now) == [
+        "model.disc_layers: checkpoint=None now=3", "model.disc_width: checkpoint=None now=0",
         "model.time_scale: checkpoint=None now=1000.0"]
     assert checkpoint.config_mismatch(checkpoint.with_added_keys(saved), now) == []
     now["model"]["time_scale"] = 1.0

@@ -100,6 +100,10 @@ def base_config() -> ml_collections.ConfigDict:
         sequence_parallel="ulysses",  # ulysses | ring | gspmd, when mesh.sequence > 1
         interval_input=False,  # a second time input h = t - r (MeanFlow); zero-initialised
         time_scale=layers.DIT_TIME_SCALE,  # t and h enter the time embedding as time_scale * t
+        # > 0: a patch discriminator of this base width (and depth) beside the DiT, trained by
+        # MeanFlow's adversarial term (objective.adversarial_weight); 0: none, no parameters.
+        disc_width=0,
+        disc_layers=3,
     )
 
     # Only the chosen objective's fields: a field of another objective is a config error.

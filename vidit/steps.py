@@ -68,6 +68,9 @@ def train_step(setup: Setup, objective: Any, state: TrainState, batch: dict,
         cond = model.drop_cond(condition(micro, config.model.cond), drop_rng,
                                config.train.cond_drop_prob)
         extra = {"step": state.step} if getattr(objective, "needs_step", False) else {}
+        if getattr(objective, "adversarial", False):  # the DiT's discriminator (model.disc_width)
+            extra["disc_fn"] = lambda x, c, frozen=False: setup.model(params).discriminate(
+                x, c, frozen=frozen)
         loss, _ = objective.loss(bind(setup, params), setup.model_input(micro, ae_params), cond,
                                  loss_rng, target_fn=target_fn,
                                  null_cond=model.null_cond(cond) or None, **extra)

@@ -75,6 +75,10 @@ def validate(config: Any, mesh) -> None:
             f"config.model.attention='{config.model.attention}' has no JVP rule (its kernel is "
             "a custom_vjp); use config.model.attention='xla', 'chunked' or 'dense', or "
             "config.objective.name='shortcut' (no jvp)")
+    if getattr(objective, "adversarial", False) and not config.model.get("disc_width", 0):
+        raise sharding.ConfigError(
+            f"config.objective.adversarial_weight={objective.adversarial_weight} trains against a "
+            "discriminator: set config.model.disc_width > 0 (e.g. 32)")
     guidance = getattr(objective, "guidance", 1.0)
     if guidance != 1.0 and config.model.cond == "none":
         raise sharding.ConfigError(

@@ -30,6 +30,15 @@ over the grid 1, 1/2, 0, two forward passes; no jvp, no data), from train step
 ``endpoint_start`` on, their plain-MSE loss scaled by ``endpoint_weight``. Logit-normal (t, r)
 almost never draw the full interval, and at small budgets the two-step samples are much better
 than the one-step ones; this moves what the model does in two steps into one.
+
+Adversarial term (``adversarial_weight`` > 0, not in the paper; needs ``endpoint_fraction`` > 0
+and a model with config.model.disc_width > 0): the endpoint rows' one-step samples
+x = eps - u(eps, 1, 0 | c) also meet a class-conditional patch discriminator D, against the
+first rows' data clips (whose conditions the rows share), in the VAE's hinge form
+(autoencoding.py): g = -mean D_sg(x) trains the DiT only, from ``adversarial_start`` on (D can
+learn first), and d = hinge(D(data), D(sg(x))) the discriminator only, from ``endpoint_start``.
+The one-step error is a smear of the digits the noise could lead to (docs/few_step): MSE to any
+target rewards that average, D does not. Measured: it lowers one-step FD, not the accuracy.
 """
 import dataclasses
 import functools
@@ -60,6 +69,8 @@ class MeanFlowObjective(FlowObjective):
     endpoint_start: int = 0  # the train step from which those rows count
     endpoint_steps: int = 2  # their target: the model's own jump in this many steps
     endpoint_weight: float = 1.0  # multiplies their plain-MSE loss (the rows' share is separate)
+    adversarial_weight: float = 0.0  # hinge GAN on those rows' one-step samples (docstring)
+    adversarial_start: int = 0  # the generator's term counts from here (D from endpoint_start)
 
     needs_step: ClassVar[bool] = True  # loss() takes step= (for endpoint_start)
 
@@ -77,8 +88,18 @@ class MeanFlowObjective(FlowObjective):
             raise ValueError("endpoint_fraction must lie in [0, 1]")
         if self.endpoint_weight < 0:
             raise ValueError("endpoint_weight must be >= 0")
+        if self.adversarial_weight < 0:
+            raise ValueError("adversarial_weight must be >= 0")
+        if self.adversarial_weight and not self.endpoint_fraction:
+            raise ValueError("adversarial_weight > 0 judges the endpoint rows' one-step samples: "
+                             "set endpoint_fraction > 0")
         if self.endpoint_steps < 2:
             raise ValueError("endpoint_steps must be >= 2 (the one-step jump is what it trains)")
+
+    @property
+    def adversarial(self) -> bool:
+        """The loss takes disc_fn= (the train step passes the model's discriminator)."""
+        return self.adversarial_weight > 0
 
     def num_endpoint(self, batch_size: int) -> int:
         """Extra rows per batch of this size that train the one-step jump (static)."""
@@ -93,7 +114,12 @@ class MeanFlowObjective(FlowObjective):
         return t, jnp.where(equal, t, r)
 
     def loss(self, model_fn: ModelFn, x0: jax.Array, cond: Any, rng: jax.Array, *,
-             target_fn: Optional[ModelFn] = None, null_cond: Any = None, step=None):
+             target_fn: Optional[ModelFn] = None, null_cond: Any = None, step=None,
+             disc_fn=None):
+        """``disc_fn(x, cond, frozen=False)`` -> logits: the discriminator, for the adversarial
+        term (``adversarial_weight`` > 0); unused otherwise."""
+        if self.adversarial and disc_fn is None:
+            raise ValueError("adversarial_weight > 0 needs disc_fn (the model's discriminator)")
         tr_rng, noise_rng = jax.random.split(rng)
         t, r = self.sample_t_r(tr_rng, x0.shape[0])
         noise = jax.random.normal(noise_rng, x0.shape, jnp.float32)
@@ -108,25 +134,37 @@ class MeanFlowObjective(FlowObjective):
         head = jax.tree.map(lambda a: a[:n], cond)
 
         def end_loss():
-            return self.endpoint_loss(model_fn, end_noise, head)[0]
+            u, target = self.endpoint_jump(model_fn, end_noise, head)
+            total = self.endpoint_weight * jnp.mean(jnp.square(u - target))
+            if self.adversarial:
+                one_step = end_noise - u  # the one-step sample: z_0 = z_1 - u(z_1, 1, 0)
+                g_on = 1.0 if step is None else (step >= self.adversarial_start)
+                total = total + self.adversarial_weight * adversarial_loss(
+                    disc_fn, one_step, x0[:n].astype(jnp.float32), head, g_on)
+            return total
 
         if step is None:  # a direct call, outside a training run: the rows count
             extra = end_loss()
         else:  # a branch, not a 0 weight, so the rows cost nothing before the start
             extra = jax.lax.cond(step >= self.endpoint_start, end_loss,
                                  lambda: jnp.zeros((), jnp.float32))
-        return loss + self.endpoint_weight * (n / x0.shape[0]) * extra, per_example
+        return loss + (n / x0.shape[0]) * extra, per_example
 
-    def endpoint_loss(self, model_fn: ModelFn, noise, cond):
-        """u(eps, 1, 0 | c) against sg of the model's own ``endpoint_steps``-step jump from eps,
-        plain MSE: (mean, per-example [B])."""
+    def endpoint_jump(self, model_fn: ModelFn, noise, cond):
+        """(u(eps, 1, 0 | c), sg of the model's own ``endpoint_steps``-step jump from eps as an
+        average velocity over [0, 1]), both float32."""
         ones = jnp.ones((noise.shape[0],), jnp.float32)
         x = noise.astype(jnp.float32)
         times = jnp.asarray(self.sample_times(self.endpoint_steps), jnp.float32)
         k_step = jax.lax.stop_gradient(_jump(model_fn, x, times, cond, None, 1.0))  # the sampler's
-        target = x - k_step  # the k-step jump's average velocity over [0, 1]
         u = model_fn(noise, ones, cond, h=ones)
-        err = jnp.square(u.astype(jnp.float32) - target)
+        return u.astype(jnp.float32), x - k_step
+
+    def endpoint_loss(self, model_fn: ModelFn, noise, cond):
+        """u(eps, 1, 0 | c) against sg of the model's own ``endpoint_steps``-step jump from eps,
+        plain MSE (unweighted): (mean, per-example [B])."""
+        u, target = self.endpoint_jump(model_fn, noise, cond)
+        err = jnp.square(u - target)
         per_example = jnp.mean(err.reshape(err.shape[0], -1), axis=1)
         # Plain MSE, not the adaptive weight: the target is the model's own output, so at init
         # (a zero output) the error is ~0, and 1 / sg(err + c) would blow that up to full-size
@@ -177,6 +215,17 @@ class MeanFlowObjective(FlowObjective):
             raise ValueError("steps must be >= 1")
         times = jnp.asarray(self.sample_times(steps), jnp.float32)
         return _jump(model_fn, noise.astype(jnp.float32), times, cond, null_cond, guidance)
+
+
+def adversarial_loss(disc_fn, fake, real, cond, g_on=1.0):
+    """g_on * g + d, the two players' hinge losses as one sum (the VAE's split,
+    autoencoding.py): g on D with stop-gradient parameters reaches only the generator through
+    ``fake``; d on data and sg(fake) reaches only the discriminator. g_on = 0 trains D alone.
+    ``fake`` and ``real`` share the conditions ``cond`` row by row."""
+    from vidit.models import vae
+    g = vae.g_hinge_loss(disc_fn(fake, cond, frozen=True))
+    d = vae.d_hinge_loss(disc_fn(real, cond), disc_fn(jax.lax.stop_gradient(fake), cond))
+    return jnp.asarray(g_on, jnp.float32) * g + d
 
 
 def is_null(cond: Any, null_cond: Any) -> jax.Array:

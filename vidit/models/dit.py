@@ -13,11 +13,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from flax import nnx
 
 from vidit import sharding
 from vidit.models import layers
 from vidit.models import context_parallel
+from vidit.models import vae  # its patch-GAN is the optional discriminator
 from vidit.models.attention import attention
 from vidit.models.layers import Dense, RMSNorm
 
@@ -227,6 +229,7 @@ class VideoDiT(nnx.Module):
             self.text_pool = Dense((cfg.text_width,), (cfg.width,), ("mlp", "embed"), **kw)
         self.blocks = _make_blocks(cfg, rngs, dtype, param_dtype)
         self.final = FinalLayer(cfg.width, patch_dim, **kw)
+        self.disc = _make_discriminator(cfg, rngs) if cfg.get("disc_width", 0) else None
         self.dtype = dtype
 
     # -- conditioning ---------------------------------------------------------------------------
@@ -275,6 +278,20 @@ class VideoDiT(nnx.Module):
         out = self.final(h, c)
         return layers.unpatchify(out, grid, self.patch, self.channels).astype(jnp.float32)
 
+    def discriminate(self, x, cond: dict | None = None, *, frozen: bool = False):
+        """Real/fake logits [B, T', H', W', 1] of clips x (class-conditional with cond['label']).
+
+        frozen=True reads the discriminator's parameters through stop_gradient: a generator
+        loss on these logits trains the DiT only, never the discriminator."""
+        if self.disc is None:
+            raise sharding.ConfigError("an adversarial term needs a discriminator: set "
+                                       "config.model.disc_width > 0 (e.g. 32)")
+        disc = self.disc
+        if frozen:
+            graphdef, state = nnx.split(disc)
+            disc = nnx.merge(graphdef, jax.lax.stop_gradient(state))
+        return disc(x, (cond or {}).get("label"))
+
     def _run_blocks(self, h, c, rope, text, text_mask):
         policy = REMAT_POLICIES[self.cfg.remat]
 
@@ -293,6 +310,17 @@ class VideoDiT(nnx.Module):
             return block_fn(block, h)
 
         return scan_fn(self.blocks, h)
+
+
+def _make_discriminator(cfg, rngs):
+    """The optional patch discriminator (config.model.disc_width > 0), conditional on the class
+    label for class-conditional models. Its parameters sit under 'disc' in the DiT's tree (one
+    optimizer, one checkpoint); the DiT's forward pass never runs it."""
+    disc_cfg = ml_collections.ConfigDict(dict(
+        channels=cfg.channels, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+        disc=dict(width=cfg.disc_width, num_layers=cfg.get("disc_layers", 3))))
+    num_classes = cfg.num_classes if cfg.cond == "class" else 0
+    return vae.PatchDiscriminator(disc_cfg, rngs, num_classes=num_classes)
 
 
 def build(cfg: Any, seed: int = 0) -> VideoDiT:

@@ -572,9 +572,14 @@ def ssim(a, b, data_range: float = 2.0, window: int = 11, sigma: float = 1.5,
 class PatchDiscriminator(nnx.Module):
     """3D patch-GAN: strided 3D convs ('same' padding, non-causal: the discriminator sees the
     whole clip) to a map of real/fake logits [B, T', H', W', 1]. Reads cfg.channels and
-    cfg.disc.width / cfg.disc.num_layers. (CausalConv3d is used only to hold the parameters.)"""
+    cfg.disc.width / cfg.disc.num_layers. (CausalConv3d is used only to hold the parameters.)
 
-    def __init__(self, cfg: Any, rngs: nnx.Rngs | None = None, *, seed: int = 0):
+    With ``num_classes`` > 0 it is class-conditional by projection (Miyato & Koyama 2018): each
+    location's logit gains <embed(label), features>, with one extra row for the null label of
+    classifier-free guidance, so it judges "a real clip of this class", not only "a real clip"."""
+
+    def __init__(self, cfg: Any, rngs: nnx.Rngs | None = None, *, seed: int = 0,
+                 num_classes: int = 0):
         rngs = rngs if rngs is not None else nnx.Rngs(params=seed)
         dtype, param_dtype = layers.dtype_of(cfg.dtype), layers.dtype_of(cfg.param_dtype)
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
@@ -589,6 +594,10 @@ class PatchDiscriminator(nnx.Module):
         self.convs = nnx.List(convs)
         self.norms = nnx.List(norms)
         self.head = CausalConv3d(ch, 1, (3, 3, 3), **kw)
+        # Zero rows: a fresh conditional discriminator starts as the unconditional one.
+        self.class_embed = (layers.param(rngs, nnx.initializers.zeros, (num_classes + 1, ch),
+                                         ("vocab", "mlp"), param_dtype)
+                            if num_classes else None)
         self.dtype = dtype
 
     @staticmethod
@@ -597,11 +606,20 @@ class PatchDiscriminator(nnx.Module):
         pad = tuple(_pad_same(n, k, s) for n, k, s in zip(x.shape[1:4], (kt, kh, kw), stride))
         return _conv(x, conv.kernel[...], stride, pad, conv.dtype) + conv.bias[...].astype(conv.dtype)
 
-    def __call__(self, x):
+    def __call__(self, x, label=None):
         h = jax.nn.leaky_relu(self._apply(self.convs[0], x.astype(self.dtype), (1, 2, 2)), 0.2)
         for conv, norm in zip(self.convs[1:], self.norms):
             h = jax.nn.leaky_relu(norm(self._apply(conv, h, (2, 2, 2))), 0.2)
-        return self._apply(self.head, h, (1, 1, 1)).astype(jnp.float32)
+        logits = self._apply(self.head, h, (1, 1, 1)).astype(jnp.float32)
+        if self.class_embed is None or label is None:
+            return logits
+        # A one-hot matmul, not a gather: a partitioned gather of batch-sharded labels sliced
+        # from a larger batch (MeanFlow's endpoint rows) sent one row's gradient to row 0 too
+        # on an 8-device CPU mesh (tests/test_train.py); the tiny matmul is exact.
+        table = self.class_embed[...].astype(jnp.float32)
+        e = jax.nn.one_hot(label, table.shape[0], dtype=jnp.float32) @ table  # [B, ch]
+        proj = jnp.einsum("bthwc,bc->bthw", h.astype(jnp.float32), e)[..., None]
+        return logits + proj
 
 
 def _pad_same(n: int, k: int, s: int) -> tuple[int, int]:
