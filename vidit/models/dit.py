@@ -286,10 +286,7 @@ class VideoDiT(nnx.Module):
         if self.disc is None:
             raise sharding.ConfigError("an adversarial term needs a discriminator: set "
                                        "config.model.disc_width > 0 (e.g. 32)")
-        disc = self.disc
-        if frozen:
-            graphdef, state = nnx.split(disc)
-            disc = nnx.merge(graphdef, jax.lax.stop_gradient(state))
+        disc = vae.frozen(self.disc) if frozen else self.disc
         return disc(x, (cond or {}).get("label"))
 
     def _run_blocks(self, h, c, rope, text, text_mask):

@@ -622,6 +622,13 @@ class PatchDiscriminator(nnx.Module):
         return logits + proj
 
 
+def frozen(module: nnx.Module) -> nnx.Module:
+    """A copy of `module` that reads its state through stop_gradient: a loss on its output
+    trains what feeds it, never the module (a generator's term on a discriminator)."""
+    graphdef, state = nnx.split(module)
+    return nnx.merge(graphdef, jax.lax.stop_gradient(state))
+
+
 def _pad_same(n: int, k: int, s: int) -> tuple[int, int]:
     out = -(-n // s)
     total = max((out - 1) * s + k - n, 0)
@@ -707,9 +714,7 @@ class VAEModel(nnx.Module):
         recon, mean, logvar = self.vae(x, rng)
         out = {"recon": recon, "mean": mean, "logvar": logvar}
         if gan:
-            graphdef, state = nnx.split(self.disc)
-            frozen = nnx.merge(graphdef, jax.lax.stop_gradient(state))
-            out["g_logits"] = frozen(recon)
+            out["g_logits"] = frozen(self.disc)(recon)
             out["d_real"] = self.disc(x)
             out["d_fake"] = self.disc(jax.lax.stop_gradient(recon))
         return out
