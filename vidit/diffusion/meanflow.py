@@ -134,8 +134,8 @@ class MeanFlowObjective(FlowObjective):
         head = jax.tree.map(lambda a: a[:n], cond)
 
         def end_loss():
-            u, target = self.endpoint_jump(model_fn, end_noise, head)
-            total = self.endpoint_weight * jnp.mean(jnp.square(u - target))
+            mse, _, u = self.endpoint_loss(model_fn, end_noise, head)
+            total = self.endpoint_weight * mse
             if self.adversarial:
                 one_step = end_noise - u  # the one-step sample: z_0 = z_1 - u(z_1, 1, 0)
                 g_on = 1.0 if step is None else (step >= self.adversarial_start)
@@ -150,26 +150,21 @@ class MeanFlowObjective(FlowObjective):
                                  lambda: jnp.zeros((), jnp.float32))
         return loss + (n / x0.shape[0]) * extra, per_example
 
-    def endpoint_jump(self, model_fn: ModelFn, noise, cond):
-        """(u(eps, 1, 0 | c), sg of the model's own ``endpoint_steps``-step jump from eps as an
-        average velocity over [0, 1]), both float32."""
+    def endpoint_loss(self, model_fn: ModelFn, noise, cond):
+        """u(eps, 1, 0 | c) against sg of the model's own ``endpoint_steps``-step jump from eps,
+        plain MSE (unweighted): (mean, per-example [B], u in float32 for the adversarial term)."""
         ones = jnp.ones((noise.shape[0],), jnp.float32)
         x = noise.astype(jnp.float32)
         times = jnp.asarray(self.sample_times(self.endpoint_steps), jnp.float32)
         k_step = jax.lax.stop_gradient(_jump(model_fn, x, times, cond, None, 1.0))  # the sampler's
-        u = model_fn(noise, ones, cond, h=ones)
-        return u.astype(jnp.float32), x - k_step
-
-    def endpoint_loss(self, model_fn: ModelFn, noise, cond):
-        """u(eps, 1, 0 | c) against sg of the model's own ``endpoint_steps``-step jump from eps,
-        plain MSE (unweighted): (mean, per-example [B])."""
-        u, target = self.endpoint_jump(model_fn, noise, cond)
+        target = x - k_step  # the k-step jump's average velocity over [0, 1]
+        u = model_fn(noise, ones, cond, h=ones).astype(jnp.float32)
         err = jnp.square(u - target)
         per_example = jnp.mean(err.reshape(err.shape[0], -1), axis=1)
         # Plain MSE, not the adaptive weight: the target is the model's own output, so at init
         # (a zero output) the error is ~0, and 1 / sg(err + c) would blow that up to full-size
         # gradients toward a self-consistent but flat field (measured: the model collapsed).
-        return jnp.mean(per_example), per_example
+        return jnp.mean(per_example), per_example, u
 
     def velocity(self, model_fn: ModelFn, z, v, t, cond, *, target_fn=None, null_cond=None):
         """The velocity field the average velocity is taken of: the data velocity v, or with
