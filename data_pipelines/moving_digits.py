@@ -11,7 +11,9 @@ into a clip, `generate` yields the examples of a split, and the TFDS builder
 `MovingDigits` writes them as ArrayRecord files (readable without TensorFlow)
 through `load_builder`, which builds once and then reuses the files.
 """
+import contextlib
 import dataclasses
+import fcntl
 import functools
 import os
 
@@ -221,6 +223,18 @@ class MovingDigits(tfds.core.GeneratorBasedBuilder):
         return enumerate(generate(split, num, self.builder_config.seed))
 
 
+@contextlib.contextmanager
+def _build_lock(data_dir: str):
+    """An exclusive flock on a file in a local data_dir; nothing for remote (gs://) roots."""
+    if "://" in data_dir:
+        yield
+        return
+    os.makedirs(data_dir, exist_ok=True)
+    with open(os.path.join(data_dir, f".{NAME}.build.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
 def load_builder(data_dir=None, **kwargs) -> MovingDigits:
     """Returns a prepared `MovingDigits` builder, generating the files on first use.
 
@@ -228,11 +242,19 @@ def load_builder(data_dir=None, **kwargs) -> MovingDigits:
       data_dir: TFDS data root; None means `default_data_dir()`.
       **kwargs: `num_train`, `num_validation`, `seed` (see `MovingDigitsConfig`).
     """
-    builder = MovingDigits(data_dir=data_dir or default_data_dir(), **kwargs)
-    if not builder.is_prepared():
-        config = builder.builder_config
-        print(f"Building {NAME} ({config.num_train} train / {config.num_validation} "
-              f"validation clips) in {builder.data_dir} ...", flush=True)
-        builder.download_and_prepare()
-        print(f"Built {NAME} in {builder.data_dir}", flush=True)
+    data_dir = data_dir or default_data_dir()
+    builder = MovingDigits(data_dir=data_dir, **kwargs)
+    if builder.is_prepared():
+        return builder
+    # Runs started together (two seeds on one machine) would both build, and the second to
+    # finish failed renaming onto the first's files: the first to take the lock builds, the
+    # others wait for it and then read its files (a local lock: not for gs:// roots).
+    with _build_lock(str(data_dir)):
+        builder = MovingDigits(data_dir=data_dir, **kwargs)
+        if not builder.is_prepared():
+            config = builder.builder_config
+            print(f"Building {NAME} ({config.num_train} train / {config.num_validation} "
+                  f"validation clips) in {builder.data_dir} ...", flush=True)
+            builder.download_and_prepare()
+            print(f"Built {NAME} in {builder.data_dir}", flush=True)
     return builder

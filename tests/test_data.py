@@ -1,4 +1,6 @@
 """Tests for the embedded moving-digits dataset, the caption tokenizer and the Grain pipeline."""
+import os
+import subprocess
 import sys
 
 import grain
@@ -117,6 +119,23 @@ def test_builder_round_trip_without_tensorflow(data_dir):
 def test_load_builder_reuses_the_files(data_dir, capsys):
     md.load_builder(data_dir, **TINY)
     assert "Building" not in capsys.readouterr().out
+
+
+def test_concurrent_first_builds_both_succeed(tmp_path):
+    # Two runs started together on a fresh machine: without the build lock the second one's
+    # rename onto the first's files raised FileExistsError.
+    code = ("import sys; from data_pipelines import moving_digits as md; "
+            f"b = md.load_builder(sys.argv[1], **{TINY!r}); "
+            "print(b.info.splits['train'].num_examples)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=root,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [p.communicate(timeout=300) + (p.returncode,) for p in procs]
+    for out, err, rc in results:
+        assert rc == 0, err[-2000:]
+        assert out.split()[-1] == "64"
+    assert sum("Building" in out for out, _, _ in results) == 1  # one built, one waited
 
 
 # --------------------------------------------------------------------------- #
