@@ -444,6 +444,84 @@ def test_adversarial_term_rides_on_the_endpoint_rows():
                                       adversarial_weight=-1.0))
 
 
+def _score_draws(rng, shape, t_min=0.2, t_max=0.6):
+    """The re-noising time and noise score_loss draws from ``rng``."""
+    t_rng, noise_rng = jax.random.split(rng)
+    t = jax.random.uniform(t_rng, shape[:1], jnp.float32, t_min, t_max)
+    return t, jax.random.normal(noise_rng, shape, jnp.float32)
+
+
+def test_score_term_regresses_on_the_exact_posterior_mean_for_gaussian_data():
+    """With the exact velocity of N(0, S^2 I) data, the denoised estimate z - t v*(z, t) is the
+    posterior mean E[x | z] = z (1 - t) S^2 / a(t)^2, and the term is the mean square distance
+    of the one-step samples to it."""
+    obj = diffusion.make_objective(dict(name="meanflow", endpoint_fraction=0.25, score_weight=1.0))
+    x = jax.random.normal(jax.random.key(0), (3, 6))
+    rng = jax.random.key(1)
+    t, noise = _score_draws(rng, x.shape)
+    z = (1 - t[:, None]) * x + t[:, None] * noise
+    posterior_mean = z * (1 - t[:, None]) * S**2 / a(t[:, None]) ** 2
+    want = float(jnp.mean((x - posterior_mean) ** 2))
+    assert float(obj.score_loss(u_star, x, None, rng)) == pytest.approx(want, rel=1e-5)
+    assert want > 0.1
+
+
+def test_score_term_gradient_reaches_the_model_through_the_sample_only():
+    """d loss / d theta equals the gradient of |x(theta) - C|^2 with C the denoised estimate
+    computed beforehand: the denoiser (the same parameters) is a constant of the loss. With
+    score_guidance g and a null condition the estimate uses v_null + g (v_cond - v_null)."""
+    theta = jnp.array([0.3, -0.2, 0.5, 0.1])
+    eps = jax.random.normal(jax.random.key(0), (4, 5))
+    cond, null = jnp.array([1.0, 0.0, 2.0, -1.0]), jnp.zeros((1,))
+    rng = jax.random.key(1)
+
+    def model(th):
+        base = toy_model(th)
+        return lambda z, t, c, h: base(z, t, None, h) + th[3] * jnp.cos(z) * c[:, None]
+
+    def sample(th):
+        return eps - model(th)(eps, jnp.ones(4), cond, jnp.ones(4))
+
+    t, noise = _score_draws(rng, eps.shape)
+    z = (1 - t[:, None]) * sample(theta) + t[:, None] * noise
+    for g in (1.0, 2.5):
+        obj = diffusion.make_objective(dict(name="meanflow", endpoint_fraction=0.25,
+                                            score_weight=1.0, score_guidance=g))
+        zero = jnp.zeros(4)
+        v_c, v_u = model(theta)(z, t, cond, zero), model(theta)(z, t, jnp.zeros(4), zero)
+        v = v_u + g * (v_c - v_u)
+        const = np.asarray(z - t[:, None] * v)
+        grad = jax.grad(lambda th: obj.score_loss(model(th), sample(th), cond, rng,
+                                                  null_cond=null))(theta)
+        want = jax.grad(lambda th: jnp.mean((sample(th) - const) ** 2))(theta)
+        np.testing.assert_allclose(grad, want, rtol=1e-5, atol=1e-7)
+        assert np.abs(grad).max() > 0
+
+
+def test_score_term_rides_on_the_endpoint_rows():
+    """loss = the endpoint-row loss + share * w * score term on the rows' one-step samples, from
+    endpoint_start on; bad settings fail."""
+    obj = diffusion.make_objective(dict(name="meanflow", endpoint_fraction=0.25, endpoint_start=5,
+                                        score_weight=3.0))
+    no_score = dataclasses.replace(obj, score_weight=0.0)
+    x0 = S * jax.random.normal(jax.random.key(0), (8, 6))
+    rng, theta = jax.random.key(1), jnp.array([0.3, -0.2, 0.5, 0.1])
+    at = lambda o, step: float(o.loss(toy_model(theta), x0, None, rng,  # noqa: E731
+                                      step=jnp.asarray(step))[0])
+    assert at(obj, 4) == pytest.approx(at(no_score, 4), rel=1e-6)  # before the start
+    eps = jax.random.normal(jax.random.fold_in(rng, 0x656E64), (2, 6))
+    one_step = eps - toy_model(theta)(eps, jnp.ones(2), None, jnp.ones(2))
+    score = float(obj.score_loss(toy_model(theta), one_step, None,
+                                 jax.random.fold_in(rng, 0x73636F)))
+    assert score > 1e-3
+    assert at(obj, 5) == pytest.approx(at(no_score, 5) + 0.25 * 3.0 * score, rel=1e-5)
+    for bad, match in [(dict(score_weight=1.0), "endpoint_fraction"),
+                       (dict(endpoint_fraction=0.25, score_weight=-1.0), "score_weight"),
+                       (dict(score_t_min=0.6, score_t_max=0.5), "score_t_min")]:
+        with pytest.raises(ValueError, match=match):
+            diffusion.make_objective(dict(name="meanflow", **bad))
+
+
 def test_dit_discriminator_is_class_conditional_and_freezes():
     """disc_width > 0 adds a patch discriminator under 'disc' (the DiT's output is unchanged);
     its label projection starts at zero; frozen=True passes no gradient to its parameters."""

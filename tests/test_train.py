@@ -65,8 +65,9 @@ def test_sharded_step_equals_single_device(data_dir, layout):
 
 
 def test_adversarial_meanflow_step_sharded_equals_single_device(data_dir):
-    """MeanFlow with endpoint rows and the adversarial term: the discriminator's parameters are
-    sharded by the same rules, both players train, and 8 devices give the 1-device step."""
+    """MeanFlow with endpoint rows, the adversarial and the (guided) score term: the
+    discriminator's parameters are sharded by the same rules, both players train, and 8 devices
+    give the 1-device step."""
     c = moving_digits.get_config("smoke,objective=meanflow")
     c.data.data_dir = data_dir
     # Width 32: 2 channels per GroupNorm group after the strided conv. With 1 (width <= 16) that
@@ -74,6 +75,7 @@ def test_adversarial_meanflow_step_sharded_equals_single_device(data_dir):
     # turns noise into +-lr, different on each layout.
     c.model.disc_width, c.model.disc_layers = 32, 2
     c.objective.endpoint_start, c.objective.adversarial_weight = 0, 0.5
+    c.objective.score_weight, c.objective.score_guidance = 1.0, 2.0
     batch = first_batch(c)
     init = jax.device_get(Setup(c, sharding.make_mesh(dict(fsdp=1), jax.devices()[:1])).init())
     losses_1, params_1 = run_steps(c, sharding.make_mesh(dict(fsdp=1), jax.devices()[:1]), batch, 2)

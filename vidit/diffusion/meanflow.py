@@ -39,6 +39,14 @@ first rows' data clips (whose conditions the rows share), in the VAE's hinge for
 learn first), and d = hinge(D(data), D(sg(x))) the discriminator only, from ``endpoint_start``.
 The one-step error is a smear of the digits the noise could lead to (docs/few_step): MSE to any
 target rewards that average, D does not. Measured: it lowers one-step FD, not the accuracy.
+
+Score distillation (``score_weight`` > 0, not in the paper; needs ``endpoint_fraction`` > 0):
+the endpoint rows' one-step samples x, re-noised to a uniform t in [score_t_min, score_t_max],
+are denoised by the model's own instantaneous velocity u(z, t, t | c) (guided: trained-in
+guidance, times ``score_guidance``), and x regresses on that sg estimate (SDS, Poole et al.
+2022). The regression on the two-step jump from the same noise rewards the average of the
+digits a noise could lead to; the denoiser's estimate of a re-noised smear leans toward one of
+them, so this term should pull a smear apart.
 """
 import dataclasses
 import functools
@@ -71,6 +79,10 @@ class MeanFlowObjective(FlowObjective):
     endpoint_weight: float = 1.0  # multiplies their plain-MSE loss (the rows' share is separate)
     adversarial_weight: float = 0.0  # hinge GAN on those rows' one-step samples (docstring)
     adversarial_start: int = 0  # the generator's term counts from here (D from endpoint_start)
+    score_weight: float = 0.0  # score distillation on those rows' one-step samples (docstring)
+    score_t_min: float = 0.2  # the re-noising time of that term is uniform in [min, max]
+    score_t_max: float = 0.6
+    score_guidance: float = 1.0  # sampling guidance on top of the model's own (trained-in) one
 
     needs_step: ClassVar[bool] = True  # loss() takes step= (for endpoint_start)
 
@@ -93,6 +105,13 @@ class MeanFlowObjective(FlowObjective):
         if self.adversarial_weight and not self.endpoint_fraction:
             raise ValueError("adversarial_weight > 0 judges the endpoint rows' one-step samples: "
                              "set endpoint_fraction > 0")
+        if self.score_weight < 0:
+            raise ValueError("score_weight must be >= 0")
+        if self.score_weight and not self.endpoint_fraction:
+            raise ValueError("score_weight > 0 judges the endpoint rows' one-step samples: "
+                             "set endpoint_fraction > 0")
+        if not 0.0 <= self.score_t_min < self.score_t_max <= 1.0:
+            raise ValueError("score_t_min and score_t_max need 0 <= min < max <= 1")
         if self.endpoint_steps < 2:
             raise ValueError("endpoint_steps must be >= 2 (the one-step jump is what it trains)")
 
@@ -132,12 +151,18 @@ class MeanFlowObjective(FlowObjective):
         end_rng = jax.random.fold_in(rng, 0x656E64)  # leaves the MeanFlow rows' draws as they were
         end_noise = jax.random.normal(end_rng, (n,) + x0.shape[1:], jnp.float32)
         head = jax.tree.map(lambda a: a[:n], cond)
+        null_head = None if null_cond is None else jax.tree.map(  # per-row nulls go with their rows
+            lambda a: a[:n] if jnp.ndim(a) and a.shape[0] > 1 else a, null_cond)
 
         def end_loss():
             mse, _, u = self.endpoint_loss(model_fn, end_noise, head)
             total = self.endpoint_weight * mse
+            one_step = end_noise - u  # the one-step sample: z_0 = z_1 - u(z_1, 1, 0)
+            if self.score_weight:
+                total = total + self.score_weight * self.score_loss(
+                    model_fn, one_step, head, jax.random.fold_in(rng, 0x73636F),
+                    null_cond=null_head)
             if self.adversarial:
-                one_step = end_noise - u  # the one-step sample: z_0 = z_1 - u(z_1, 1, 0)
                 g_on = 1.0 if step is None else (step >= self.adversarial_start)
                 total = total + self.adversarial_weight * adversarial_loss(
                     disc_fn, one_step, x0[:n].astype(jnp.float32), head, g_on)
@@ -165,6 +190,24 @@ class MeanFlowObjective(FlowObjective):
         # (a zero output) the error is ~0, and 1 / sg(err + c) would blow that up to full-size
         # gradients toward a self-consistent but flat field (measured: the model collapsed).
         return jnp.mean(per_example), per_example, u
+
+    def score_loss(self, model_fn: ModelFn, x, cond, rng, *, null_cond=None):
+        """Score distillation (Poole et al. 2022) on one-step samples x: re-noise sg(x) to a
+        uniform t in [score_t_min, score_t_max], denoise it with the model's own instantaneous
+        (guided) velocity, x_hat = z - t sg(u(z, t, t | c)), and regress x on sg(x_hat):
+        the gradient x - x_hat reaches the DiT through x only."""
+        t_rng, noise_rng = jax.random.split(rng)
+        t = jax.random.uniform(t_rng, (x.shape[0],), jnp.float32, self.score_t_min,
+                               self.score_t_max)
+        noise = jax.random.normal(noise_rng, x.shape, jnp.float32)
+        z, _ = self.corrupt(jax.lax.stop_gradient(x), noise, t)
+
+        def velocity(z, t_vec, c):
+            return model_fn(z, t_vec, c, h=jnp.zeros_like(t_vec))
+
+        v = samplers.guided(velocity, cond, null_cond, self.score_guidance)(z, t)
+        x_hat = jax.lax.stop_gradient(self.predict_x0_eps(v.astype(jnp.float32), z, t)[0])
+        return jnp.mean(jnp.square(x - x_hat))
 
     def velocity(self, model_fn: ModelFn, z, v, t, cond, *, target_fn=None, null_cond=None):
         """The velocity field the average velocity is taken of: the data velocity v, or with
