@@ -379,7 +379,7 @@ def test_meanflow_trains_and_samples_in_one_step(data_dir, tmp_path):
     assert c.model.interval_input
     # the endpoint rows start at 2/3 of the (smoke) run: steps 4 and 5 of 6 train them too
     assert c.objective.endpoint_fraction > 0 and c.objective.endpoint_start == 4
-    assert c.objective.endpoint_weight == 10.0
+    assert c.objective.endpoint_weight == 5.0
     summary = train_lib.train(c, str(tmp_path))
     assert summary["step"] == c.train.steps and all(np.isfinite(summary["losses"]))
     videos, _ = sample_lib.generate(str(tmp_path), num=2, label=3, steps_=1)
