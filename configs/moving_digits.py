@@ -80,23 +80,22 @@ def get_config(arg=None):
         c.objective.guidance = 4.0
         c.objective.guidance_mix = 0.8
         # For the last third of training, 2 extra rows per batch pull the one-step jump toward
-        # the model's own two-step jump, their loss weighted (MeanFlowObjective docstring). Measured
-        # at 4800 steps, 500 samples, seeds 0-4, one step: 60.4% without the rows, 69.6% at
-        # weight 1, 73.2% at weight 10 (each seed +0.4 to +9.2 over weight 1); 4 rows instead
-        # of 2 gained nothing, weight 100 destabilised two of four seeds (docs/few_step). With
-        # the score term below the weight is 5: that regression pulls the one-step sample back
-        # toward the smear the score term pulls apart. Measured from step 3200, one step: weight
-        # 10 81.8% / 79.6% on seeds 1 / 3, 5 83.0% / 84.0%, 2 88.8% / 84.6% but FD 2.1x flow's
-        # best from scratch (seeds 5, 6) and recall down; weight 5 from scratch on seeds 5-8:
-        # 83.8%, FD 3.86 (weight 10: 80.8%, 3.62), 9.5 points behind flow's best (docs/few_step).
+        # the model's own two-step jump, their loss weighted (MeanFlowObjective docstring).
+        # Measured before the score term, at 4800 steps, 500 samples, seeds 0-4, one step: 60.4%
+        # without the rows, 69.6% at weight 1, 73.2% at weight 10 (each seed +0.4 to +9.2 over
+        # weight 1); 4 rows instead of 2 gained nothing, weight 100 destabilised two of four
+        # seeds (docs/few_step).
+        # With the score term below, the weight is 5: this regression pulls the one-step sample
+        # back toward the smear the score term pulls apart. From scratch on seeds 5-8, one step:
+        # weight 10 80.8% / FD 3.62, weight 5 83.8% / 3.86; weight 2 scored higher still on
+        # seeds 5 and 6 but with FD 2.1x flow's best and recall down (docs/few_step).
         c.objective.endpoint_fraction = 0.25
         c.objective.endpoint_start = c.train.get_ref("steps") * 2 // 3  # follows train.steps
         c.objective.endpoint_weight = 5.0
         # Those rows' one-step samples are also pulled toward the model's own guided denoising of
         # them (score distillation, guided at 3 times the trained-in guidance). Measured from
         # step 3200 of seeds 0-4, 500 samples, one step: 70.8% without, 79.6% at guidance 2,
-        # 82.8% at 3 (+6.6 to +14.6 by seed), 82.4% at 4 with FD up; this config from scratch
-        # on unseen seeds 5-8: 80.8%, FD 3.62 (docs/few_step).
+        # 82.8% at 3 (+6.6 to +14.6 by seed), 82.4% at 4 with FD up (all at endpoint weight 10).
         c.objective.score_weight = 10.0
         c.objective.score_guidance = 3.0
         c.sample.guidance = 1.0
