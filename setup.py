@@ -42,5 +42,16 @@ setup(
     packages=find_packages(include=["vidit", "vidit.*", "data_pipelines", "data_pipelines.*"]),
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
+    # The commands also as console scripts: vidit-train ... is python -m vidit.train ...
+    entry_points={"console_scripts": [
+        "vidit-train = vidit.train:entry_point",
+        "vidit-sample = vidit.sample:entry_point",
+        "vidit-evaluate = vidit.evaluate:entry_point",
+        "vidit-export = vidit.export:entry_point",
+        "vidit-compile = vidit.compile:entry_point",
+        "vidit-sweep = vidit.sweep:entry_point",
+        "vidit-encode-latents = data_pipelines.encode_latents:main",
+        "vidit-build-video-folder = data_pipelines.build_video_folder:main",
+    ]},
     license="Apache-2.0",
 )

@@ -20,6 +20,9 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from vidit.models import attention as attention_lib  # noqa: E402
+from vidit import host_malloc  # noqa: E402
+
+host_malloc.tune()  # as the vidit commands do, before JAX starts its threads
 
 
 def peak_bytes(backend: str, tokens: int, heads: int, head_dim: int, batch: int) -> int:

@@ -46,9 +46,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from train_step import benchmark_config  # noqa: E402  (the config loader of train_step.py)
 
-from vidit import autoencoder as autoencoder_lib, diffusion, sharding, steps  # noqa: E402
-from vidit import train as train_lib  # noqa: E402
+from vidit import autoencoder as autoencoder_lib, batches, checks, diffusion  # noqa: E402
+from vidit import host_malloc, latent_stats, run as run_lib, sharding, steps  # noqa: E402
 from vidit.train_state import Setup  # noqa: E402
+
+host_malloc.tune()  # as the vidit commands do, before JAX starts its threads
 
 
 _START = time.perf_counter()
@@ -93,28 +95,29 @@ def pipeline_rate(config, workers: int, batches: int, warmup: int) -> dict:
             "startup_and_warmup_s": round(warmup_s, 2)}
 
 
-def step_rate(config, batch: dict, nsteps: int, step_args=(), loop_steps: int = 0) -> dict:
+def step_rate(config, batch: dict, nsteps: int, autoencoder=None, loop_steps: int = 0) -> dict:
     """Median time of the compiled train step on `batch` (as benchmarks/train_step.py times it),
     and, with loop_steps, the trainer loop's time per step over that many steps of a fresh
-    train iterator (its start-up and first batch excluded)."""
+    train iterator (its start-up and first batch excluded). `autoencoder`: a latent DiT's."""
     mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-    train_lib.validate(config, mesh)
-    setup = Setup(config, mesh)
+    checks.validate(config, mesh, autoencoder=autoencoder)
+    setup = Setup(config, mesh, autoencoder=autoencoder)
+    frozen = {} if autoencoder is None else {"autoencoder": autoencoder.params}
     objective = diffusion.make_objective(config.objective)
     state = setup.init()
     step = steps.jit_train_step(setup, objective)
     progress(f"train step: compiling (batch {config.data.batch_size})")
     with sharding.use(mesh, config.sharding_rules):
-        gbatch = train_lib.global_batch(batch, mesh)
+        gbatch = batches.global_batch(batch, mesh)
         t0 = time.perf_counter()
-        compiled = step.lower(state, gbatch, *step_args).compile()
+        compiled = step.lower(state, gbatch, frozen).compile()
         compile_s = time.perf_counter() - t0
-        state, m = compiled(state, gbatch, *step_args)  # warm-up
+        state, m = compiled(state, gbatch, frozen)  # warm-up
         jax.block_until_ready(m)
         times = []
         for _ in range(nsteps):
             t0 = time.perf_counter()
-            state, m = compiled(state, gbatch, *step_args)
+            state, m = compiled(state, gbatch, frozen)
             jax.block_until_ready(m)
             times.append(time.perf_counter() - t0)
         step_time = float(np.median(times))
@@ -130,7 +133,7 @@ def step_rate(config, batch: dict, nsteps: int, step_args=(), loop_steps: int = 
             t0 = time.perf_counter()
             for _ in range(loop_steps):
                 local = next(train_iter)
-                state, m = compiled(state, train_lib.global_batch(local, mesh), *step_args)
+                state, m = compiled(state, batches.global_batch(local, mesh), frozen)
             jax.block_until_ready((state, m))
             loop_s = (time.perf_counter() - t0) / loop_steps
             del train_iter
@@ -174,14 +177,14 @@ def pixel_config(spec: str, args) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 def stub_vae_dir(vae_spec: str) -> str:
-    """A folder vidit/autoencoder.Autoencoder accepts: the VAE config and identity latent
-    statistics (no weights: the params are random and passed to the step directly)."""
+    """A VAE folder's config and identity latent statistics (no weights: the params are random
+    and passed to the step directly)."""
     vc = load_config(vae_spec)
     path = tempfile.mkdtemp(prefix="vidit_stub_vae_")
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(vc.to_dict(), f, indent=2, default=str)
     n = int(vc.model.latent_channels)
-    with open(os.path.join(path, autoencoder_lib.STATS_FILE), "w") as f:
+    with open(os.path.join(path, latent_stats.STATS_FILE), "w") as f:
         json.dump({"mean": [0.0] * n, "std": [1.0] * n,
                    "note": "benchmark stub: identity statistics, not measured"}, f)
     return path
@@ -211,8 +214,9 @@ def latent_part(args) -> dict:
     from data_pipelines import pipeline
     notes = []
     vae_dir = stub_vae_dir(args.vae_config)
-    ae = autoencoder_lib.Autoencoder(vae_dir)
-    params = random_vae_params(ae)
+    ae = autoencoder_lib.Autoencoder(vae_dir, run_lib.read_config(vae_dir),
+                                     latent_stats.read(vae_dir))
+    params = ae.params = random_vae_params(ae)
     nparams = int(sum(x.size for x in jax.tree.leaves(params)))
     out = {"vae_config": args.vae_config,
            "vae_params": f"random (numpy seed 0: weights normal / sqrt(fan-in), norm scales 1, "
@@ -261,7 +265,7 @@ def latent_part(args) -> dict:
                          "encode_latents writes from a trained VAE (none on disk here), so the "
                          "step is timed on random latents of that shape and no pipeline rate or "
                          "ratio is given for it")
-        entry["step"] = step_rate(c, batch, args.steps, step_args=(None, params))
+        entry["step"] = step_rate(c, batch, args.steps, autoencoder=ae)
         if mode == "online":
             p = pipeline_rate(c, int(c.data.num_workers), args.batches, args.warmup)
             entry["pipeline"] = p

@@ -27,6 +27,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from vidit import diffusion, sharding, steps  # noqa: E402
 from vidit.train_state import Setup  # noqa: E402
+from vidit import host_malloc  # noqa: E402
+
+host_malloc.tune()  # as the vidit commands do, before JAX starts its threads
 
 
 def load_config(spec: str):

@@ -38,6 +38,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from data_pipelines import data_config
+
 WORK = "_encode_work"  # under --out: per-batch files and the DONE marker
 INFO = "latent_info.json"
 DATASET_VERSION = "1.0.0"
@@ -111,27 +113,15 @@ def _carried_features(source_features) -> dict:
 # ---------------------------------------------------------------------------------------------
 def _data_config(ae_config, dataset: str, data_dir: str | None, num_frames: int | None,
                  builder_kwargs: dict | None):
-    from data_pipelines import pipeline
-    cfg = pipeline.default_data_config()
+    cfg = data_config.defaults()
     for key in ("num_frames", "frame_stride", "height", "width", "channels"):
         cfg[key] = ae_config.data[key]
     cfg.name = dataset
-    cfg.data_dir = data_dir or None
+    cfg.data_dir = data_dir or ""
     cfg.builder_kwargs = dict(builder_kwargs or {})
     if num_frames:
         cfg.num_frames = int(num_frames)
     return cfg
-
-
-def _clip(element: dict, spec) -> np.ndarray:
-    """The first frames of a stored example as the pipeline's validation clip, in [-1, 1]."""
-    from data_pipelines import pipeline
-    video = pipeline._temporal_crop(np.asarray(element["video"]), spec, None, False)
-    video = video.astype(np.float32)
-    if video.shape[1:3] != (spec.height, spec.width):
-        video = pipeline._resize_and_crop(video, spec.height, spec.width)
-    video = pipeline._convert_channels(video, spec.channels)
-    return video / 127.5 - 1.0
 
 
 def _carried(element: dict, keys) -> dict:
@@ -168,10 +158,11 @@ def encode(autoencoder: str, dataset: str, out: str, *, data_dir: str | None = N
     """Encodes `dataset` (or resumes an interrupted encode); returns the dataset's folder."""
     import jax
     from data_pipelines import pipeline
-    from vidit import autoencoder as ae_lib
+    from vidit import run as run_lib
     from vidit import sharding
 
-    ae = ae_lib.Autoencoder(autoencoder)
+    mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1, sequence=1))
+    ae = run_lib.load_autoencoder(autoencoder, mesh)
     name = name or f"{dataset}_latents"
     cls = builder_class(name)
     out = os.path.abspath(os.path.expanduser(out))
@@ -184,20 +175,19 @@ def encode(autoencoder: str, dataset: str, out: str, *, data_dir: str | None = N
         return folder
 
     data_cfg = _data_config(ae.config, dataset, data_dir, num_frames, builder_kwargs)
-    spec = pipeline._spec(data_cfg)
+    spec = pipeline.clip_spec(data_cfg)
     latent = ae.latent_shape(spec.num_frames, spec.height, spec.width)
     if spec.channels != ae.channels:
         raise EncodeError(f"the autoencoder takes {ae.channels} channels, data has {spec.channels}")
-    source = pipeline._load_builder(data_cfg)
+    source = pipeline.load_builder(data_cfg)
     if "video" not in source.info.features:
         raise EncodeError(f"{dataset} has no 'video' feature (is it a latent dataset already?)")
     stored = source.info.features["video"].shape[0]
     if stored is not None:
-        pipeline._check_span(spec, stored)
+        pipeline.check_span(spec, stored)
     splits = splits or sorted(source.info.splits)
     carried = _carried_features(source.info.features)
 
-    mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1, sequence=1))
     shards = sharding.batch_shards(mesh)
     if batch_size % shards:
         raise EncodeError(f"--batch_size {batch_size} must be a multiple of the {shards} devices")
@@ -220,7 +210,7 @@ def encode(autoencoder: str, dataset: str, out: str, *, data_dir: str | None = N
         with open(manifest, "w") as f:
             json.dump(settings, f, indent=2)
 
-    params = ae.load_params(mesh)
+    params = ae.params
     batch_sh = sharding.batch_sharding(mesh, 5)
     encode_fn = jax.jit(ae.encode_raw, out_shardings=batch_sh)
     global_shape = (batch_size, spec.num_frames, spec.height, spec.width, spec.channels)
@@ -242,7 +232,7 @@ def encode(autoencoder: str, dataset: str, out: str, *, data_dir: str | None = N
             rows = {r: b * batch_size + r for r in my_rows}
             valid = {r: i for r, i in rows.items() if i < n}
             elements = {r: data[i] for r, i in valid.items()}
-            clips = {r: _clip(e, spec) for r, e in elements.items()}
+            clips = {r: pipeline.video_clip(e, spec) for r, e in elements.items()}
             zero = np.zeros(global_shape[1:], np.float32)
 
             def piece(idx):
@@ -325,7 +315,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="clip frames (default: the autoencoder run's data.num_frames)")
     p.add_argument("--builder_kwargs", default="{}", help="JSON, e.g. '{\"num_train\": 64}'")
     args = p.parse_args(argv)
-    from vidit import cli
+    from vidit import cli, host_malloc
+    from vidit.errors import LoadError
+    host_malloc.tune()  # before JAX starts its threads (vidit/host_malloc.py)
     cli.setup()
     tfds.disable_progress_bar()
     try:
@@ -333,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
                         name=args.name, splits=args.splits.split(",") if args.splits else None,
                         batch_size=args.batch_size, num_frames=args.num_frames,
                         builder_kwargs=json.loads(args.builder_kwargs))
-    except (EncodeError, ValueError) as e:
+    except (EncodeError, LoadError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     info = read_info(folder)

@@ -13,43 +13,24 @@ and `CheckpointRestore`, which keep one file per process). A run restarted on a
 different number of hosts can therefore set that step on its new iterators and
 see the same global batches.
 
-`data_cfg` fields (an `ml_collections.ConfigDict`; see `default_data_config`):
-  name, data_dir, num_frames, frame_stride, height, width, channels,
-  batch_size (global), text_len, num_workers, builder_kwargs.
+`data_cfg` fields (an `ml_collections.ConfigDict`): see data_config.py, whose defaults fill any
+field a caller leaves out.
 """
 import dataclasses
 import functools
 import os
 
 import grain
-import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import flags
 
-from data_pipelines import moving_digits
-from data_pipelines import tokenize
-
-
-def default_data_config() -> ml_collections.ConfigDict:
-    """The data config with its defaults (the tiny embedded moving-digits set)."""
-    return ml_collections.ConfigDict(dict(
-        name=moving_digits.NAME,
-        data_dir=None,  # None: $VIDIT_DATA_DIR or ~/.cache/vidit/tensorflow_datasets
-        num_frames=8,
-        frame_stride=1,
-        height=32,
-        width=32,
-        channels=1,
-        batch_size=16,  # global: summed over all processes
-        text_len=32,
-        num_workers=0,  # 0: preprocess in this process; >0: Grain worker processes
-        builder_kwargs={},
-    ))
+from data_pipelines import data_config, moving_digits
+from vidit.models import byte_tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
-class _Spec:
+class ClipSpec:
     """The config values the per-element transform needs (small and picklable for workers)."""
 
     num_frames: int
@@ -65,11 +46,11 @@ class _Spec:
         return self.num_frames * self.frame_stride
 
 
-def _spec(data_cfg) -> _Spec:
-    return _Spec(**{field.name: int(data_cfg[field.name]) for field in dataclasses.fields(_Spec)})
+def clip_spec(data_cfg) -> ClipSpec:
+    return ClipSpec(**{field.name: int(data_cfg[field.name]) for field in dataclasses.fields(ClipSpec)})
 
 
-def _check_span(spec: _Spec, clip_length: int) -> None:
+def check_span(spec: ClipSpec, clip_length: int) -> None:
     if spec.span > clip_length:
         raise ValueError(
             f"data.num_frames * data.frame_stride = {spec.num_frames} * {spec.frame_stride} = "
@@ -89,19 +70,19 @@ def _resize_matrix(n_out: int, n_in: int) -> np.ndarray:
     return (weights / weights.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
-def _resize_and_crop(video: np.ndarray, height: int, width: int) -> np.ndarray:
+def resize_and_crop(video: np.ndarray, height: int, width: int) -> np.ndarray:
     """Scales float [T, H, W, C] to cover (height, width), then centre-crops to it."""
     _, in_h, in_w, _ = video.shape
     scale = max(height / in_h, width / in_w)
     out_h, out_w = max(height, round(in_h * scale)), max(width, round(in_w * scale))
-    # Two batched matmuls over [T, C, H, W] (np.einsum is ~100x slower here).
+    # Two batched matmuls over [T, C, H, W] (np.einsum is far slower here).
     planes = np.matmul(_resize_matrix(out_h, in_h), video.transpose(0, 3, 1, 2))
     planes = np.matmul(planes, _resize_matrix(out_w, in_w).T)
     top, left = (out_h - height) // 2, (out_w - width) // 2
     return planes[:, :, top:top + height, left:left + width].transpose(0, 2, 3, 1)
 
 
-def _convert_channels(video: np.ndarray, channels: int) -> np.ndarray:
+def convert_channels(video: np.ndarray, channels: int) -> np.ndarray:
     """Grey -> any (repeat), any -> grey (mean); other mismatches are an error."""
     stored = video.shape[-1]
     if stored == channels:
@@ -113,42 +94,49 @@ def _convert_channels(video: np.ndarray, channels: int) -> np.ndarray:
     raise ValueError(f"data.channels={channels} cannot be made from {stored} stored channels")
 
 
-def _temporal_crop(video: np.ndarray, spec: _Spec, rng: np.random.Generator, train: bool):
+def temporal_crop(video: np.ndarray, spec: ClipSpec, rng: np.random.Generator, train: bool):
     """`num_frames` frames `frame_stride` apart: a random window when training, else the first."""
-    _check_span(spec, len(video))  # also catches variable-length clips that are too short
+    check_span(spec, len(video))  # also catches variable-length clips that are too short
     start = int(rng.integers(len(video) - spec.span + 1)) if train else 0
     return video[start:start + spec.span:spec.frame_stride]
 
 
-def _preprocess(element: dict, rng: np.random.Generator, *, spec: _Spec, train: bool) -> dict:
+def video_clip(element: dict, spec: ClipSpec, rng: np.random.Generator | None = None,
+               train: bool = False) -> np.ndarray:
+    """A stored example's clip as the model sees it: float32 [T, H, W, C] in [-1, 1], a random
+    window when training, else the first frames."""
+    video = temporal_crop(np.asarray(element["video"]), spec, rng, train)
+    video = video.astype(np.float32)
+    if video.shape[1:3] != (spec.height, spec.width):
+        video = resize_and_crop(video, spec.height, spec.width)
+    return convert_channels(video, spec.channels) / 127.5 - 1.0
+
+
+def _preprocess(element: dict, rng: np.random.Generator, *, spec: ClipSpec, train: bool) -> dict:
     """One stored example -> {'video' float32 [-1, 1], 'label' int32, 'text' int32 tokens}."""
     if "latent" in element:  # a latent dataset (encode_latents.py): the stored latent as is
         return _latent_example(element, spec)
-    video = _temporal_crop(np.asarray(element["video"]), spec, rng, train)
-    video = video.astype(np.float32)
-    if video.shape[1:3] != (spec.height, spec.width):
-        video = _resize_and_crop(video, spec.height, spec.width)
-    video = _convert_channels(video, spec.channels)
-    caption = element.get("caption", tokenize.NULL)  # datasets without captions get the null one
+    video = video_clip(element, spec, rng, train)
+    caption = element.get("caption", byte_tokenizer.NULL)  # datasets without captions get the null one
     if isinstance(caption, bytes):
         caption = caption.decode("utf-8")
     return {
-        "video": video / 127.5 - 1.0,
+        "video": video,
         "label": np.int32(element.get("label", -1)),  # -1: unlabelled (e.g. build_video_folder)
-        "text": tokenize.encode(caption, spec.text_len),
+        "text": byte_tokenizer.encode(caption, spec.text_len),
     }
 
 
-def _latent_example(element: dict, spec: _Spec) -> dict:
+def _latent_example(element: dict, spec: ClipSpec) -> dict:
     """{'latent' float32 [T', H', W', C] (raw posterior mean; the train step normalises it),
     'label', 'text'} from a dataset written by data_pipelines/encode_latents.py."""
-    caption = element.get("caption", tokenize.NULL)
+    caption = element.get("caption", byte_tokenizer.NULL)
     if isinstance(caption, bytes):
         caption = caption.decode("utf-8")
     return {
         "latent": np.asarray(element["latent"], np.float32),
         "label": np.int32(element.get("label", -1)),
-        "text": tokenize.encode(caption, spec.text_len),
+        "text": byte_tokenizer.encode(caption, spec.text_len),
     }
 
 
@@ -204,7 +192,7 @@ class ProcessRowsMapDataset(grain.MapDataset):
 # Assembly.
 # --------------------------------------------------------------------------- #
 
-def _load_builder(data_cfg) -> tfds.core.DatasetBuilder:
+def load_builder(data_cfg) -> tfds.core.DatasetBuilder:
     """The prepared TFDS builder for `data.name`; moving_digits is generated on first use."""
     builder_kwargs = dict(data_cfg.get("builder_kwargs") or {})
     if data_cfg.name == moving_digits.NAME:
@@ -218,9 +206,9 @@ def _load_builder(data_cfg) -> tfds.core.DatasetBuilder:
     return builder
 
 
-def _data_source(data_cfg, split: str, spec: _Spec):
+def _data_source(data_cfg, split: str, spec: ClipSpec):
     """Random-access source for `split`, after checking the split and the clip length."""
-    builder = _load_builder(data_cfg)
+    builder = load_builder(data_cfg)
     base_split = split.split("[")[0]  # allow TFDS slicing such as "train[:10%]"
     if base_split not in builder.info.splits:
         raise ValueError(f"split={split!r} does not exist in data.name={data_cfg.name!r}; "
@@ -229,7 +217,7 @@ def _data_source(data_cfg, split: str, spec: _Spec):
         return builder.as_data_source(split)
     stored_length = builder.info.features["video"].shape[0]
     if stored_length is not None:  # variable-length clips are checked per element
-        _check_span(spec, stored_length)
+        check_span(spec, stored_length)
     return builder.as_data_source(split)
 
 
@@ -264,7 +252,7 @@ def make_iterator(data_cfg, split: str, *, seed: int, train: bool,
     """Iterator over this process's rows of each global batch of `split`.
 
     Args:
-      data_cfg: data config (fields as in `default_data_config`; missing ones take defaults).
+      data_cfg: data config (fields as in data_config.py; missing ones take its defaults).
       split: TFDS split name, e.g. "train", "validation" or "train[:10%]".
       seed: fixes the shuffle order and the augmentations.
       train: repeat forever with random temporal crops; otherwise one pass
@@ -279,13 +267,13 @@ def make_iterator(data_cfg, split: str, *, seed: int, train: bool,
       b = batch_size / process_count. A latent dataset (data_pipelines/encode_latents.py)
       gives `latent` float32 [b, T', H', W', C] instead of `video`.
     """
-    cfg = default_data_config()
+    cfg = data_config.defaults()
     cfg.update(data_cfg)
     process_index, process_count = _process_index_and_count(process_index, process_count)
     if cfg.batch_size % process_count:
         raise ValueError(f"data.batch_size={cfg.batch_size} does not divide by "
                          f"process_count={process_count}")
-    spec = _spec(cfg)
+    spec = clip_spec(cfg)
     # Independent streams for the order and the augmentations, both from `seed`.
     shuffle_seed, augment_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))
 

@@ -7,6 +7,7 @@ import pytest
 from configs import dit_1b
 from vidit import compile as compile_lib
 from vidit import config_lib, sharding
+from vidit.errors import ConfigError
 
 os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # quiets libtpu's host probing
 
@@ -58,5 +59,5 @@ def test_libtpu_held_by_another_process_is_named(monkeypatch):
 
 
 def test_unknown_chip_is_rejected():
-    with pytest.raises(sharding.ConfigError, match="not one of"):
+    with pytest.raises(ConfigError, match="not one of"):
         compile_lib.topology_devices("v9x:2x2")

@@ -11,15 +11,15 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from data_pipelines import moving_digits as md
-from data_pipelines import pipeline
-from data_pipelines import tokenize
+from data_pipelines import data_config, pipeline
+from vidit.models import byte_tokenizer
 
 TINY = {"num_train": 64, "num_validation": 16}
 
 
 @pytest.fixture
 def cfg(data_dir):
-    cfg = pipeline.default_data_config()
+    cfg = data_config.defaults()
     cfg.data_dir = data_dir
     cfg.builder_kwargs = dict(TINY)
     cfg.batch_size = 8
@@ -143,14 +143,14 @@ def test_concurrent_first_builds_both_succeed(tmp_path):
 # --------------------------------------------------------------------------- #
 
 def test_tokenizer_round_trip_padding_and_truncation():
-    tokens = tokenize.encode("a 3 é", 10)
+    tokens = byte_tokenizer.encode("a 3 é", 10)
     assert tokens.dtype == np.int32 and tokens.shape == (10,)
-    assert tokens[0] == tokenize.BOS and tokens[-1] == tokenize.PAD
-    assert tokens[1] == ord("a") + 2 and tokens.max() < tokenize.VOCAB_SIZE == 258
-    assert tokenize.decode(tokens) == "a 3 é"
-    assert tokenize.decode(tokenize.encode("abcdef", 4)) == "abc"  # BOS + 3 bytes
-    np.testing.assert_array_equal(tokenize.encode(tokenize.NULL, 4), [1, 0, 0, 0])
-    np.testing.assert_array_equal(tokenize.null_tokens(4), [1, 0, 0, 0])
+    assert tokens[0] == byte_tokenizer.BOS and tokens[-1] == byte_tokenizer.PAD
+    assert tokens[1] == ord("a") + 2 and tokens.max() < byte_tokenizer.VOCAB_SIZE == 258
+    assert byte_tokenizer.decode(tokens) == "a 3 é"
+    assert byte_tokenizer.decode(byte_tokenizer.encode("abcdef", 4)) == "abc"  # BOS + 3 bytes
+    np.testing.assert_array_equal(byte_tokenizer.encode(byte_tokenizer.NULL, 4), [1, 0, 0, 0])
+    np.testing.assert_array_equal(byte_tokenizer.null_tokens(4), [1, 0, 0, 0])
 
 
 # --------------------------------------------------------------------------- #
@@ -164,9 +164,9 @@ def test_pipeline_elements(cfg):
     assert batch["video"].min() >= -1 and batch["video"].max() <= 1
     assert batch["video"].min() == -1 and batch["video"].max() > 0.5
     assert batch["label"].shape == (8,) and batch["label"].dtype == np.int32
-    assert batch["text"].shape == (8, 32) and batch["text"].dtype == np.int32
+    assert batch["text"].shape == (8, cfg.text_len) and batch["text"].dtype == np.int32
     for label, text in zip(batch["label"], batch["text"]):
-        assert tokenize.decode(text).startswith(f"a {label} moving")  # rows stay aligned
+        assert byte_tokenizer.decode(text).startswith(f"a {label} moving")  # rows stay aligned
 
 
 class RgbClipsForTest(tfds.core.GeneratorBasedBuilder):
@@ -195,7 +195,7 @@ class RgbClipsForTest(tfds.core.GeneratorBasedBuilder):
 
 
 def test_pipeline_reads_other_datasets(tmp_path):
-    cfg = pipeline.default_data_config()
+    cfg = data_config.defaults()
     cfg.update(dict(name=RgbClipsForTest.name, data_dir=str(tmp_path), batch_size=4, frame_stride=2))
     with pytest.raises(ValueError, match="data.name"):  # not prepared yet
         pipeline.make_iterator(cfg, "train", seed=0, train=True)
@@ -203,17 +203,17 @@ def test_pipeline_reads_other_datasets(tmp_path):
     batch = next(pipeline.make_iterator(cfg, "train", seed=0, train=True))  # JAX's process 0 of 1
     assert batch["video"].shape == (4, 8, 32, 32, 1)  # cropped, resized, RGB -> grey
     assert batch["video"].min() >= -1 and batch["video"].max() <= 1
-    np.testing.assert_array_equal(batch["text"], np.stack([tokenize.null_tokens(32)] * 4))
+    np.testing.assert_array_equal(batch["text"], np.stack([byte_tokenizer.null_tokens(cfg.text_len)] * 4))
 
 
 def test_resize_and_crop():
     constant = np.full((2, 40, 48, 3), 0.25, np.float32)
-    np.testing.assert_allclose(pipeline._resize_and_crop(constant, 24, 20), 0.25, rtol=1e-6)
+    np.testing.assert_allclose(pipeline.resize_and_crop(constant, 24, 20), 0.25, rtol=1e-6)
     stripes = np.zeros((1, 8, 8, 1), np.float32)
     stripes[:, :, 1::2] = 1.0  # one-pixel vertical stripes
-    halved = pipeline._resize_and_crop(stripes, 4, 4)  # antialiased: stripes average out
+    halved = pipeline.resize_and_crop(stripes, 4, 4)  # antialiased: stripes average out
     np.testing.assert_allclose(halved[0, 1:-1, 1:-1], 0.5, atol=1e-6)
-    assert pipeline._resize_and_crop(constant, 16, 16).shape == (2, 16, 16, 3)  # crop after cover
+    assert pipeline.resize_and_crop(constant, 16, 16).shape == (2, 16, 16, 3)  # crop after cover
 
 
 def test_pipeline_resizes_converts_channels_and_strides(cfg):

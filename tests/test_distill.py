@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import moving_digits
-from vidit import diffusion, export, sharding, teacher as teacher_lib
+from vidit import diffusion, export, run as run_lib, sharding, teacher as teacher_lib
 from vidit.diffusion import distill, meanflow
 from vidit.train_state import Setup
 
@@ -27,8 +27,8 @@ def labelled_teacher(z, t, cond, h=None):
 
 def test_config_and_teacher_is_required():
     obj = diffusion.make_objective(diffusion.default_config("distill"))
-    assert isinstance(obj, distill.DistillObjective) and obj.target_model == "teacher"
-    assert obj.needs_jvp and obj.needs_interval and obj.teacher_workdir == ""
+    assert isinstance(obj, distill.DistillObjective) and obj.needs.target == "teacher"
+    assert obj.needs.jvp and obj.needs.interval_input and obj.teacher_workdir == ""
     z = jnp.ones((2, 3))
     with pytest.raises(ValueError, match="target_fn"):
         obj.velocity(None, z, z, jnp.ones(2), None)
@@ -99,8 +99,8 @@ def test_stop_gradient_on_teacher_and_target():
 def _write_export(path, config, params):
     from safetensors.numpy import save_file
     os.makedirs(path, exist_ok=True)
-    save_file(export._flat(jax.device_get(params)), os.path.join(path, export.WEIGHTS))
-    with open(os.path.join(path, export.CONFIG), "w") as f:
+    save_file(export.flat_params(params), os.path.join(path, run_lib.WEIGHTS))
+    with open(os.path.join(path, run_lib.CONFIG), "w") as f:
         json.dump(config.to_dict(), f)
 
 
@@ -172,7 +172,7 @@ def test_teacher_errors_name_the_path(tmp_path):
     del old["model"]["time_scale"]
     with open(empty / "config.json", "w") as f:
         json.dump(old, f)
-    read = export.read_config(str(empty))
+    read = run_lib.read_config(str(empty))
     assert read.model.time_scale == sc.model.time_scale == 1000.0
     teacher_lib.check_compatible(read, sc, "x")
     # ... and a different time embedding is a different function

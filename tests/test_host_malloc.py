@@ -16,9 +16,21 @@ def test_env_switch_turns_it_off(monkeypatch):
     assert host_malloc.tune() is False
 
 
-def test_import_vidit_does_not_start_jax():
-    # The tuning must run before JAX creates its thread pools, so `import vidit` may not import jax.
-    code = "import sys, vidit; print('jax' in sys.modules)"
+def test_a_library_import_leaves_the_allocator_alone():
+    # The tuning changes the whole process: importing vidit, even its trainer, must not apply it
+    # (host_malloc is not even imported); only a command's entry point does.
+    code = ("import sys, vidit, vidit.train, vidit.sample, vidit.run; "
+            "print('vidit.host_malloc' in sys.modules, 'jax' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, env=dict(os.environ)).stdout.strip()
-    assert out == "False"
+                         check=True, env=dict(os.environ)).stdout.split()
+    assert out == ["False", "True"]
+
+
+def test_command_entry_point_tunes_before_flags_and_main(monkeypatch):
+    from absl import app
+    from vidit import cli
+    calls = []
+    monkeypatch.setattr(host_malloc, "tune", lambda: calls.append("tune"))
+    monkeypatch.setattr(app, "run", lambda main: calls.append("run"))
+    cli.run(lambda argv: None, lambda: calls.append("flags"))
+    assert calls == ["tune", "flags", "run"]

@@ -14,10 +14,11 @@ import pytest
 from flax import nnx
 
 from configs import latent_digits, vae_moving_digits
-from data_pipelines import encode_latents, pipeline
-from vidit import autoencoder, diffusion, export, sharding, steps
+from data_pipelines import data_config, encode_latents, pipeline
+from vidit import batches, diffusion, export, latent_stats, run as run_lib, sharding, steps
 from vidit import train as train_lib
-from vidit.models import vae
+from vidit.errors import ConfigError
+from vidit.models import discriminator, vae
 from vidit.train_state import Setup
 
 
@@ -65,7 +66,7 @@ def test_vae_trains_through_vidit_train(vae_run):
     import imageio.v3 as iio
     gif = iio.imread(os.path.join(workdir, "samples", sorted(samples)[0]))
     assert gif.shape[0] == c.data.num_frames  # input | reconstruction, 9 frames
-    stats = json.load(open(os.path.join(workdir, autoencoder.STATS_FILE)))
+    stats = json.load(open(os.path.join(workdir, latent_stats.STATS_FILE)))
     assert len(stats["mean"]) == len(stats["std"]) == c.model.latent_channels
     assert all(np.isfinite(stats["mean"])) and all(0 < s < 1e3 for s in stats["std"])
     assert stats["num_clips"] > 0 and stats["step"] == c.train.steps
@@ -75,12 +76,14 @@ def test_vae_export_carries_latent_stats(vae_run, tmp_path):
     workdir, _, _ = vae_run
     out = str(tmp_path / "export")
     export.export(workdir, out)
-    assert os.path.exists(os.path.join(out, autoencoder.STATS_FILE))
-    _, _, params, _ = export.load(out)  # int keys (the VAE's layer lists) round-trip
-    _, _, ref, _ = export.load(workdir)
+    assert os.path.exists(os.path.join(out, latent_stats.STATS_FILE))
+    params = run_lib.load(out).params  # int keys (the VAE's layer lists) round-trip
+    ref = run_lib.load(workdir).params
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), jax.device_get(ref))
-    ae = autoencoder.Autoencoder(out)
+    ae = run_lib.load_autoencoder(out, sharding.make_mesh(dict(fsdp=-1)))
     assert ae.latent_shape(9, 32, 32) == (3, 8, 8, ae.latent_channels)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(ae.params),
+                 jax.device_get(ref["vae"]))
 
 
 def test_gan_gradients_are_split():
@@ -94,8 +97,8 @@ def test_gan_gradients_are_split():
 
     def term(name, p):
         out = nnx.merge(graphdef, p)(x, None, gan=True)
-        return (vae.g_hinge_loss(out["g_logits"]) if name == "g"
-                else vae.d_hinge_loss(out["d_real"], out["d_fake"]))
+        return (discriminator.g_hinge_loss(out["g_logits"]) if name == "g"
+                else discriminator.d_hinge_loss(out["d_real"], out["d_fake"]))
 
     def norms(g):
         return {k: float(sum(jnp.sum(jnp.abs(v)) for v in jax.tree.leaves(g[k])))
@@ -119,7 +122,7 @@ def test_gan_gradients_are_split():
 def test_vae_config_errors(data_dir, tmp_path):
     c = vae_moving_digits.get_config("smoke")
     _set(c, **{"data.data_dir": data_dir, "data.num_frames": 8})
-    with pytest.raises(sharding.ConfigError, match="1 \\+ k\\*4"):
+    with pytest.raises(ConfigError, match="1 \\+ k\\*4"):
         train_lib.train(c, str(tmp_path))
     for variant in ("compression=1x4x4", "compression=4x8x8"):
         c = vae_moving_digits.get_config(variant + ",smoke")
@@ -130,14 +133,14 @@ def test_vae_config_errors(data_dir, tmp_path):
 
 # ---------------------------------------------------------------------------- latent caching
 def _source(data_dir, split="train"):
-    cfg = pipeline.default_data_config()
+    cfg = data_config.defaults()
     cfg.data_dir = data_dir
     cfg.builder_kwargs = {"num_train": 64, "num_validation": 16}
-    return pipeline._load_builder(cfg).as_data_source(split)
+    return pipeline.load_builder(cfg).as_data_source(split)
 
 
 def _latent_cfg(data_dir_latents, name="moving_digits_latents"):
-    cfg = pipeline.default_data_config()
+    cfg = data_config.defaults()
     cfg.name, cfg.data_dir, cfg.batch_size = name, data_dir_latents, 8
     return cfg
 
@@ -214,25 +217,25 @@ def test_cached_and_online_give_the_same_loss(vae_run, latents, data_dir):
     import tensorflow_datasets as tfds
     ds = tfds.builder("moving_digits_latents", data_dir=out).as_data_source("train")
     source = _source(data_dir)
-    spec = pipeline._spec(online_c.data)
+    spec = pipeline.clip_spec(online_c.data)
     rows = [ds[i] for i in range(8)]
     cached_batch = {"latent": np.stack([r["latent"] for r in rows]),
                     "label": np.asarray([r["label"] for r in rows], np.int32)}
-    online_batch = {"video": np.stack([encode_latents._clip(source[int(r["index"])], spec)
+    online_batch = {"video": np.stack([pipeline.video_clip(source[int(r["index"])], spec)
                                        for r in rows]),
                     "label": cached_batch["label"]}
     mesh = sharding.make_mesh(dict(data=2, fsdp=4))
     losses, inputs = [], []
+    ae = run_lib.load_autoencoder(vae_dir, mesh)
     for c, batch in ((cached_c, cached_batch), (online_c, online_batch)):
-        setup = Setup(c, mesh)
+        setup = Setup(c, mesh, autoencoder=ae)
         objective = diffusion.make_objective(c.objective)
-        ae_params = setup.autoencoder.load_params(mesh)
         state = setup.init()
         step = jax.jit(functools.partial(steps.train_step, setup, objective))
         with sharding.use(mesh, c.sharding_rules):
-            g = train_lib.global_batch(batch, mesh)
-            inputs.append(np.asarray(jax.jit(setup.model_input)(g, ae_params)))
-            _, metrics = step(state, g, None, ae_params)
+            g = batches.global_batch(batch, mesh)
+            inputs.append(np.asarray(jax.jit(setup.model_input)(g, ae.params)))
+            _, metrics = step(state, g, {"autoencoder": ae.params})
         losses.append(float(metrics["loss"]))
     assert inputs[0].shape == (8, 3, 8, 8, 8)
     np.testing.assert_allclose(inputs[0], inputs[1], rtol=1e-4, atol=1e-4)

@@ -1,4 +1,4 @@
-"""MeanFlow: the checks of shared/reference/few_step.md.
+"""MeanFlow (Geng et al. 2025, "Mean Flows for One-step Generative Modeling") and its checks.
 
 Closed forms for Gaussian data x ~ N(0, s^2 I): z_t = a(t) z_1 with a(t)^2 = (1-t)^2 s^2 + t^2,
 v*(z, t) = z (t - (1 - t) s^2) / a(t)^2 and u*(z, t, r) = z (1 - a(r)/a(t)) / (t - r).
@@ -11,8 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vidit import config_lib, diffusion
-from vidit.diffusion import meanflow
+from vidit import checks, config_lib, diffusion
+from vidit.diffusion import meanflow, samplers
+from vidit.errors import ConfigError
 from vidit.models import dit
 
 S = 0.5  # data standard deviation
@@ -81,8 +82,7 @@ def test_step_with_r_equal_t_is_the_identity_and_u_is_v():
     z = jax.random.normal(jax.random.key(0), (3, 4))
     t = jnp.array([0.7, 0.4, 0.2])
     np.testing.assert_allclose(u_star(z, t, h=jnp.zeros(3)), v_star(z, t), rtol=1e-6)
-    np.testing.assert_allclose(meanflow._jump(u_star, z, jnp.array([0.5, 0.5]), None, None, 1.0),
-                               z)
+    np.testing.assert_allclose(samplers.jump(u_star, z, jnp.array([0.5, 0.5]), None), z)
 
 
 def test_r_equals_t_on_the_configured_fraction():
@@ -337,11 +337,11 @@ def test_attention_jvp_equals_dense(kind):
 
 
 def test_splash_kernel_has_no_jvp_rule():
-    """Why attention.NO_JVP lists splash: its kernel is a custom_vjp (run here in interpret
-    mode). cudnn's fused attention is a custom_vjp too (GPU only, not run here)."""
-    splash = pytest.importorskip("jax.experimental.pallas.ops.tpu.splash_attention")
+    """Why the backend table says splash has no JVP: its kernel is a custom_vjp (run here in
+    interpret mode). cudnn's fused attention is a custom_vjp too (GPU only, not run here)."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
     from vidit.models import attention
-    assert set(attention.NO_JVP) == {"cudnn", "splash"}
+    assert {name for name, b in attention.BACKENDS.items() if not b.jvp} == {"cudnn", "splash"}
     n, h = 128, 2
     kernel = splash.make_splash_mha(splash.MultiHeadMask([splash.FullMask((n, n))] * h),
                                     head_shards=1, q_seq_shards=1, interpret=True)
@@ -355,31 +355,29 @@ def test_splash_kernel_has_no_jvp_rule():
 @pytest.mark.parametrize("backend", ["splash", "cudnn"])
 def test_jvp_objectives_refuse_backends_without_jvp(name, backend):
     from vidit import sharding
-    from vidit import train as train_lib
     c = config_lib.base_config()
     c.objective = diffusion.default_config(name)
     if name == "distill":
         c.objective.teacher_workdir = "/somewhere"  # not read by validate
     c.model.interval_input = True
     c.model.attention = backend
-    with pytest.raises(sharding.ConfigError,
+    with pytest.raises(ConfigError,
                        match=rf"config.model.attention='{backend}' has no JVP rule"):
-        train_lib.validate(c, sharding.make_mesh(dict(data=-1)))
+        checks.validate(c, sharding.make_mesh(dict(data=-1)))
     c.objective = diffusion.default_config("shortcut")  # no jvp: only the platform check remains
-    with pytest.raises(sharding.ConfigError, match="runs on (gpu|tpu) only"):
-        train_lib.validate(c, sharding.make_mesh(dict(data=-1)))
+    with pytest.raises(ConfigError, match="runs on (gpu|tpu) only"):
+        checks.validate(c, sharding.make_mesh(dict(data=-1)))
 
 
 def test_trained_in_guidance_needs_a_conditional_model():
     from vidit import sharding
-    from vidit import train as train_lib
     c = config_lib.base_config()
     c.objective = diffusion.default_config("meanflow")
     c.objective.guidance = 2.0
     c.model.interval_input = True
     c.train.cond_drop_prob = 0.0
-    with pytest.raises(sharding.ConfigError, match="cond_drop_prob"):
-        train_lib.validate(c, sharding.make_mesh(dict(data=-1)))
+    with pytest.raises(ConfigError, match="cond_drop_prob"):
+        checks.validate(c, sharding.make_mesh(dict(data=-1)))
 
 
 # ------------------------------------------------------------------- the adversarial term
@@ -394,7 +392,7 @@ def toy_disc(phi):
 def test_adversarial_loss_splits_the_players_gradients():
     """The generator's gradient is the hinge g's alone, the discriminator's the hinge d's alone
     (neither player's gradient carries the other's loss)."""
-    from vidit.models import vae
+    from vidit.models import discriminator
     theta, phi = jnp.array([0.7, -0.3]), jnp.array([0.4, 0.9])
     noise = jax.random.normal(jax.random.key(0), (3, 5))
     real = jax.random.normal(jax.random.key(1), (3, 5))
@@ -404,8 +402,8 @@ def test_adversarial_loss_splits_the_players_gradients():
 
     both = lambda th, ph: meanflow.adversarial_loss(toy_disc(ph), fake(th), real, None)  # noqa
     g_theta, g_phi = jax.grad(both, argnums=(0, 1))(theta, phi)
-    d = lambda ph: vae.d_hinge_loss(toy_disc(ph)(real, None), toy_disc(ph)(fake(theta), None))  # noqa
-    g = lambda th: vae.g_hinge_loss(toy_disc(phi)(fake(th), None))  # noqa
+    d = lambda ph: discriminator.d_hinge_loss(toy_disc(ph)(real, None), toy_disc(ph)(fake(theta), None))  # noqa
+    g = lambda th: discriminator.g_hinge_loss(toy_disc(phi)(fake(th), None))  # noqa
     np.testing.assert_allclose(g_theta, jax.grad(g)(theta), rtol=1e-6)
     np.testing.assert_allclose(g_phi, jax.grad(d)(phi), rtol=1e-6)
     assert np.abs(g_theta).min() > 0 and np.abs(g_phi).min() > 0
@@ -556,18 +554,17 @@ def test_dit_discriminator_is_class_conditional_and_freezes():
     model = nnx.merge(graphdef, nnx.from_flat_state(flat))
     assert np.abs(model.discriminate(x, label)
                   - model.discriminate(x, {"label": jnp.array([3, 4])})).max() > 1e-3
-    with pytest.raises(sharding.ConfigError, match="disc_width"):
+    with pytest.raises(ConfigError, match="disc_width"):
         plain.discriminate(x, label)
 
 
 def test_adversarial_weight_needs_a_discriminator():
     from vidit import sharding
-    from vidit import train as train_lib
     c = config_lib.base_config()
     c.objective = diffusion.default_config("meanflow")
     c.objective.endpoint_fraction, c.objective.adversarial_weight = 0.25, 0.1
     c.model.interval_input = True
     c.train.cond_drop_prob = 0.1
-    with pytest.raises(sharding.ConfigError, match="disc_width"):
-        train_lib.validate(c, sharding.make_mesh(dict(data=-1)))
+    with pytest.raises(ConfigError, match="disc_width"):
+        checks.validate(c, sharding.make_mesh(dict(data=-1)))
 

@@ -16,10 +16,11 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from data_pipelines import tokenize
+from vidit.models import byte_tokenizer
 from vidit import config_lib, flops, sharding
 from vidit.models import attention as attention_lib
 from vidit.models import dit, layers
+from vidit.errors import ConfigError
 
 # Overrides of the two really initialised models (a 1-block caption encoder keeps text cheap).
 VARIANT = {"class": {}, "text": {"cond": "text", "text_depth": 1}}
@@ -131,7 +132,7 @@ LABELS = jnp.array([0, 3, 5, 9], jnp.int32)
 
 
 def text_tokens(captions=CAPTIONS, length=TEXT_LEN):
-    return jnp.asarray(np.stack([tokenize.encode(c, length) for c in captions]))
+    return jnp.asarray(np.stack([byte_tokenizer.encode(c, length) for c in captions]))
 
 
 def cond_for(cond):
@@ -163,7 +164,7 @@ def test_patchify_unpatchify_round_trip_is_exact(patch, channels):
                                          ((1, 4, 7, 8, 1), (1, 2, 2)),
                                          ((1, 4, 8, 6, 2), (1, 4, 4))])
 def test_patchify_rejects_indivisible_input_naming_the_config_key(shape, patch):
-    with pytest.raises(sharding.ConfigError, match=r"config\.model\.patch"):
+    with pytest.raises(ConfigError, match=r"config\.model\.patch"):
         layers.patchify(jnp.zeros(shape), patch)
 
 
@@ -171,7 +172,7 @@ def test_model_rejects_indivisible_video():
     """The model surfaces the same ConfigError (before any compute)."""
     model = nnx.merge(graphdef(), initial_params("class"))
     x, t = inputs(video=(4, 7, 8))
-    with pytest.raises(sharding.ConfigError, match=r"config\.model\.patch"):
+    with pytest.raises(ConfigError, match=r"config\.model\.patch"):
         model(x, t, {"label": LABELS})
 
 
@@ -247,7 +248,7 @@ def test_rope_split_covers_head_dim():
 
 
 def test_rope_rejects_odd_head_dim():
-    with pytest.raises(sharding.ConfigError, match="head dim"):
+    with pytest.raises(ConfigError, match="head dim"):
         layers.rope_split(33)
 
 
@@ -386,7 +387,7 @@ def test_null_cond_and_drop_cond():
     cond = {"label": LABELS, "text": text_tokens()}
     null = model.null_cond(cond)
     np.testing.assert_array_equal(null["label"], np.full((B,), model_cfg().num_classes))
-    np.testing.assert_array_equal(null["text"], np.stack([tokenize.null_tokens(TEXT_LEN)] * B))
+    np.testing.assert_array_equal(null["text"], np.stack([byte_tokenizer.null_tokens(TEXT_LEN)] * B))
     key = jax.random.key(0)
     dropped = model.drop_cond(cond, key, 1.0)
     for name in cond:
@@ -427,7 +428,7 @@ def test_text_padding_beyond_caption_does_not_change_output():
     changed = jax.tree.map(lambda a: a, params)
     rng = np.random.RandomState(9)  # random, not constant: layer_norm would hide a constant shift
     embed = np.array(changed["text"]["embed"])
-    embed[tokenize.PAD] += rng.standard_normal(embed.shape[1])
+    embed[byte_tokenizer.PAD] += rng.standard_normal(embed.shape[1])
     pos = np.array(changed["text"]["pos"])
     pos[longest:] += rng.standard_normal(pos[longest:].shape)
     changed["text"]["embed"], changed["text"]["pos"] = jnp.asarray(embed), jnp.asarray(pos)
@@ -588,7 +589,7 @@ def test_attention_backends_agree(masked):
             v2 = jnp.asarray(np.where(np.arange(10)[None, :, None, None] >= 7, -100.0, v))
             (_, out2), _ = _attention_value_and_grad(name)(q, k2, v2, mask, w)
             np.testing.assert_allclose(out2, out, rtol=1e-5, atol=1e-6, err_msg=name)
-    with pytest.raises(sharding.ConfigError, match="config.model.attention"):
+    with pytest.raises(ConfigError, match="config.model.attention"):
         attention_lib.attention(q, k, v, backend="flash")
 
 

@@ -13,6 +13,7 @@ import pytest
 
 from tests.test_parallel import config as parallel_config, loss_and_grads
 from vidit import sharding
+from vidit.errors import ConfigError
 
 os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # quiets libtpu's host probing
 
@@ -52,14 +53,14 @@ def test_hybrid_mesh_shape(sizes, devices, slices, ici, dcn):
     (dict(data=-1, dcn_data=-1), 9, 2, r"9 devices do not split into 2 equal slices"),
 ])
 def test_bad_dcn_sizes_name_the_keys(sizes, devices, slices, message):
-    with pytest.raises(sharding.ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message):
         sharding.hybrid_mesh_shape(mesh_cfg(**sizes), devices, slices)
 
 
 def test_make_mesh_errors_on_cpu_without_simulated_slices(devices):
-    with pytest.raises(sharding.ConfigError, match="devices without slice_index"):
+    with pytest.raises(ConfigError, match="devices without slice_index"):
         sharding.make_mesh(mesh_cfg(data=-1, dcn_data=2))
-    with pytest.raises(sharding.ConfigError, match="num_slices=3 does not divide the 8"):
+    with pytest.raises(ConfigError, match="num_slices=3 does not divide the 8"):
         sharding.make_mesh(mesh_cfg(data=-1, dcn_data=-1, num_slices=3))
 
 
@@ -73,9 +74,9 @@ class _SliceDevice:
 def test_device_slices_from_slice_index_or_simulated(devices):
     fake = [_SliceDevice(i, s) for i, s in enumerate([1, 0, 1, 0])]
     assert [[d.id for d in group] for group in sharding.device_slices(fake)] == [[1, 3], [0, 2]]
-    with pytest.raises(sharding.ConfigError, match="slice_index says 2 slices"):
+    with pytest.raises(ConfigError, match="slice_index says 2 slices"):
         sharding.device_slices(fake, num_slices=4)
-    with pytest.raises(sharding.ConfigError, match="slices differ in size"):
+    with pytest.raises(ConfigError, match="slices differ in size"):
         sharding.device_slices(fake[:3])
     assert sharding.device_slices(devices) == [list(devices)]
     assert sharding.device_slices(devices, 4) == [list(devices[i:i + 2]) for i in (0, 2, 4, 6)]
@@ -136,5 +137,5 @@ def test_smoke_train_step_compiles_for_two_v5p_slices(monkeypatch):
     assert report["mesh_ici"]["data"] == 4 and report["mesh_dcn"]["data"] == 2
     assert "per slice x DCN {'data': 2" in compile_lib.format_report(report)
     # two slices but no dcn sizes: refused, naming the key to set
-    with pytest.raises(sharding.ConfigError, match="dcn_data=2"):
+    with pytest.raises(ConfigError, match="dcn_data=2"):
         real_compile_step(dit_1b.get_config("smoke"), "v5p:2x2x1", num_slices=2)

@@ -17,6 +17,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from vidit import config_lib, diffusion, sharding
 from vidit.models import context_parallel
 from vidit.train_state import Setup
+from vidit import checks
+from vidit.errors import ConfigError
 
 VIDEO = (2, 4, 8, 8, 1)  # [B, T, H, W, C]; patch (1, 2, 2) -> 64 tokens
 
@@ -104,25 +106,23 @@ def test_ring_attention_matches_dense_directly():
 def test_impossible_layouts_are_rejected_naming_the_keys(overrides, mesh_shape, tokens, message):
     c = config("ulysses")
     c.model.update(overrides)
-    with pytest.raises(sharding.ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message):
         context_parallel.check_layout(c.model, mesh_shape, tokens)
 
 
 def test_ulysses_with_too_few_heads_fails_at_startup():
-    from vidit import train as train_lib
     c = config("ulysses", heads=2)
     c.mesh = dict(sequence=8)
-    with pytest.raises(sharding.ConfigError, match="config.mesh.sequence=8"):
-        train_lib.validate(c, sharding.make_mesh(c.mesh))
+    with pytest.raises(ConfigError, match="config.mesh.sequence=8"):
+        checks.validate(c, sharding.make_mesh(c.mesh))
 
 
 
 @pytest.mark.parametrize("backend", ["splash", "cudnn"])
 def test_accelerator_only_backends_are_rejected_on_cpu(backend):
-    from vidit import train as train_lib
     c = config("gspmd", attention=backend)
-    with pytest.raises(sharding.ConfigError, match=f"attention='{backend}' runs on"):
-        train_lib.validate(c, sharding.make_mesh(dict(data=-1)))
+    with pytest.raises(ConfigError, match=f"attention='{backend}' runs on"):
+        checks.validate(c, sharding.make_mesh(dict(data=-1)))
 
 
 def test_chunked_attention_memory_grows_linearly():

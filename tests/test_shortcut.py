@@ -1,4 +1,5 @@
-"""Shortcut models: the checks of shared/reference/few_step.md for the self-consistency target.
+"""Shortcut models (Frans et al. 2024, "One Step Diffusion via Shortcut Models"): the checks of
+the self-consistency target.
 
 Closed forms as in test_meanflow.py: for Gaussian data x ~ N(0, S^2 I) the exact shortcut is the
 average velocity s*(z, t, d) = u*(z, t, t - d) = z (1 - a(t - d)/a(t)) / d; for a single data point
@@ -25,8 +26,8 @@ def objective(**kw):
 
 def test_config_round_trip_and_validation():
     obj = diffusion.make_objective(diffusion.default_config("shortcut"))
-    assert isinstance(obj, shortcut.ShortcutObjective) and obj.target_model == "ema"
-    assert obj.needs_interval and not obj.needs_jvp
+    assert isinstance(obj, shortcut.ShortcutObjective) and obj.needs.target == "ema"
+    assert obj.needs.interval_input and not obj.needs.jvp
     with pytest.raises(ValueError, match="power of two"):
         objective(max_steps=100)
     with pytest.raises(ValueError, match="consistency_fraction"):

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from configs import moving_digits
-from vidit import checkpoint, diffusion, export, sharding, steps
+from vidit import batches, checkpoint, checks, diffusion, export, run as run_lib, sharding, steps
 from vidit import train as train_lib
+from vidit.errors import CheckpointError, ConfigError, LoadError
 from vidit.train_state import Setup
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,7 +46,7 @@ def run_steps(c, mesh, batch, n):
     losses = []
     with sharding.use(mesh, c.sharding_rules):
         for _ in range(n):
-            state, metrics = step(state, train_lib.global_batch(batch, mesh))
+            state, metrics = step(state, batches.global_batch(batch, mesh))
             losses.append(float(metrics["loss"]))
     return losses, jax.device_get(state.params)
 
@@ -145,7 +146,7 @@ def test_corrupt_checkpoint_falls_back_and_other_config_is_refused(data_dir, tmp
     assert os.path.isdir(os.path.join(workdir, "bad_checkpoints", "4"))  # kept, not deleted
 
     other = smoke_config(data_dir, **{"model.width": 32})
-    with pytest.raises(checkpoint.CheckpointError, match="model.width"):
+    with pytest.raises(CheckpointError, match="model.width"):
         train_lib.train(other, workdir)
 
 
@@ -178,7 +179,7 @@ def test_nonfinite_update_is_skipped_or_stops(data_dir, tmp_path):
     before = jax.device_get(state.params)
     with sharding.use(mesh, c.sharding_rules):
         state, metrics = jax.jit(functools.partial(steps.train_step, setup, objective))(
-            state, train_lib.global_batch(batch, mesh))
+            state, batches.global_batch(batch, mesh))
     assert not bool(metrics["finite"]) and int(state.step) == 1
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), before)
 
@@ -195,13 +196,13 @@ def test_nonfinite_update_is_skipped_or_stops(data_dir, tmp_path):
     (dict(data=-1, fsdp=3), "do not divide"),
 ])
 def test_bad_mesh_is_rejected(mesh_cfg, message):
-    with pytest.raises(sharding.ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message):
         sharding.make_mesh(mesh_cfg)
 
 
 def test_bad_batch_is_rejected(data_dir, tmp_path):
     c = smoke_config(data_dir, **{"data.batch_size": 12})
-    with pytest.raises(sharding.ConfigError, match="config.data.batch_size=12"):
+    with pytest.raises(ConfigError, match="config.data.batch_size=12"):
         train_lib.train(c, str(tmp_path))
 
 
@@ -210,22 +211,22 @@ def test_export_round_trip_and_shape_check(data_dir, tmp_path):
     workdir, out = str(tmp_path / "run"), str(tmp_path / "export")
     train_lib.train(c, workdir, stop_at=2)
     export.export(workdir, out)
-    _, _, from_workdir, step = export.load(workdir)
-    _, _, from_export, _ = export.load(out)
-    assert step == 2 and export.load(workdir, step=2)[3] == 2
-    with pytest.raises(export.LoadError, match=r"no checkpoint at step 1; it has steps \[2\]"):
-        export.load(workdir, step=1)
-    with pytest.raises(export.LoadError, match="is an export"):
-        export.load(out, step=2)
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(from_export),
-                 jax.device_get(from_workdir))
+    from_workdir, from_export = run_lib.load(workdir), run_lib.load(out)
+    assert from_workdir.step == 2 and run_lib.load(workdir, step=2).step == 2
+    assert from_export.step is None
+    with pytest.raises(LoadError, match=r"no checkpoint at step 1; it has steps \[2\]"):
+        run_lib.load(workdir, step=1)
+    with pytest.raises(LoadError, match="is an export"):
+        run_lib.load(out, step=2)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(from_export.params),
+                 jax.device_get(from_workdir.params))
     with open(os.path.join(out, "config.json")) as f:
         cfg = json.load(f)
     cfg["model"]["mlp_ratio"] = 2.0
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(cfg, f)
-    with pytest.raises(export.LoadError, match="mlp/fc1/kernel"):
-        export.load(out)
+    with pytest.raises(LoadError, match="mlp/fc1/kernel"):
+        run_lib.load(out)
 
 
 def test_sampler_is_deterministic(data_dir):
@@ -277,7 +278,7 @@ def test_cli_train_sample_export(data_dir, tmp_path):
     assert r.returncode == 0 and os.path.getsize(tmp_path / "s.gif") > 0, r.stderr[-3000:]
     r = _cli("-m", "vidit.sample", "--workdir", str(tmp_path / "missing"), "--out",
              str(tmp_path / "x.gif"))
-    assert r.returncode != 0 and "no config.json" in r.stderr
+    assert r.returncode != 0 and "missing does not exist" in r.stderr
 
 
 @pytest.mark.slow
@@ -364,7 +365,7 @@ def test_vp_objective_trains_and_samples(data_dir, tmp_path):
     assert summary["step"] == 3 and all(np.isfinite(summary["losses"]))
     c2 = moving_digits.get_config("smoke")
     c2.data.data_dir = data_dir
-    with pytest.raises(checkpoint.CheckpointError, match="objective.name"):
+    with pytest.raises(CheckpointError, match="objective.name"):
         train_lib.train(c2, str(tmp_path))  # a flow config must not resume a VP run
 
 
@@ -379,14 +380,14 @@ def test_meanflow_trains_and_samples_in_one_step(data_dir, tmp_path):
     assert c.model.interval_input
     # the endpoint rows start at 2/3 of the (smoke) run: steps 4 and 5 of 6 train them too
     assert c.objective.endpoint_fraction > 0 and c.objective.endpoint_start == 4
-    assert c.objective.endpoint_weight == 5.0
+    assert c.objective.endpoint_weight > 0 and c.objective.score_weight > 0  # terms on
     summary = train_lib.train(c, str(tmp_path))
     assert summary["step"] == c.train.steps and all(np.isfinite(summary["losses"]))
     videos, _ = sample_lib.generate(str(tmp_path), num=2, label=3, steps_=1)
     assert videos.shape[0] == 2 and np.isfinite(videos).all()
     c.model.interval_input = False
-    with pytest.raises(sharding.ConfigError, match="interval_input=True"):
-        train_lib.validate(c, sharding.make_mesh(dict(data=-1)))
+    with pytest.raises(ConfigError, match="interval_input=True"):
+        checks.validate(c, sharding.make_mesh(dict(data=-1)))
 
 
 def test_shortcut_trains_and_samples_in_one_step(data_dir, tmp_path):

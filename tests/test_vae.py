@@ -8,8 +8,11 @@ import optax
 import pytest
 from flax import nnx
 
-from vidit import config_lib, sharding
-from vidit.models import vae
+from vidit import config_lib, latent_stats, sharding
+from vidit.diffusion import autoencoding
+from vidit.errors import ConfigError
+from vidit.eval import image_metrics
+from vidit.models import conv, discriminator, vae
 
 COMPRESSIONS = [(4, 8, 8), (1, 4, 4), (4, 4, 4)]
 CLIP = (1, 13, 8, 8, 1)  # 1 + 3*4 frames: 4 latent frames at 4x4x4
@@ -65,7 +68,7 @@ def test_invalid_frame_count_and_size_raise():
         model.encode(jnp.zeros((1, 5, 18, 16, 1)))
     with pytest.raises(ValueError, match="multiple"):
         model.encode_chunked(jnp.zeros((1, 9, 16, 16, 1)), chunk_frames=6)
-    with pytest.raises(sharding.ConfigError, match="transitions"):
+    with pytest.raises(ConfigError, match="transitions"):
         vae.VideoVAE(_cfg_with(channel_mult=(1, 2)), nnx.Rngs(0))
 
 
@@ -108,7 +111,7 @@ def test_chunked_equals_whole_clip(model):
 @pytest.mark.parametrize("kind", ["rms", "group"])
 def test_norm_is_per_frame(kind):
     """No statistics cross frames, so a chunk normalises exactly as inside the whole clip."""
-    norm = vae.Norm(8, kind, groups=4, rngs=nnx.Rngs(0))
+    norm = conv.Norm(8, kind, groups=4, rngs=nnx.Rngs(0))
     x = _video((2, 5, 4, 4, 8))
     np.testing.assert_allclose(norm(x)[:, 2:4], norm(x[:, 2:4]), atol=1e-6)
 
@@ -124,7 +127,7 @@ def test_loss_decreases_with_adam_and_gradients_are_finite(model):
     def step(model, optimizer, rng):
         def loss_fn(model):
             recon, mean, logvar = model(x, rng)
-            return vae.vae_loss(recon, x, mean, logvar, beta=1e-3)
+            return autoencoding.vae_loss(recon, x, mean, logvar, beta=1e-3)
 
         (loss, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
         optimizer.update(model, grads)
@@ -146,27 +149,27 @@ def test_kl_matches_closed_form():
     logvar = jnp.array([0.0, jnp.log(2.0), -1.0, 0.3]).reshape(1, 1, 1, 1, 4)
     m, lv = np.asarray(mean).ravel(), np.asarray(logvar).ravel()
     want = 0.5 * (m ** 2 + np.exp(lv) - 1 - lv)
-    np.testing.assert_allclose(vae.kl_divergence(mean, logvar).ravel(), want, rtol=1e-6)
+    np.testing.assert_allclose(autoencoding.kl_divergence(mean, logvar).ravel(), want, rtol=1e-6)
     x = jnp.zeros((1, 1, 2, 2, 1))
-    loss, metrics = vae.vae_loss(x + 0.25, x, mean, logvar, beta=0.1)
+    loss, metrics = autoencoding.vae_loss(x + 0.25, x, mean, logvar, beta=0.1)
     np.testing.assert_allclose(metrics["kl"], want.mean(), rtol=1e-6)
     np.testing.assert_allclose(metrics["kl_per_sample"], want.sum(), rtol=1e-6)
     np.testing.assert_allclose(metrics["l1"], 0.25, rtol=1e-6)
     np.testing.assert_allclose(loss, 0.25 + 0.1 * want.mean(), rtol=1e-6)
     # N(0, 1) has no KL
-    assert float(jnp.max(jnp.abs(vae.kl_divergence(jnp.zeros(3), jnp.zeros(3))))) == 0.0
+    assert float(jnp.max(jnp.abs(autoencoding.kl_divergence(jnp.zeros(3), jnp.zeros(3))))) == 0.0
 
 
 def test_psnr():
     x = _video((2, 3, 8, 8, 3))
-    assert float(vae.psnr(x, x)) == float("inf")
+    assert float(image_metrics.psnr(x, x)) == float("inf")
     # every pixel off by 0.1: mse 0.01, range 2 -> 10 log10(4 / 0.01)
-    np.testing.assert_allclose(vae.psnr(x, x + 0.1), 10 * np.log10(400.0), rtol=1e-4)
+    np.testing.assert_allclose(image_metrics.psnr(x, x + 0.1), 10 * np.log10(400.0), rtol=1e-4)
 
 
 def test_ssim():
     x = jax.image.resize(_video((2, 2, 8, 8, 3)), (2, 2, 32, 32, 3), "linear")  # smooth frames
-    ssim = jax.jit(vae.ssim)
+    ssim = jax.jit(image_metrics.ssim)
     np.testing.assert_allclose(ssim(x, x), 1.0, atol=1e-5)
     noisy = jnp.clip(x + 0.2 * jax.random.normal(jax.random.key(1), x.shape), -1, 1)
     very_noisy = jnp.clip(x + 0.6 * jax.random.normal(jax.random.key(2), x.shape), -1, 1)
@@ -179,27 +182,27 @@ def test_ssim():
 
 def test_discriminator_and_hinge_losses():
     cfg = vae.tiny_config((4, 4, 4))
-    disc = vae.PatchDiscriminator(cfg, nnx.Rngs(0))
+    disc = discriminator.PatchDiscriminator(cfg, nnx.Rngs(0))
     logits = nnx.jit(lambda d, x: d(x))(disc, _video((2, 5, 16, 16, 1)))
     assert logits.shape == (2, 3, 4, 4, 1) and bool(jnp.all(jnp.isfinite(logits)))
     real, fake = jnp.array([2.0, 0.5]), jnp.array([-2.0, 0.5])
-    np.testing.assert_allclose(vae.d_hinge_loss(real, fake), (0 + 0.5) / 2 + (0 + 1.5) / 2)
-    np.testing.assert_allclose(vae.g_hinge_loss(fake), 0.75)
+    np.testing.assert_allclose(discriminator.d_hinge_loss(real, fake), (0 + 0.5) / 2 + (0 + 1.5) / 2)
+    np.testing.assert_allclose(discriminator.g_hinge_loss(fake), 0.75)
 
 
 def test_latent_stats_and_normalisation():
     rng = np.random.default_rng(0)
     batches = [rng.normal([1.0, -2.0, 0.0], [0.5, 2.0, 1.0], size=(4, 2, 3, 3, 3))
                for _ in range(20)]
-    mean, std = vae.latent_stats(iter(batches))
+    mean, std = latent_stats.channel_stats(iter(batches))
     allz = np.concatenate([b.reshape(-1, 3) for b in batches])
     np.testing.assert_allclose(mean, allz.mean(0), atol=1e-5)
     np.testing.assert_allclose(std, allz.std(0), rtol=1e-5)
     z = jnp.asarray(batches[0], jnp.float32)
-    zn = vae.normalize(z, (mean, std))
-    np.testing.assert_allclose(vae.denormalize(zn, (mean, std)), z, atol=1e-5)
+    zn = latent_stats.normalize(z, (mean, std))
+    np.testing.assert_allclose(latent_stats.denormalize(zn, (mean, std)), z, atol=1e-5)
     with pytest.raises(ValueError):
-        vae.latent_stats([])
+        latent_stats.channel_stats([])
 
 
 # ------------------------------------------------------------------------------ sharding

@@ -5,13 +5,13 @@ import json
 import os
 import re
 
+import av  # the [video] extra, installed by scripts/test.sh
 import numpy as np
 import pytest
 
-av = pytest.importorskip("av")
-
-from data_pipelines import build_video_folder as bvf  # noqa: E402
-from data_pipelines import pipeline, tokenize  # noqa: E402
+from data_pipelines import build_video_folder as bvf
+from data_pipelines import data_config, pipeline
+from vidit.models import byte_tokenizer
 
 FRAMES, FPS, SIZE = 8, 12, 16
 WIDTH, HEIGHT = 64, 32  # source frames; the short side (32) is halved to SIZE
@@ -226,7 +226,7 @@ def test_build_is_deterministic(built, videos, tmp_path):
 
 def test_grain_pipeline_reads_it(built):
     data_dir, _, report = built
-    cfg = pipeline.default_data_config()
+    cfg = data_config.defaults()
     cfg.update(dict(name="tiny_videos", data_dir=data_dir, num_frames=4, frame_stride=2,
                     height=SIZE, width=SIZE, channels=3, batch_size=2))
     batch = next(pipeline.make_iterator(cfg, "train", seed=0, train=True,
@@ -234,7 +234,7 @@ def test_grain_pipeline_reads_it(built):
     assert batch["video"].shape == (2, 4, SIZE, SIZE, 3)
     assert -1.0 <= batch["video"].min() and batch["video"].max() <= 1.0
     np.testing.assert_array_equal(batch["label"], [-1, -1])  # no labels in this dataset
-    assert batch["text"].shape == (2, cfg.text_len) and (batch["text"][:, 0] == tokenize.BOS).all()
+    assert batch["text"].shape == (2, cfg.text_len) and (batch["text"][:, 0] == byte_tokenizer.BOS).all()
     cfg.batch_size = 1
     batches = list(pipeline.make_iterator(cfg, "validation", seed=0, train=False,
                                           process_index=0, process_count=1))

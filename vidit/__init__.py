@@ -1,5 +1,5 @@
-"""vidit: video diffusion transformers in JAX/Flax."""
-from vidit import host_malloc as _host_malloc
+"""vidit: video diffusion transformers in JAX/Flax.
 
-# Before JAX starts its worker threads: see host_malloc for the measured effect.
-_host_malloc.tune()
+Importing the package does nothing to the process: the command-line entry points apply their
+process-wide settings themselves (vidit/cli.py).
+"""

@@ -17,6 +17,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from vidit.errors import CheckpointError
 from vidit.models import layers
 
 log = logging.getLogger("vidit")
@@ -28,10 +29,6 @@ STRUCTURAL = ("model", "objective.name", "seed")
 # trained: a saved config without one is read as having it (resume, export, teachers).
 ADDED_KEYS = {"model.time_scale": layers.DIT_TIME_SCALE, "model.disc_width": 0,
               "model.disc_layers": 3}
-
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -1,9 +1,21 @@
-"""What every vidit command does before its work."""
+"""What every vidit command does: `run` is the entry point of `python -m vidit.X` and of the
+console script `vidit-X`; `setup` starts a command's work."""
 from __future__ import annotations
 
 import logging
 import os
 import sys
+from typing import Callable
+
+
+def run(main: Callable, define_flags: Callable) -> None:
+    """Tunes the process allocator (vidit/host_malloc.py) before JAX starts its threads, defines
+    the command's flags and runs `main` under absl."""
+    from absl import app
+    from vidit import host_malloc
+    host_malloc.tune()
+    define_flags()
+    app.run(main)
 
 
 def setup(compilation_cache: bool = True, multi_host: bool = True) -> None:

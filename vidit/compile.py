@@ -29,10 +29,11 @@ from typing import Any
 import jax
 import numpy as np
 
-from vidit import cli, diffusion, flops, sharding, steps
+from vidit import batches, checks, cli, diffusion, flops, sharding, steps
+from vidit.errors import ConfigError
 from vidit.train_state import Setup
 
-# Per chip, dense bf16 (shared/reference/scale.md).
+# Per chip, dense bf16 (Google Cloud TPU documentation).
 CHIPS = {
     "v4": {"peak_tflops": 275, "hbm_gib": 32},
     "v5e": {"peak_tflops": 197, "hbm_gib": 16},
@@ -48,9 +49,9 @@ def topology_devices(name: str, num_slices: int = 1) -> list:
     num_slices > 1, of that many such slices (each device has a `slice_index`)."""
     chip = name.split(":")[0]
     if chip not in CHIPS:
-        raise sharding.ConfigError(f"--topology '{name}': chip '{chip}' is not one of {sorted(CHIPS)}")
+        raise ConfigError(f"--topology '{name}': chip '{chip}' is not one of {sorted(CHIPS)}")
     if num_slices < 1:
-        raise sharding.ConfigError(f"--num_slices={num_slices} must be at least 1")
+        raise ConfigError(f"--num_slices={num_slices} must be at least 1")
     extra = {"num_slices": num_slices} if num_slices > 1 else {}
     try:
         from jax.experimental import topologies
@@ -74,15 +75,17 @@ def compile_step(config: Any, topology: str, num_slices: int = 1):
     """(compiled train step, setup) for the slice(s), from abstract state and batch."""
     devices = topology_devices(topology, num_slices)
     mesh = sharding.make_mesh(config.mesh, devices)
-    from vidit import train as train_lib  # the same start-up checks as a real run
-    train_lib.validate(config, mesh)
-    setup = Setup(config, mesh)
     objective = diffusion.make_objective(config.objective)
+    if config.data.get("autoencoder"):
+        raise ConfigError("vidit.compile compiles a step on cached latents: set "
+                          "config.data.autoencoder='' and config.data.channels to the latent's")
+    checks.validate(config, mesh, objective)  # the same start-up checks as a real run
+    setup = Setup(config, mesh)
     # A distillation step also takes the frozen teacher, laid out like the params.
-    teacher = (setup.abstract.params,) if objective.target_model == "teacher" else ()
+    frozen = {"teacher": setup.abstract.params} if objective.needs.target == "teacher" else {}
     with sharding.use(mesh, config.sharding_rules):
         lowered = steps.jit_train_step(setup, objective).lower(
-            setup.abstract, steps.abstract_batch(config, mesh), *teacher)
+            setup.abstract, batches.abstract_batch(config, mesh), frozen)
     return lowered.compile(), setup
 
 
@@ -165,8 +168,8 @@ def main(argv):
         sys.exit(2)
 
 
-if __name__ == "__main__":
-    from absl import app, flags
+def define_flags():
+    from absl import flags
     from ml_collections import config_flags
 
     config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:variant]).",
@@ -177,4 +180,11 @@ if __name__ == "__main__":
     flags.DEFINE_float("mfu", 0.4, "MFU assumed for the step-time estimate")
     flags.DEFINE_bool("json", False, "print the report as JSON")
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+
+
+def entry_point():
+    cli.run(main, define_flags)
+
+
+if __name__ == "__main__":
+    entry_point()

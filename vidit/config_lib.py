@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from data_pipelines import data_config
 from vidit import diffusion, sharding
 from vidit.models import layers
 
@@ -57,22 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
 
-    c.data = dict(
-        name="moving_digits",
-        data_dir="",  # '' = ~/.cache/vidit/tensorflow_datasets (or $VIDIT_DATA_DIR)
-        num_frames=8,
-        frame_stride=1,
-        height=32,
-        width=32,
-        channels=1,
-        batch_size=16,  # global
-        text_len=40,
-        num_workers=0,
-        builder_kwargs={},
-        # A VAE run (workdir or export) to train a DiT in its latent space: online encoding,
-        # or cached with a dataset from data_pipelines/encode_latents.py (vidit/autoencoder.py).
-        autoencoder="",
-    )
+    c.data = data_config.defaults()  # one table for the trainer and the pipeline
 
     c.model = dict(
         size="S",
@@ -91,9 +77,9 @@ def base_config() -> ml_collections.ConfigDict:
         rope_theta=10000.0,
         dtype="float32",  # compute dtype
         param_dtype="float32",
-        # False: a Python loop over blocks. On the 2-core CPU, DiT-S trains 1.2x faster so
-        # (3.7 vs 4.5 s/step) than as one lax.scan, whose backward stacks and slices every
-        # layer's residuals. The pod configs scan (compile time independent of depth).
+        # False: a Python loop over blocks, faster on CPU than one lax.scan, whose backward
+        # stacks and slices every layer's residuals (docs/speed). The pod configs scan
+        # (compile time independent of depth).
         scan_layers=False,
         remat="none",  # none | dots_saveable | full
         attention="chunked",  # chunked | dense | xla (see vidit/models/attention.py)

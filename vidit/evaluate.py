@@ -21,14 +21,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vidit import autoencoder, checkpoint, cli, diffusion, export, sharding, steps
+from vidit import autoencoder, cli, diffusion, run as run_lib, sharding, steps
+from vidit.errors import CheckpointError, LoadError
 from vidit.eval import classifier, metrics
 
 
-def pixel_data(config):
+def pixel_data(config, ae=None):
     """The pixel clips a run's samples are compared with: its data, or for a latent DiT the
-    data its VAE was trained on (cached latents hold no pixels to compare with)."""
-    ae = autoencoder.get(config)
+    data its VAE `ae` was trained on (cached latents hold no pixels to compare with)."""
     if ae is None:
         return config.data
     d = ae.config.data.copy_and_resolve_references()
@@ -70,15 +70,15 @@ def chunk_noise(seed: int, start: int, batch: int, shape) -> jax.Array:
     return jax.random.normal(jax.random.fold_in(jax.random.key(seed), start), (batch,) + shape)
 
 
-def generate(config, setup, params, labels: np.ndarray, num_steps: int, guidance: float,
-             batch: int, *, ae_params, seed: int = 0) -> tuple[np.ndarray, float]:
-    """Class-conditional samples for `labels`; returns (videos, samples per second). A latent
-    DiT's samples are decoded with `ae_params`, its autoencoder's parameters (None for a
-    pixel-space DiT)."""
+def generate(run: run_lib.Run, labels: np.ndarray, num_steps: int, guidance: float,
+             batch: int, *, seed: int = 0) -> tuple[np.ndarray, float]:
+    """Class-conditional samples of a loaded run for `labels`; returns (videos, samples per
+    second). A latent DiT's samples are decoded by its autoencoder."""
+    config, setup, params, frozen = run.config, run.setup, run.params, run.frozen()
     objective = diffusion.make_objective(config.objective)
     fn = jax.jit(functools.partial(steps.sample, setup, objective),
                  static_argnames=("steps", "guidance"))
-    shape = autoencoder.input_shape(config)  # a latent DiT samples latents
+    shape = autoencoder.input_shape(config, run.autoencoder)  # a latent DiT samples latents
     out, elapsed, compiled = [], 0.0, None
     for i in range(0, len(labels), batch):
         chunk = labels[i:i + batch]
@@ -88,10 +88,10 @@ def generate(config, setup, params, labels: np.ndarray, num_steps: int, guidance
         cond = {"label": jnp.asarray(chunk, jnp.int32)}
         with sharding.use(setup.mesh, config.sharding_rules):
             if compiled is None:  # compile outside the timing
-                compiled = fn.lower(params, noise, cond, ae_params, steps=num_steps,
+                compiled = fn.lower(params, noise, cond, frozen, steps=num_steps,
                                     guidance=guidance).compile()
             start = time.perf_counter()
-            videos = jax.block_until_ready(compiled(params, noise, cond, ae_params))
+            videos = jax.block_until_ready(compiled(params, noise, cond, frozen))
             elapsed += time.perf_counter() - start
         out.append(np.asarray(videos)[:n])
     return np.concatenate(out), len(labels) / elapsed
@@ -99,22 +99,20 @@ def generate(config, setup, params, labels: np.ndarray, num_steps: int, guidance
 
 def evaluate(path: str, *, step_counts, num: int, guidance: float | None = None,
              batch: int = 50, checkpoint_step: int | None = None) -> dict:
-    config, setup, params, ckpt_step = export.load(path, step=checkpoint_step)
+    run = run_lib.load(path, step=checkpoint_step)
+    config = run.config
     if config.model.cond != "class":
         raise ValueError("evaluate scores class-conditional models (config.model.cond='class')")
     guidance = float(config.sample.guidance if guidance is None else guidance)
-    data_cfg = pixel_data(config)
+    data_cfg = pixel_data(config, run.autoencoder)
     clf = classifier_for(data_cfg)
     real, _ = real_clips(data_cfg, num)
     real_frames = classifier.features(clf, real)[1]
     real_mean, real_temporal = real_frames.mean(axis=1), temporal_features(real_frames)
     labels = np.arange(num) % config.model.num_classes
-    ae_params = (setup.autoencoder.load_params(setup.mesh) if setup.autoencoder is not None
-                 else None)  # read once, for every step count
     rows = []
     for n_steps in step_counts:
-        videos, rate = generate(config, setup, params, labels, n_steps, guidance,
-                                min(batch, num), ae_params=ae_params)
+        videos, rate = generate(run, labels, n_steps, guidance, min(batch, num))
         pred, _ = classifier.classify_videos(clf, videos)
         frames = classifier.features(clf, videos)[1]
         precision, recall = metrics.precision_recall(real_mean, frames.mean(axis=1))
@@ -129,7 +127,7 @@ def evaluate(path: str, *, step_counts, num: int, guidance: float | None = None,
             "samples_per_s": rate,
         })
         print(json.dumps(rows[-1]), flush=True)
-    return {"workdir": path, "checkpoint_step": ckpt_step, "num": num, "guidance": guidance,
+    return {"workdir": path, "checkpoint_step": run.step, "num": num, "guidance": guidance,
             "objective": config.objective.name, "results": rows}
 
 
@@ -154,7 +152,7 @@ def main(argv):
         report = evaluate(f.workdir, step_counts=[int(s) for s in f.steps.split(",")],
                           num=f.num, guidance=f.guidance, batch=f.batch,
                           checkpoint_step=f.checkpoint_step)
-    except (export.LoadError, checkpoint.CheckpointError, ValueError) as e:
+    except (LoadError, CheckpointError, ValueError) as e:
         sys.exit(f"error: {e}")
     out = f.out or os.path.join(f.workdir, "eval")
     os.makedirs(out, exist_ok=True)
@@ -165,8 +163,8 @@ def main(argv):
     print(markdown(report))
 
 
-if __name__ == "__main__":
-    from absl import app, flags
+def define_flags():
+    from absl import flags
     flags.DEFINE_string("workdir", None, "Training workdir or export folder.")
     flags.DEFINE_string("steps", "50", "Comma-separated sampling step counts.")
     flags.DEFINE_integer("num", 200, "Samples per step count (labels cycle over the classes).")
@@ -175,4 +173,11 @@ if __name__ == "__main__":
     flags.DEFINE_integer("checkpoint_step", None, "Checkpoint to score (default: the newest).")
     flags.DEFINE_string("out", None, "Output folder (default: <workdir>/eval).")
     flags.mark_flags_as_required(["workdir"])
-    app.run(main)
+
+
+def entry_point():
+    cli.run(main, define_flags)
+
+
+if __name__ == "__main__":
+    entry_point()

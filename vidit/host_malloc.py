@@ -2,12 +2,11 @@
 
 XLA's CPU runtime allocates and frees each step's buffers through malloc. With glibc's defaults
 every worker thread gets its own arena whose top is trimmed (and later faulted back in page by
-page) as soon as it is freed: on the quickstart model that was 60k page faults per step and a
-quarter of the run's CPU time in the kernel. One arena that keeps its memory cut the faults 3x
-and the quickstart step time by 8-17% (paired runs of benchmarks/train_step.py on
-configs/quickstart.py; no measurable change at the default S config, whose faults come from
->32 MiB attention buffers that glibc always maps fresh). Called at `import vidit`,
-before JAX starts its threads; `VIDIT_MALLOC_TUNING=0` turns it off. A no-op off glibc.
+page) as soon as it is freed, so small models spend much of their time in page faults. One arena
+that keeps its memory removes most of them (docs/speed has the measured effect). It changes the
+whole process, so a library import never applies it: the command-line entry points do
+(vidit/cli.py), and so do the benchmarks, before JAX starts its threads.
+`VIDIT_MALLOC_TUNING=0` turns it off. A no-op off glibc.
 """
 import ctypes
 import ctypes.util

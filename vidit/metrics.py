@@ -49,7 +49,7 @@ def measure_matmul_peak(size: int = 2048, repeats: int = 5, dtype=jnp.float32) -
     """FLOP/s of a large square matmul under XLA on device 0: the "peak" MFU is relative to.
 
     On a CPU there is no datasheet peak; the best this machine does on the op that dominates a
-    transformer is the honest reference (see shared/reference/scale.md).
+    transformer is the honest reference.
     """
     device = jax.devices()[0]
     a = jax.device_put(jnp.ones((size, size), dtype), device)

@@ -14,7 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vidit import autoencoder, checkpoint, cli, diffusion, export, sharding, steps, video_io
+from vidit import autoencoder, cli, diffusion, run as run_lib, sharding, steps, video_io
+from vidit.errors import CheckpointError, LoadError
+from vidit.models import byte_tokenizer
 
 
 def conditions(config, num: int, label: int | None, prompt: str | None) -> dict:
@@ -30,8 +32,7 @@ def conditions(config, num: int, label: int | None, prompt: str | None) -> dict:
     if cond == "text":
         if label is not None:
             raise ValueError("this model is text-conditional: use --prompt, not --label")
-        from data_pipelines import tokenize
-        tokens = tokenize.encode(prompt or "", config.model.text_len)
+        tokens = byte_tokenizer.encode(prompt or "", config.model.text_len)
         return {"text": np.tile(tokens[None], (num, 1))}
     if label is not None or prompt is not None:
         raise ValueError("this model is unconditional: drop --label/--prompt")
@@ -41,21 +42,21 @@ def conditions(config, num: int, label: int | None, prompt: str | None) -> dict:
 def generate(path: str, *, num: int, label=None, prompt=None, steps_: int | None = None,
              guidance: float | None = None, seed: int = 0):
     """Returns (videos [num, T, H, W, C] in [-1, 1], config)."""
-    config, setup, params, _ = export.load(path)
-    if config.model.get("kind", "dit") == "vae":
+    run = run_lib.load(path)
+    config, setup = run.config, run.setup
+    if run.is_vae:
         raise ValueError(f"{path} is a VAE run: its reconstructions are under samples/; "
                          "vidit.sample generates with a DiT")
     objective = diffusion.make_objective(config.objective)
     cond = jax.tree.map(jnp.asarray, conditions(config, num, label, prompt))
     # A latent DiT samples latents, which the autoencoder's decoder turns into video.
-    shape = (num,) + autoencoder.input_shape(config)
-    ae_params = (setup.autoencoder.load_params(setup.mesh) if setup.autoencoder is not None
-                 else None)
+    shape = (num,) + autoencoder.input_shape(config, run.autoencoder)
     noise = jax.random.normal(jax.random.key(seed), shape)
     fn = jax.jit(functools.partial(steps.sample, setup, objective),
                  static_argnames=("steps", "guidance"))
     with sharding.use(setup.mesh, config.sharding_rules):
-        videos = fn(params, noise, cond, ae_params, steps=int(steps_ or config.sample.steps),
+        videos = fn(run.params, noise, cond, run.frozen(),
+                    steps=int(steps_ or config.sample.steps),
                     guidance=float(config.sample.guidance if guidance is None else guidance))
     return np.asarray(jax.device_get(videos)), config
 
@@ -69,14 +70,14 @@ def main(argv):
     try:
         videos, config = generate(f.workdir, num=f.num, label=f.label, prompt=f.prompt,
                                   steps_=f.steps, guidance=f.guidance, seed=f.seed)
-    except (export.LoadError, checkpoint.CheckpointError, ValueError) as e:
+    except (LoadError, CheckpointError, ValueError) as e:
         sys.exit(f"error: {e}")
     video_io.write_grid(f.out, videos, fps=config.sample.fps, scale=f.scale)
     print(f"wrote {len(videos)} videos to {f.out} in {time.perf_counter() - start:.1f}s")
 
 
-if __name__ == "__main__":
-    from absl import app, flags
+def define_flags():
+    from absl import flags
     flags.DEFINE_string("workdir", None, "Training workdir or export folder.")
     flags.DEFINE_integer("num", 8, "Number of videos (tiled into one file).")
     flags.DEFINE_string("out", "samples.gif", "Output .gif or .mp4.")
@@ -87,4 +88,11 @@ if __name__ == "__main__":
     flags.DEFINE_integer("seed", 0, "Noise seed.")
     flags.DEFINE_integer("scale", 4, "Nearest-neighbour upscaling of the written frames.")
     flags.mark_flags_as_required(["workdir"])
-    app.run(main)
+
+
+def entry_point():
+    cli.run(main, define_flags)
+
+
+if __name__ == "__main__":
+    entry_point()

@@ -19,6 +19,8 @@ from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from vidit.errors import ConfigError
+
 # Variables are sharded by our jit's out_shardings, not eagerly at creation: creation then works
 # the same with or without a mesh, and abstract init (eval_shape) stays cheap.
 flax.config.update("flax_always_shard_variable", False)
@@ -59,10 +61,6 @@ DEFAULT_RULES = (
     ("activation_kv", None),
     ("activation_text", None),
 )
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the key to change."""
 
 
 def _resolve(sizes: dict[str, int], total: int, prefix: str, what: str) -> dict[str, int]:

@@ -1,7 +1,13 @@
-"""The jitted functions of a run: train step, fixed-t eval loss, sampling.
+"""The jitted functions of a run: train step, validation metrics, sampling.
 
 They are pure: (state, batch) in, (state, metrics) out. `vidit/train.py` compiles them once with
-explicit shardings; `vidit/compile.py`-style AOT tools can lower the very same functions.
+explicit shardings; `vidit/compile.py` lowers the very same train step for a TPU slice.
+
+`frozen` is a dict of parameters of networks the run uses but never trains, passed as an
+argument (so jit does not bake them in, the optimizer never sees them and checkpoints do not
+hold them): 'teacher' when the objective's targets come from a teacher
+(`objective.needs.target == 'teacher'`), 'autoencoder' for a latent DiT's VAE
+(vidit/autoencoder.py).
 """
 from __future__ import annotations
 
@@ -38,41 +44,45 @@ def bind(setup: Setup, params: Any):
     return model_fn
 
 
-def target_params(objective: Any, state: TrainState, teacher_params: Any = None) -> Any:
-    """The frozen parameters an objective's targets come from (objective.target_model):
-    None, the run's EMA parameters, or the teacher's."""
-    kind = getattr(objective, "target_model", None)
-    if kind is None:
+def target_params(objective: Any, state: TrainState, frozen: dict) -> Any:
+    """The frozen parameters an objective's targets come from (objective.needs.target): None,
+    the run's EMA parameters, or the teacher's."""
+    target = objective.needs.target
+    if target is None:
         return None
-    if kind == "ema":
+    if target == "ema":
         return state.ema_params
-    if teacher_params is None:
-        raise ValueError(f"objective {objective.name!r} needs teacher parameters: pass them to "
-                         "the train step (vidit.train loads config.objective.teacher_workdir)")
-    return teacher_params
+    if "teacher" not in frozen:
+        raise ValueError(f"objective {objective.name!r} needs teacher parameters: pass "
+                         "frozen={'teacher': ...} (vidit.train loads "
+                         "config.objective.teacher_workdir)")
+    return frozen["teacher"]
 
 
 def train_step(setup: Setup, objective: Any, state: TrainState, batch: dict,
-               teacher_params: Any = None, ae_params: Any = None):
-    """One optimizer update. ``teacher_params`` (distillation only) and ``ae_params`` (a latent
-    DiT's online encoder, vidit/autoencoder.py) are frozen, not part of the state."""
-    config = setup.config
+               frozen: dict | None = None):
+    """One optimizer update: the objective's loss (given what `objective.needs` declares),
+    gradients (accumulated over micro-batches), AdamW, EMA."""
+    config, needs, frozen = setup.config, objective.needs, frozen or {}
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     accum = int(config.optim.grad_accum)
-    frozen = target_params(objective, state, teacher_params)  # never differentiated
-    target_fn = None if frozen is None else bind(setup, frozen)
+    targets = target_params(objective, state, frozen)  # never differentiated
 
     def loss_fn(params, micro, rng):
         drop_rng, loss_rng = jax.random.split(rng)
         model = setup.model(params)
         cond = model.drop_cond(condition(micro, config.model.cond), drop_rng,
                                config.train.cond_drop_prob)
-        extra = {"step": state.step} if getattr(objective, "needs_step", False) else {}
-        if getattr(objective, "adversarial", False):  # the DiT's discriminator (model.disc_width)
+        extra = {}
+        if targets is not None:
+            extra["target_fn"] = bind(setup, targets)
+        if needs.step:
+            extra["step"] = state.step
+        if needs.discriminator:  # the DiT's discriminator (model.disc_width)
             extra["disc_fn"] = lambda x, c, frozen=False: setup.model(params).discriminate(
                 x, c, frozen=frozen)
-        loss, _ = objective.loss(bind(setup, params), setup.model_input(micro, ae_params), cond,
-                                 loss_rng, target_fn=target_fn,
+        x0 = setup.model_input(micro, frozen.get("autoencoder"))
+        loss, _ = objective.loss(bind(setup, params), x0, cond, loss_rng,
                                  null_cond=model.null_cond(cond) or None, **extra)
         return loss
 
@@ -106,60 +116,34 @@ def train_step(setup: Setup, objective: Any, state: TrainState, batch: dict,
 
 
 def jit_train_step(setup: Setup, objective: Any):
-    """train_step jitted with the state's shardings in and out, and the old state donated
-    (not the frozen params: called as step(state, batch), step(state, batch, teacher) or
-    step(state, batch, teacher_or_None, autoencoder_params))."""
+    """train_step jitted with the state's shardings in and out and the old state donated (not
+    the frozen params): called as step(state, batch, frozen)."""
     return jax.jit(functools.partial(train_step, setup, objective),
                    out_shardings=(setup.shardings, sharding.replicated(setup.mesh)),
                    donate_argnums=0)
 
 
-def abstract_batch(config: Any, mesh) -> dict:
-    """Shapes, dtypes and shardings of one global training batch (for AOT lowering)."""
-    d = config.data
-    shapes = {"video": ((d.batch_size, d.num_frames, d.height, d.width, d.channels), jnp.float32),
-              "label": ((d.batch_size,), jnp.int32),
-              "text": ((d.batch_size, config.model.text_len), jnp.int32)}
-    return {k: jax.ShapeDtypeStruct(shape, dtype,
-                                    sharding=sharding.batch_sharding(mesh, len(shape)))
-            for k, (shape, dtype) in shapes.items()}
-
-
 def eval_step(setup: Setup, objective: Any, params: Any, batch: dict, rng: jax.Array,
-              ae_params: Any = None) -> dict:
-    """Validation metrics of one batch, a dict of arrays the caller averages over batches.
-
-    Diffusion objectives: {'loss_t': [num_times]}, the loss at `config.train.eval_times` evenly
-    spaced t with fixed noise. Fixed t and noise remove the sampling variance of t from the
-    comparison, which is why this metric tracks sample quality across a sweep (SD3, Open-Sora).
-    Objectives with `eval_metrics` (the VAE's: loss, psnr, ssim) give their own.
-    """
-    config = setup.config
-    cond = condition(batch, config.model.cond)
-    x0 = setup.model_input(batch, ae_params)
-    if hasattr(objective, "eval_metrics"):
-        return objective.eval_metrics(bind(setup, params), x0)
-    times = objective.eval_times(int(config.train.eval_times))
-
-    def at(args):
-        i, t = args
-        noise = jax.random.normal(jax.random.fold_in(rng, i), x0.shape, x0.dtype)
-        model = setup.model(params)
-        loss, _ = objective.loss_at(model, x0, cond, jnp.full((x0.shape[0],), t), noise)
-        return loss
-
-    times = jnp.asarray(times, jnp.float32)
-    return {"loss_t": jax.lax.map(at, (jnp.arange(times.shape[0]), times))}
+              frozen: dict | None = None) -> dict:
+    """Validation metrics of one batch (the objective's `eval_metrics`), a dict of scalars the
+    caller averages over batches. Diffusion objectives: the loss at `config.train.eval_times`
+    evenly spaced t with fixed noise, which tracks sample quality across a sweep (SD3,
+    Open-Sora); the VAE's: L1, PSNR, SSIM."""
+    config, frozen = setup.config, frozen or {}
+    x0 = setup.model_input(batch, frozen.get("autoencoder"))
+    return objective.eval_metrics(bind(setup, params), x0, condition(batch, config.model.cond),
+                                  rng, int(config.train.eval_times))
 
 
 def sample(setup: Setup, objective: Any, params: Any, noise: jax.Array, cond: dict,
-           ae_params: Any = None, *, steps: int, guidance: float):
+           frozen: dict | None = None, *, steps: int, guidance: float):
     """Videos from noise (a VAE: reconstructions of the clips passed as `noise`, beside them).
     A latent DiT's latents are decoded to pixels with the autoencoder's decoder."""
+    frozen = frozen or {}
     null = setup.model(params).null_cond(cond) if cond else None
     # merged inside the sampler's loop body: nnx modules are per-trace
     out = objective.sample(bind(setup, params), noise, cond, steps=steps, null_cond=null,
                            guidance=guidance if cond else 1.0)
     if setup.autoencoder is not None:
-        out = setup.autoencoder.decode(ae_params, out)
+        out = setup.autoencoder.decode(frozen["autoencoder"], out)
     return out

@@ -33,7 +33,7 @@ import time
 
 import numpy as np
 
-from vidit import flops as flops_lib
+from vidit import cli, flops as flops_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -323,8 +323,8 @@ def main(argv):
     run_sweep(sweep, f.workdir, f.launcher, f.parallel, f.dry_run)
 
 
-if __name__ == "__main__":
-    from absl import app, flags
+def define_flags():
+    from absl import flags
 
     flags.DEFINE_string("sweep", None, "Sweep config file (configs/sweeps/*.py).")
     flags.DEFINE_string("workdir", None, "Sweep directory: points/, plan.json, results.json.")
@@ -333,4 +333,11 @@ if __name__ == "__main__":
     flags.DEFINE_bool("dry_run", False, "Print the commands instead of running them.")
     flags.DEFINE_string("analyze", None, "Fit and plot a finished sweep directory.")
     flags.DEFINE_float("predict", None, "With --analyze: a compute budget (FLOPs) to predict at.")
-    app.run(main)
+
+
+def entry_point():
+    cli.run(main, define_flags)
+
+
+if __name__ == "__main__":
+    entry_point()

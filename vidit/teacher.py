@@ -1,8 +1,8 @@
 """The frozen teacher of a distillation run (config.objective.name = 'distill').
 
-    teacher = load(config, setup)          # once, at start-up
-    state = teacher.init_student(state)    # a fresh run starts as the teacher
-    state, metrics = train_step(state, batch, teacher.params)
+    teacher = load(config, setup)                  # once, at start-up
+    state = teacher.init_student(setup, state)     # a fresh run starts as the teacher
+    state, metrics = train_step(state, batch, {"teacher": teacher.params})
 
 The teacher is a vidit.train workdir (its newest Orbax checkpoint's EMA parameters) or a
 vidit.export folder, named by config.objective.teacher_workdir. Its model config must build the
@@ -10,8 +10,9 @@ student's parameters (only runtime choices such as attention, remat or compute d
 differ, and the student may add the interval input). The parameters are held in the student's
 tree and layout (setup.shardings.params): a teacher without an interval embedder gets a zero one,
 which adds nothing, so the student's graph computes the teacher's velocity. They are an argument
-of the train step, never part of the train state: the optimizer does not see them and the run's
-checkpoints do not hold them (a resumed run reads them again from teacher_workdir).
+of the train step (vidit/steps.py's `frozen`), never part of the train state: the optimizer does
+not see them and the run's checkpoints do not hold them (a resumed run reads them again from
+teacher_workdir).
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from vidit import export
+from vidit import run as run_lib
+from vidit.errors import LoadError
 from vidit.train_state import Setup, TrainState
 
 log = logging.getLogger("vidit")
@@ -35,7 +37,7 @@ RUNTIME_KEYS = ("attention", "remat", "sequence_parallel", "dtype", "interval_in
 INTERVAL = "h_embed"  # the interval embedder's parameters (absent in flow models)
 
 
-class TeacherError(export.LoadError):
+class TeacherError(LoadError):
     pass
 
 
@@ -91,25 +93,26 @@ def load(config: Any, setup: Setup) -> Teacher:
     if not os.path.isdir(path):
         raise TeacherError(f"config.objective.teacher_workdir={path!r} does not exist")
     try:
-        teacher_config = export.read_config(path)
-    except export.LoadError as e:
+        teacher_config = run_lib.read_config(path)
+    except LoadError as e:
         raise TeacherError(f"config.objective.teacher_workdir={path!r}: {e}") from None
     check_compatible(teacher_config, config, path)
     try:
-        _, _, params, step = export.load(path, mesh=setup.mesh)
+        teacher = run_lib.load(path, mesh=setup.mesh)
     except Exception as e:  # pylint: disable=broad-except
         raise TeacherError(f"config.objective.teacher_workdir={path!r} could not be loaded "
                            f"({type(e).__name__}: {str(e).splitlines()[0][:300]})") from e
 
-    flat = traverse_util.flatten_dict(params)
+    step = teacher.step
+    flat = traverse_util.flatten_dict(teacher.params)
     expected = traverse_util.flatten_dict(setup.abstract.params)
     has_interval = any(k[0] == INTERVAL for k in flat)
     for k, a in expected.items():  # a flow teacher: a zero interval embedder adds nothing
         if k[0] == INTERVAL and k not in flat:
             flat[k] = jnp.zeros(a.shape, a.dtype)
-    export.check_shapes({export.param_key(k): v for k, v in flat.items()},
-                        {export.param_key(k): v for k, v in expected.items()},
-                        f"config.objective.teacher_workdir={path!r}")
+    run_lib.check_shapes({run_lib.param_key(k): v for k, v in flat.items()},
+                         {run_lib.param_key(k): v for k, v in expected.items()},
+                         f"config.objective.teacher_workdir={path!r}")
     params = jax.device_put(traverse_util.unflatten_dict(flat), setup.shardings.params)
     log.info("teacher: EMA params%s from %s (held apart from the state; not checkpointed)",
              f" of step {step}" if step is not None else "", path)

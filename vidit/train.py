@@ -22,124 +22,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vidit import (autoencoder as autoencoder_lib, checkpoint, cli, diffusion, distributed, flops,
-                   metrics, sharding, steps, teacher as teacher_lib, video_io)
+from vidit import (autoencoder as autoencoder_lib, batches, checkpoint, checks, cli, diffusion,
+                   distributed, flops, latent_stats, metrics, run as run_lib, sharding, steps,
+                   teacher as teacher_lib, video_io)
 from vidit.train_state import Setup
-from vidit.models import attention, context_parallel
 
 log = logging.getLogger("vidit")
 
 
 # ---------------------------------------------------------------------------------------------
-def validate(config: Any, mesh) -> None:
-    """Config errors that would otherwise surface as a shape error deep inside jit."""
-    sharding.check_batch(config.data.batch_size, mesh)
-    if config.data.batch_size % jax.process_count():
-        raise sharding.ConfigError(
-            f"config.data.batch_size={config.data.batch_size} does not divide over "
-            f"{jax.process_count()} processes")
-    if config.model.get("kind", "dit") == "dit":
-        frames, height, width, channels = autoencoder_lib.input_shape(config)
-        what = ("the autoencoder's latent_channels" if config.data.get("autoencoder")
-                else "config.data.channels")
-        if config.model.channels != channels:
-            raise sharding.ConfigError(
-                f"config.model.channels={config.model.channels} differs from {what}={channels}")
-    if config.model.cond == "text" and config.model.text_len != config.data.text_len:
-        raise sharding.ConfigError(
-            f"config.model.text_len={config.model.text_len} differs from "
-            f"config.data.text_len={config.data.text_len}")
-    accum = config.optim.grad_accum
-    if accum < 1 or config.data.batch_size % (accum * sharding.batch_shards(mesh)):
-        raise sharding.ConfigError(
-            f"config.optim.grad_accum={accum}: each micro-batch (batch_size / grad_accum) must "
-            f"still divide over the {sharding.batch_shards(mesh)} batch shards")
-    if config.train.nonfinite not in ("skip", "stop"):
-        raise sharding.ConfigError(
-            f"config.train.nonfinite='{config.train.nonfinite}' is not one of ['skip', 'stop']")
-    objective = diffusion.make_objective(config.objective)
-    if config.model.get("kind", "dit") == "vae":
-        validate_vae(config, objective)
-        return
-    if objective.name == "vae":
-        raise sharding.ConfigError("config.objective.name='vae' trains a VAE: set "
-                                   "config.model.kind='vae' and a VAE model config "
-                                   "(configs/vae_moving_digits.py)")
-    if objective.needs_interval and not config.model.get("interval_input"):
-        raise sharding.ConfigError(
-            f"config.objective.name='{objective.name}' trains an average-velocity model; set "
-            "config.model.interval_input=True")
-    if objective.needs_jvp and config.model.attention in attention.NO_JVP:
-        raise sharding.ConfigError(
-            f"config.objective.name='{objective.name}' takes a jax.jvp through the model and "
-            f"config.model.attention='{config.model.attention}' has no JVP rule (its kernel is "
-            "a custom_vjp); use config.model.attention='xla', 'chunked' or 'dense', or "
-            "config.objective.name='shortcut' (no jvp)")
-    if getattr(objective, "adversarial", False) and not config.model.get("disc_width", 0):
-        raise sharding.ConfigError(
-            f"config.objective.adversarial_weight={objective.adversarial_weight} trains against a "
-            "discriminator: set config.model.disc_width > 0 (e.g. 32)")
-    guidance = getattr(objective, "guidance", 1.0)
-    if guidance != 1.0 and config.model.cond == "none":
-        raise sharding.ConfigError(
-            f"config.objective.guidance={guidance} trains guidance in, which needs a conditional "
-            "model (config.model.cond='class' or 'text'), or set it to 1")
-    if guidance != 1.0 and objective.target_model is None and not config.train.cond_drop_prob > 0:
-        raise sharding.ConfigError(
-            f"config.objective.guidance={guidance} mixes in the model's own unconditional "
-            "velocity, which it learns only from dropped conditions: set "
-            "config.train.cond_drop_prob > 0")
-    if objective.target_model == "teacher" and not config.objective.get("teacher_workdir"):
-        raise sharding.ConfigError(
-            f"config.objective.name='{objective.name}' distils a trained flow model: set "
-            "config.objective.teacher_workdir to its vidit.train workdir or vidit.export folder")
-    platform = mesh.devices.flat[0].platform
-    needs = {"cudnn": "gpu", "splash": "tpu"}.get(config.model.attention)
-    if needs and platform != needs:
-        raise sharding.ConfigError(
-            f"config.model.attention='{config.model.attention}' runs on {needs} only and this "
-            f"mesh is {platform}; use 'chunked' (any device) or 'xla'")
-    tokens = flops.tokens(config.model, frames, height, width)
-    context_parallel.check_layout(config.model, dict(mesh.shape), tokens)
-
-
-def validate_vae(config: Any, objective: Any) -> None:
-    """Config errors of a VAE run (config.model.kind = 'vae')."""
-    if objective.name != "vae":
-        raise sharding.ConfigError(
-            f"config.model.kind='vae' trains with config.objective.name='vae', not "
-            f"'{objective.name}' (use diffusion.default_config('vae'))")
-    if config.data.get("autoencoder"):
-        raise sharding.ConfigError("a VAE run trains on pixels: config.data.autoencoder must be ''")
-    d, m = config.data, config.model
-    if m.channels != d.channels:
-        raise sharding.ConfigError(
-            f"config.model.channels={m.channels} differs from config.data.channels={d.channels}")
-    st, sh, sw = (int(f) for f in m.compression)
-    if (d.num_frames - 1) % st:
-        raise sharding.ConfigError(
-            f"config.data.num_frames={d.num_frames}: a VAE with temporal compression {st} needs "
-            f"1 + k*{st} frames ({', '.join(str(1 + k * st) for k in range(1, 5))}, ...)")
-    if d.height % sh or d.width % sw:
-        raise sharding.ConfigError(
-            f"config.data.height x width = {d.height}x{d.width} does not divide by the spatial "
-            f"compression {sh}x{sw} (config.model.compression)")
-
-
-def to_host(tree: Any) -> Any:
-    """numpy copies of (replicated or sharded) global arrays, on every process."""
-    if jax.process_count() == 1:
-        return jax.device_get(tree)
-    from jax.experimental import multihost_utils
-    return multihost_utils.process_allgather(tree, tiled=True)
-
-
-def global_batch(local: dict, mesh) -> dict:
-    """This process's rows -> global arrays sharded over the batch axes."""
-    return {k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, v.ndim), v)
-            for k, v in local.items()}
-
-
 def validation_clips(config: Any, num: int) -> np.ndarray:
     """The first `num` validation clips (first frames), the inputs of a VAE's samples."""
     from data_pipelines import pipeline
@@ -193,9 +84,14 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict:
     started = time.perf_counter()
     os.makedirs(workdir, exist_ok=True)
     mesh = sharding.make_mesh(config.mesh)
-    validate(config, mesh)
     objective = diffusion.make_objective(config.objective)
-    setup = Setup(config, mesh)
+    is_vae = config.model.get("kind", "dit") == "vae"
+    # Frozen networks the model input comes through (a latent DiT's VAE) or the targets come
+    # from (a distillation's teacher): loaded once, passed to the jitted steps, not trained.
+    ae_path = "" if is_vae else config.data.get("autoencoder", "")
+    autoencoder = run_lib.load_autoencoder(ae_path, mesh) if ae_path else None
+    checks.validate(config, mesh, objective, autoencoder)
+    setup = Setup(config, mesh, autoencoder=autoencoder)
     is_main = jax.process_index() == 0
     log.info("mesh %s, %d parameters, %d devices", dict(mesh.shape), setup.num_params(),
              jax.device_count())
@@ -204,8 +100,8 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict:
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                    keep=config.train.keep_ckpts)
     restored = ckpt.restore(setup.abstract, train_iter, config)
-    # Distillation: the frozen teacher, an extra train-step argument (not in the state).
-    teacher = teacher_lib.load(config, setup) if objective.target_model == "teacher" else None
+    teacher = (teacher_lib.load(config, setup) if objective.needs.target == "teacher"
+               else None)
     if restored:
         start_step, state = restored
         log.info("resumed from step %d", start_step)
@@ -213,12 +109,12 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict:
         start_step, state = 0, setup.init()
         if teacher is not None:
             state = teacher.init_student(setup, state)
-    # Latent DiT: the frozen autoencoder's params, another train-step argument.
-    ae_params = setup.autoencoder.load_params(mesh) if setup.autoencoder is not None else None
-    step_args = ((teacher.params if teacher is not None else None, ae_params)
-                 if ae_params is not None else () if teacher is None else (teacher.params,))
-    is_vae = config.model.get("kind", "dit") == "vae"
-    input_shape = autoencoder_lib.input_shape(config)
+    frozen = {}
+    if autoencoder is not None:
+        frozen["autoencoder"] = autoencoder.params
+    if teacher is not None:
+        frozen["teacher"] = teacher.params
+    input_shape = autoencoder_lib.input_shape(config, autoencoder)
     if is_main:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             json.dump(config.to_dict(), f, indent=2, default=str)
@@ -245,17 +141,10 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict:
         params = state.ema_params if is_vae else state.params
         for i, local in zip(range(config.train.eval_batches), it):
             with sharding.use(mesh, config.sharding_rules):
-                outs.append(eval_step(params, global_batch(local, mesh),
-                                      jax.random.key(1000 + i), ae_params))
-        outs = to_host(outs)
-        mean = {k: np.mean([o[k] for o in outs], axis=0) for k in outs[0]}
-        if "loss_t" in mean:  # diffusion: fixed-t losses
-            per_t = mean["loss_t"]
-            values = {"eval/loss": float(per_t.mean())}
-            values.update({f"eval/loss_t{t:.3f}": float(v) for t, v in
-                           zip(np.asarray(objective.eval_times(len(per_t))), per_t)})
-        else:  # the objective's own metrics (VAE: loss, l1, psnr, ssim)
-            values = {f"eval/{k}": float(v) for k, v in mean.items()}
+                outs.append(eval_step(params, batches.global_batch(local, mesh),
+                                      jax.random.key(1000 + i), frozen))
+        outs = batches.to_host(outs)
+        values = {f"eval/{k}": float(np.mean([o[k] for o in outs])) for k in outs[0]}
         writer.scalars(step, values)
         log.info(metrics.format_metrics(step, {k.replace("eval/", "eval_"): v
                                                for k, v in values.items() if "loss_t" not in k}))
@@ -272,8 +161,8 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict:
             noise = jax.random.normal(jax.random.key(config.sample.seed), (num,) + input_shape)
             cond = jax.tree.map(jnp.asarray, sample_conditions(config, num))
         with sharding.use(mesh, config.sharding_rules):
-            videos = np.asarray(to_host(sample_fn(
-                state.ema_params, noise, cond, ae_params, steps=int(config.sample.steps),
+            videos = np.asarray(batches.to_host(sample_fn(
+                state.ema_params, noise, cond, frozen, steps=int(config.sample.steps),
                 guidance=float(config.sample.guidance))))
         if is_main:
             base = os.path.join(workdir, "samples", f"step_{step:07d}")
@@ -293,14 +182,14 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict:
     while step < total:
         local = next(train_iter)
         with sharding.use(mesh, config.sharding_rules):
-            state, step_metrics = train_step(state, global_batch(local, mesh), *step_args)
+            state, step_metrics = train_step(state, batches.global_batch(local, mesh), frozen)
         step += 1
         pending.append((step, step_metrics))
         progress.update(1)
 
         if (step % config.train.log_every == 0 or step in (total, stop_at)
                 or preempt.requested):
-            fetched = to_host([m for _, m in pending])
+            fetched = batches.to_host([m for _, m in pending])
             now = time.perf_counter()
             rate = (step - last_step) / max(now - last_time, 1e-9)
             last_time, last_step = now, step
@@ -342,8 +231,9 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict:
             eval_loss = evaluate(step)
         if config.sample.num:
             write_samples(step)
-        if is_vae:  # what a latent DiT normalises with (vidit/autoencoder.py)
-            autoencoder_lib.write_stats(workdir, config, setup, state.ema_params, step)
+        if is_vae:  # what a latent DiT normalises with (vidit/latent_stats.py)
+            latent_stats.write(workdir, config, lambda p, x: setup.model(p).vae.encode(x)[0],
+                               state.ema_params, mesh, step)
     ckpt.close()
     writer.close()
     if stopped_for:
@@ -378,8 +268,8 @@ def main(argv):
         sys.exit(1)
 
 
-if __name__ == "__main__":
-    from absl import app, flags
+def define_flags():
+    from absl import flags
     from ml_collections import config_flags
 
     config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:variant]).",
@@ -388,4 +278,11 @@ if __name__ == "__main__":
     flags.DEFINE_integer("stop_at", None, "Stop with a checkpoint at this step (the schedule "
                          "still spans train.steps); the same command later resumes the run.")
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(main)
+
+
+def entry_point():
+    cli.run(main, define_flags)
+
+
+if __name__ == "__main__":
+    entry_point()

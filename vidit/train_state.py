@@ -16,6 +16,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from vidit import sharding
+from vidit.errors import ConfigError
 from vidit.models import dit
 
 
@@ -26,7 +27,7 @@ def build_model(model_cfg: Any, seed: int) -> nnx.Module:
         from vidit.models import vae
         return vae.VAEModel(model_cfg, nnx.Rngs(params=seed))
     if kind != "dit":
-        raise sharding.ConfigError(f"config.model.kind='{kind}' is not one of ['dit', 'vae']")
+        raise ConfigError(f"config.model.kind='{kind}' is not one of ['dit', 'vae']")
     return dit.build(model_cfg, seed)
 
 
@@ -48,7 +49,7 @@ def learning_rate_schedule(optim: Any, total_steps: int) -> optax.Schedule:
         after = optax.cosine_decay_schedule(
             optim.lr, max(total_steps - warmup, 1), alpha=optim.end_lr_fraction)
     else:
-        raise sharding.ConfigError(
+        raise ConfigError(
             f"config.optim.schedule='{optim.schedule}' is not one of ['constant', 'cosine']")
     if not warmup:
         return after
@@ -79,15 +80,19 @@ def ema_update(ema: Any, params: Any, decay: float, step: jax.Array) -> Any:
 
 
 class Setup:
-    """Everything static about a run's state: model structure, optimizer, shardings.
+    """Everything static about a run's state: model structure, optimizer, shardings, and the
+    frozen networks its model input comes through (a latent DiT's autoencoder).
 
     Building it allocates nothing (abstract evaluation); `init()` then creates the state directly
     in its sharded layout, so a model larger than one device never exists unsharded.
     """
 
-    def __init__(self, config: Any, mesh: Mesh):
+    def __init__(self, config: Any, mesh: Mesh, *, autoencoder: Any = None):
         self.config = config
         self.mesh = mesh
+        # A latent DiT's frozen VAE (vidit/autoencoder.py): its structure and latent statistics;
+        # its parameters are a frozen input of the jitted functions (vidit/steps.py).
+        self.autoencoder = autoencoder
         rules = config.sharding_rules
         abstract_model = nnx.eval_shape(lambda: build_model(config.model, config.seed))
         self.graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
@@ -106,11 +111,6 @@ class Setup:
         self.abstract = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
             jax.eval_shape(self._init_fn), self.shardings)
-        # A latent DiT's frozen autoencoder (config.data.autoencoder): structure and latent
-        # statistics only; its parameters are a train-step argument (vidit/autoencoder.py).
-        from vidit import autoencoder
-        self.autoencoder = (None if config.model.get("kind", "dit") == "vae"
-                            else autoencoder.get(config))
 
     def model(self, params: Any) -> nnx.Module:
         return nnx.merge(self.graphdef, params)
@@ -121,7 +121,7 @@ class Setup:
         latent dataset (cached: batch['latent'], raw posterior means)."""
         if "latent" in batch:
             if self.autoencoder is None:
-                raise sharding.ConfigError(
+                raise ConfigError(
                     "the dataset holds latents (written by data_pipelines/encode_latents.py): set "
                     "config.data.autoencoder to the VAE run that encoded it")
             return self.autoencoder.normalize(batch["latent"])

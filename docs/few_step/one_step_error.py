@@ -65,14 +65,14 @@ def main():
     if not args.workdir:
         parser.error("--workdir is required (or --stored)")
 
-    from vidit import evaluate, export
+    from vidit import evaluate, run as run_lib
 
-    config, setup, params, step = export.load(args.workdir)
-    if setup.autoencoder is not None:  # the noise would be latent, the samples pixels
+    run = run_lib.load(args.workdir)
+    step = run.step
+    if run.autoencoder is not None:  # the noise would be latent, the samples pixels
         raise SystemExit(f"{args.workdir} is a latent DiT; this script compares pixel-space runs")
-    labels = np.arange(args.num) % config.model.num_classes
-    samples = {k: evaluate.generate(config, setup, params, labels, k, 1.0, args.batch,
-                                    ae_params=None)[0] for k in STEPS}
+    labels = np.arange(args.num) % run.config.model.num_classes
+    samples = {k: evaluate.generate(run, labels, k, 1.0, args.batch)[0] for k in STEPS}
     noise = np.concatenate([np.asarray(evaluate.chunk_noise(0, i, args.batch, samples[1].shape[1:]))
                             for i in range(0, args.num, args.batch)])[:args.num]
     digits = samples[STEPS[-1]] > 0.0

@@ -14,16 +14,18 @@ condition was dropped get the unconditional teacher velocity (cond = null there)
 The trainer (vidit/train.py, vidit/teacher.py) loads the teacher's EMA parameters once from
 ``teacher_workdir`` (a vidit.train workdir or a vidit.export folder), initialises the student
 from them (its interval embedder stays zero-initialised, so it starts as the teacher) and passes
-the teacher to ``loss`` as ``target_fn`` (objective.target_model = 'teacher').
+the teacher to ``loss`` as ``target_fn`` (``needs.target`` = 'teacher').
 """
 import dataclasses
-from typing import ClassVar, Optional
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 
 from vidit.diffusion import samplers
 from vidit.diffusion.meanflow import MeanFlowObjective
+from vidit.diffusion.objective import Needs
+from vidit.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +39,18 @@ class DistillObjective(MeanFlowObjective):
     guidance: float = 1.0  # teacher guidance w: v_uncond + w (v_cond - v_uncond); 1 = v_cond
 
     name: ClassVar[str] = "distill"
-    target_model: ClassVar[Optional[str]] = "teacher"
+
+    @property
+    def needs(self) -> Needs:
+        return dataclasses.replace(super().needs, target="teacher")
+
+    def check(self, config) -> None:
+        super().check(config)
+        if not self.teacher_workdir:
+            raise ConfigError(
+                f"config.objective.name='{self.name}' distils a trained flow model: set "
+                "config.objective.teacher_workdir to its vidit.train workdir or vidit.export "
+                "folder")
 
     def velocity(self, model_fn, z, v, t, cond, *, target_fn=None, null_cond=None):
         """The teacher's (guided) velocity at (z, t), stop-gradient, float32 at least."""

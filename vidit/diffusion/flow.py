@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vidit.diffusion import samplers
-from vidit.diffusion.objective import ModelFn, Objective
+from vidit.diffusion.objective import ModelFn, Objective, per_example_mse
 
 TIME_SAMPLINGS = ("logit_normal", "uniform")
 FLOW_SAMPLERS = ("euler", "heun")
@@ -82,6 +82,22 @@ class FlowObjective(Objective):
         tb = _expand(t, x0)
         x_t = (1.0 - tb) * x0f + tb * noise
         return x_t.astype(x0.dtype), noise - x0f
+
+    def loss_at(self, model_fn: ModelFn, x0: jax.Array, cond: Any, t: jax.Array,
+                noise: jax.Array):
+        """(mean, per-example [B]) squared error of the predicted velocity at times t and noise,
+        in float32 whatever the model's dtype."""
+        x_t, target = self.corrupt(x0, noise, t)
+        return per_example_mse(model_fn(x_t, jnp.asarray(t, jnp.float32), cond), target)
+
+    def loss(self, model_fn: ModelFn, x0: jax.Array, cond: Any, rng: jax.Array, *,
+             null_cond: Any = None):
+        """The training loss: t from ``sample_t``, Gaussian noise, then ``loss_at``."""
+        del null_cond  # the plain flow loss conditions each example on its own cond
+        t_rng, noise_rng = jax.random.split(rng)
+        t = self.sample_t(t_rng, x0.shape[0])
+        noise = jax.random.normal(noise_rng, x0.shape, jnp.float32)
+        return self.loss_at(model_fn, x0, cond, t, noise)
 
     def predict_x0_eps(self, output: jax.Array, x_t: jax.Array, t: jax.Array):
         """Velocity -> (x0_hat, eps_hat): x0 = x_t - t v, eps = x_t + (1 - t) v."""

@@ -38,7 +38,7 @@ first rows' data clips (whose conditions the rows share), in the VAE's hinge for
 (autoencoding.py): g = -mean D_sg(x) trains the DiT only, from ``adversarial_start`` on (D can
 learn first), and d = hinge(D(data), D(sg(x))) the discriminator only, from ``endpoint_start``.
 The one-step error is a smear of the digits the noise could lead to (docs/few_step): MSE to any
-target rewards that average, D does not. Measured: it lowers one-step FD, not the accuracy.
+target rewards that average, D does not (docs/few_step has what it did).
 
 Score distillation (``score_weight`` > 0, not in the paper; needs ``endpoint_fraction`` > 0):
 the endpoint rows' one-step samples x, re-noised to a uniform t in [score_t_min, score_t_max],
@@ -46,10 +46,7 @@ are denoised by the model's own instantaneous velocity u(z, t, t | c) (guided: t
 guidance, times ``score_guidance``), and x regresses on that sg estimate (SDS, Poole et al.
 2022). The regression on the two-step jump from the same noise rewards the average of the
 digits a noise could lead to; the denoiser's estimate of a re-noised smear leans toward one of
-them, so this term can pull a smear apart. Measured (docs/few_step): one-step accuracy 70.8% to
-82.8% over five seeds at weight 10 and ``score_guidance`` 3 (79.6% at 2, +2 to +3 points at 1);
-80.8% from scratch on four seeds not used to choose the settings; 83.8% with the endpoint
-regression at weight 5 instead of 10 (the config now).
+them, so this term can pull a smear apart (docs/few_step has what it did).
 """
 import dataclasses
 import functools
@@ -61,7 +58,9 @@ import numpy as np
 
 from vidit.diffusion import samplers
 from vidit.diffusion.flow import FlowObjective
-from vidit.diffusion.objective import ModelFn
+from vidit.diffusion.objective import ModelFn, Needs, per_example_mse
+from vidit.errors import ConfigError
+from vidit.models import discriminator
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,11 +86,27 @@ class MeanFlowObjective(FlowObjective):
     score_t_max: float = 0.6
     score_guidance: float = 1.0  # sampling guidance on top of the model's own (trained-in) one
 
-    needs_step: ClassVar[bool] = True  # loss() takes step= (for endpoint_start)
-
     name: ClassVar[str] = "meanflow"
-    needs_interval: ClassVar[bool] = True
-    needs_jvp: ClassVar[bool] = True
+
+    @property
+    def needs(self) -> Needs:
+        # step: the endpoint rows (and the adversarial term) start at a train step.
+        return Needs(interval_input=True, jvp=True, step=self.endpoint_fraction > 0,
+                     discriminator=self.adversarial)
+
+    def check(self, config) -> None:
+        """Trained-in guidance mixes in the model's own unconditional velocity."""
+        if self.guidance == 1.0:
+            return
+        if config.model.cond == "none":
+            raise ConfigError(
+                f"config.objective.guidance={self.guidance} trains guidance in, which needs a "
+                "conditional model (config.model.cond='class' or 'text'), or set it to 1")
+        if self.needs.target is None and not config.train.cond_drop_prob > 0:
+            raise ConfigError(
+                f"config.objective.guidance={self.guidance} mixes in the model's own "
+                "unconditional velocity, which it learns only from dropped conditions: set "
+                "config.train.cond_drop_prob > 0")
 
     def __post_init__(self):
         super().__post_init__()
@@ -120,7 +135,7 @@ class MeanFlowObjective(FlowObjective):
 
     @property
     def adversarial(self) -> bool:
-        """The loss takes disc_fn= (the train step passes the model's discriminator)."""
+        """The adversarial term is on: the loss takes disc_fn= (the model's discriminator)."""
         return self.adversarial_weight > 0
 
     def num_endpoint(self, batch_size: int) -> int:
@@ -136,10 +151,10 @@ class MeanFlowObjective(FlowObjective):
         return t, jnp.where(equal, t, r)
 
     def loss(self, model_fn: ModelFn, x0: jax.Array, cond: Any, rng: jax.Array, *,
-             target_fn: Optional[ModelFn] = None, null_cond: Any = None, step=None,
-             disc_fn=None):
-        """``disc_fn(x, cond, frozen=False)`` -> logits: the discriminator, for the adversarial
-        term (``adversarial_weight`` > 0); unused otherwise."""
+             null_cond: Any = None, step=None, disc_fn=None, target_fn: Optional[ModelFn] = None):
+        """``step``: the train step (the endpoint rows count from ``endpoint_start``; None, a
+        direct call, counts them). ``disc_fn(x, cond, frozen=False)`` -> logits: the
+        discriminator of the adversarial term. ``target_fn``: a distillation's teacher."""
         if self.adversarial and disc_fn is None:
             raise ValueError("adversarial_weight > 0 needs disc_fn (the model's discriminator)")
         tr_rng, noise_rng = jax.random.split(rng)
@@ -184,15 +199,14 @@ class MeanFlowObjective(FlowObjective):
         ones = jnp.ones((noise.shape[0],), jnp.float32)
         x = noise.astype(jnp.float32)
         times = jnp.asarray(self.sample_times(self.endpoint_steps), jnp.float32)
-        k_step = jax.lax.stop_gradient(_jump(model_fn, x, times, cond, None, 1.0))  # the sampler's
+        k_step = jax.lax.stop_gradient(samplers.jump(model_fn, x, times, cond, None, 1.0))  # the sampler's
         target = x - k_step  # the k-step jump's average velocity over [0, 1]
         u = model_fn(noise, ones, cond, h=ones).astype(jnp.float32)
-        err = jnp.square(u - target)
-        per_example = jnp.mean(err.reshape(err.shape[0], -1), axis=1)
         # Plain MSE, not the adaptive weight: the target is the model's own output, so at init
         # (a zero output) the error is ~0, and 1 / sg(err + c) would blow that up to full-size
-        # gradients toward a self-consistent but flat field (measured: the model collapsed).
-        return jnp.mean(per_example), per_example, u
+        # gradients toward a self-consistent but flat field (the model collapsed; docs/few_step).
+        mean, per_example = per_example_mse(u, target)
+        return mean, per_example, u
 
     def score_loss(self, model_fn: ModelFn, x, cond, rng, *, null_cond=None):
         """Score distillation (Poole et al. 2022) on one-step samples x: re-noise sg(x) to a
@@ -255,7 +269,7 @@ class MeanFlowObjective(FlowObjective):
         if steps < 1:
             raise ValueError("steps must be >= 1")
         times = jnp.asarray(self.sample_times(steps), jnp.float32)
-        return _jump(model_fn, noise.astype(jnp.float32), times, cond, null_cond, guidance)
+        return samplers.jump(model_fn, noise.astype(jnp.float32), times, cond, null_cond, guidance)
 
 
 def adversarial_loss(disc_fn, fake, real, cond, g_on=1.0):
@@ -263,9 +277,8 @@ def adversarial_loss(disc_fn, fake, real, cond, g_on=1.0):
     autoencoding.py): g on D with stop-gradient parameters reaches only the generator through
     ``fake``; d on data and sg(fake) reaches only the discriminator. g_on = 0 trains D alone.
     ``fake`` and ``real`` share the conditions ``cond`` row by row."""
-    from vidit.models import vae
-    g = vae.g_hinge_loss(disc_fn(fake, cond, frozen=True))
-    d = vae.d_hinge_loss(disc_fn(real, cond), disc_fn(jax.lax.stop_gradient(fake), cond))
+    g = discriminator.g_hinge_loss(disc_fn(fake, cond, frozen=True))
+    d = discriminator.d_hinge_loss(disc_fn(real, cond), disc_fn(jax.lax.stop_gradient(fake), cond))
     return jnp.asarray(g_on, jnp.float32) * g + d
 
 
@@ -277,25 +290,6 @@ def is_null(cond: Any, null_cond: Any) -> jax.Array:
         return jnp.all(eq.reshape(c.shape[0], -1), axis=1)
 
     return functools.reduce(jnp.logical_and, jax.tree.leaves(jax.tree.map(same, cond, null_cond)))
-
-
-def _jump(model_fn, x, times, cond, null_cond, guidance, interval=None):
-    """fori_loop over the grid: one compiled body whatever the number of steps.
-
-    The model's second time input is h = t - r, or ``interval(t - r)`` when given."""
-    interval = interval or (lambda h: h)
-
-    def body(i, x):
-        t, r = times[i], times[i + 1]
-
-        def with_interval(x, t_vec, c):
-            return model_fn(x, t_vec, c, h=interval(jnp.full((x.shape[0],), t - r)))
-
-        fn = samplers.guided(with_interval, cond, null_cond, guidance)
-        u = fn(x, jnp.full((x.shape[0],), t))
-        return x - (t - r) * u.astype(jnp.float32)
-
-    return jax.lax.fori_loop(0, times.shape[0] - 1, body, x)
 
 
 def mean_flow_target(model_fn: ModelFn, z, v, t, r, cond):

@@ -1,133 +1,102 @@
-"""The training objective as one object, so the trainer never knows which one it trains.
+"""What every training objective is: an interface the trainer calls without knowing which one
+it trains, and a declaration of what the train step must supply to it.
 
-``make_objective(cfg)`` builds a frozen (hashable) dataclass from an ``ml_collections``
-ConfigDict whose ``name`` picks the kind: ``'flow'`` (rectified flow, the default of the big
-video systems), ``'vp'`` (the DiT paper's variance-preserving diffusion), or one of the few-step
-objectives, which need a model with config.model.interval_input: ``'meanflow'`` (average
-velocity, one jvp per step), ``'shortcut'`` (step-size-conditioned, self-consistency targets
-from the EMA model, no jvp) and ``'distill'`` (MeanFlow with a frozen flow teacher's velocity).
-All expose the same methods:
+An objective is a frozen (hashable) dataclass whose fields are its config fields (built by
+``vidit.diffusion.make_objective`` from config.objective). It defines
 
-    sample_t(rng, batch_size) -> t [B]
-    corrupt(x0, noise, t) -> (x_t, target)
-    loss(model_fn, x0, cond, rng, *, target_fn=None, null_cond=None) -> (loss, per_example [B])
-    loss_at(model_fn, x0, cond, t, noise) -> (loss, per_example_loss [B])
-    eval_times(n) -> t [n]
-    predict_x0_eps(output, x_t, t) -> (x0_hat, eps_hat)
-    sample(model_fn, noise, cond, *, steps, null_cond=None, guidance=1.0, sampler=None) -> x0
+    needs -> Needs                   what the train step supplies (below)
+    check(config)                    config errors of its own fields against the run's config
+    loss(model_fn, x0, cond, rng, *, null_cond=None, <what needs names>) -> (loss, per_example [B])
+    eval_metrics(model_fn, x0, cond, rng, num_times) -> {name: scalar}, averaged over batches
+    sample(model_fn, noise, cond, *, steps, null_cond=None, guidance=1.0) -> x0
 
-``model_fn(x_t, t, cond)`` takes x_t [B, T, H, W, C], t float32 [B] in [0, 1] (1 = most noise)
-and any pytree ``cond`` with a leading batch dimension, and returns an array shaped like x_t.
+``model_fn(x_t, t, cond, h=None)`` takes x_t [B, T, H, W, C], t float32 [B] in [0, 1] (1 = most
+noise), any pytree ``cond`` with a leading batch dimension and, for average-velocity models,
+the interval h; it returns an array shaped like x_t. ``null_cond`` is the unconditional input
+shaped like ``cond`` (classifier-free guidance); objectives that do not use it ignore it.
 
-Frozen targets. An objective whose targets come from another network says so in the class
-attribute ``target_model``: ``None`` (flow, vp, meanflow), ``'ema'`` (shortcut: the run's own
-EMA parameters) or ``'teacher'`` (distill: a frozen model loaded at start-up). The train step
-then passes that network to ``loss`` as ``target_fn`` (a model_fn bound to those parameters,
-never differentiated); it also passes ``null_cond``, the unconditional input shaped like
-``cond``, which objectives with trained-in guidance use. Objectives ignore what they do not
-need, so the train step calls every objective the same way. ``needs_jvp`` marks objectives that
-differentiate the model forward (attention backends without a JVP rule cannot train them).
+The keyword arguments a loss takes beyond those are exactly what ``needs`` declares, and the
+train step (vidit/steps.py) passes nothing else: ``target_fn`` (a model_fn bound to frozen
+parameters: the run's EMA or a teacher), ``step`` (the train step's index), ``disc_fn`` (the
+model's discriminator). Adding an objective is one file with its class and one line in
+vidit/diffusion/registry.py.
 """
 import dataclasses
-from typing import Any, Callable, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-ModelFn = Callable[[jax.Array, jax.Array, Any], jax.Array]
+ModelFn = Callable[..., jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Needs:
+    """What an objective needs from the run; the trainer, the compiler and the start-up checks
+    read this instead of probing the objective."""
+
+    model: str = "dit"  # the config.model.kind it trains: 'dit' or 'vae'
+    target: Optional[str] = None  # frozen params of ``target_fn``: None, 'ema' or 'teacher'
+    step: bool = False  # loss(..., step=) gets the train step's index
+    discriminator: bool = False  # loss(..., disc_fn=) gets the model's discriminator
+    interval_input: bool = False  # the model takes h (config.model.interval_input)
+    jvp: bool = False  # the loss takes jax.jvp through the model (attention needs a JVP rule)
+
+
+def per_example_mse(out: jax.Array, target: jax.Array):
+    """(mean, per-example [B]) squared error over all non-batch dimensions, in float32."""
+    err = jnp.square(out.astype(jnp.float32) - target.astype(jnp.float32))
+    per_example = jnp.mean(err.reshape(err.shape[0], -1), axis=1)
+    return jnp.mean(per_example), per_example
 
 
 class Objective:
-    """Shared part of every objective. Subclasses are frozen dataclasses and define
-    ``sample_t``, ``corrupt``, ``predict_x0_eps`` and ``sample``."""
+    """Shared part of every objective; subclasses are frozen dataclasses."""
 
-    name: str = ""
-    target_model: Optional[str] = None  # None | 'ema' | 'teacher': where target_fn comes from
-    needs_jvp: bool = False  # the loss takes jax.jvp through the model
-    needs_interval: bool = False  # the model takes the second time input h (interval_input)
-    needs_step: bool = False  # loss() takes step= (the train step's index)
+    name: ClassVar[str] = ""
 
-    def sample_t(self, rng: jax.Array, batch_size: int) -> jax.Array:
-        raise NotImplementedError
+    @property
+    def needs(self) -> Needs:
+        return Needs()
 
-    def corrupt(self, x0: jax.Array, noise: jax.Array, t: jax.Array):
+    def check(self, config: Any) -> None:
+        """Raises vidit.errors.ConfigError where this objective's fields cannot work with the
+        rest of `config` (the generic checks of `needs` are vidit/checks.py's)."""
+        del config
+
+    def loss(self, model_fn: ModelFn, x0: jax.Array, cond: Any, rng: jax.Array, *,
+             null_cond: Any = None):
         raise NotImplementedError
 
     def loss_at(self, model_fn: ModelFn, x0: jax.Array, cond: Any, t: jax.Array,
                 noise: jax.Array):
-        """Loss at given times and noise (fixed-t validation uses this).
+        """The loss at given times and noise (what the fixed-t validation loss measures)."""
+        raise NotImplementedError
 
-        Returns (mean loss, per-example loss [B]); the per-example loss is the mean squared
-        error over all non-batch dimensions, computed in float32 whatever the model's dtype.
-        """
-        x_t, target = self.corrupt(x0, noise, t)
-        out = model_fn(x_t, jnp.asarray(t, jnp.float32), cond)
-        err = jnp.square(out.astype(jnp.float32) - target)
-        per_example = jnp.mean(err.reshape(err.shape[0], -1), axis=1)
-        return jnp.mean(per_example), per_example
-
-    def loss(self, model_fn: ModelFn, x0: jax.Array, cond: Any, rng: jax.Array, *,
-             target_fn: Optional[ModelFn] = None, null_cond: Any = None):
-        """Training loss: draws t with ``sample_t`` and Gaussian noise, then ``loss_at``.
-
-        ``target_fn`` and ``null_cond`` (see the module docstring) are unused here."""
-        del target_fn, null_cond
-        t_rng, noise_rng = jax.random.split(rng)
-        t = self.sample_t(t_rng, x0.shape[0])
-        noise = jax.random.normal(noise_rng, x0.shape, jnp.float32)
-        return self.loss_at(model_fn, x0, cond, t, noise)
-
-    def eval_times(self, n: int) -> jax.Array:
-        """n evenly spaced validation times strictly inside (0, 1): (i + 0.5) / n.
+    def eval_times(self, n: int) -> np.ndarray:
+        """n evenly spaced validation times strictly inside (0, 1): (i + 0.5) / n (float32).
 
         Validation loss at these fixed times tracks sample quality (SD3, Open-Sora) and, unlike
         the training loss, has no variance from drawing t.
         """
-        return jnp.asarray((np.arange(n) + 0.5) / n, jnp.float32)
+        return ((np.arange(n) + 0.5) / n).astype(np.float32)
 
+    def eval_metrics(self, model_fn: ModelFn, x0: jax.Array, cond: Any, rng: jax.Array,
+                     num_times: int) -> dict:
+        """Validation metrics of one batch: the loss at `num_times` fixed times with fixed noise
+        (``loss_t<time>``) and their mean (``loss``)."""
+        times = self.eval_times(num_times)
 
-def _objective_classes() -> dict:
-    # Imported here because flow.py and vp.py import ``Objective`` from this module.
-    from vidit.diffusion.autoencoding import VAEObjective
-    from vidit.diffusion.distill import DistillObjective
-    from vidit.diffusion.flow import FlowObjective
-    from vidit.diffusion.meanflow import MeanFlowObjective
-    from vidit.diffusion.shortcut import ShortcutObjective
-    from vidit.diffusion.vp import VPObjective
+        def at(args):
+            i, t = args
+            noise = jax.random.normal(jax.random.fold_in(rng, i), x0.shape, x0.dtype)
+            return self.loss_at(model_fn, x0, cond, jnp.full((x0.shape[0],), t), noise)[0]
 
-    return {"flow": FlowObjective, "vp": VPObjective, "meanflow": MeanFlowObjective,
-            "shortcut": ShortcutObjective, "distill": DistillObjective, "vae": VAEObjective}
+        per_t = jax.lax.map(at, (jnp.arange(len(times)), jnp.asarray(times)))
+        out = {f"loss_t{t:.3f}": per_t[i] for i, t in enumerate(times)}
+        return {"loss": jnp.mean(per_t), **out}
 
-
-def _fields(cls) -> dict:
-    return {f.name: f.default for f in dataclasses.fields(cls)}
-
-
-def default_config(name: str = "flow") -> ml_collections.ConfigDict:
-    """ConfigDict with ``name`` and every field of that objective at its default."""
-    classes = _objective_classes()
-    if name not in classes:
-        raise ValueError(f"unknown objective {name!r}; valid: {sorted(classes)}")
-    return ml_collections.ConfigDict({"name": name, **_fields(classes[name])})
-
-
-def make_objective(cfg) -> Objective:
-    """Builds the objective named by ``cfg.name`` from a ConfigDict (or a plain dict).
-
-    Missing fields take their defaults; unknown names or fields raise ValueError (a typo in a
-    config file should fail loudly, not silently train with the default). Values are coerced to
-    the type of the default, so ``shift: 3`` in a config becomes 3.0.
-    """
-    cfg = dict(cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else cfg)
-    name = cfg.pop("name", "flow")
-    classes = _objective_classes()
-    if name not in classes:
-        raise ValueError(f"unknown objective {name!r}; valid: {sorted(classes)}")
-    defaults = _fields(classes[name])
-    unknown = sorted(set(cfg) - set(defaults))
-    if unknown:
-        raise ValueError(f"unknown fields {unknown} for objective {name!r}; valid: {sorted(defaults)}")
-    kwargs = {k: type(defaults[k])(v) for k, v in cfg.items()}
-    return classes[name](**kwargs)
+    def sample(self, model_fn: ModelFn, noise: jax.Array, cond: Any, *, steps: int,
+               null_cond: Any = None, guidance=1.0, sampler: Optional[str] = None) -> jax.Array:
+        raise NotImplementedError

@@ -110,3 +110,24 @@ def ddim(
         return jnp.sqrt(a_next) * x0_hat + jnp.sqrt(1.0 - a_next) * eps_hat
 
     return jax.lax.fori_loop(0, ts.shape[0] - 1, body, x)
+
+
+def jump(model_fn, x, times, cond, null_cond=None, guidance=1.0, interval=None):
+    """Average-velocity jumps x_r = x_t - (t - r) u(x_t, t, r) along the grid ``times`` (MeanFlow,
+    shortcut models), guided like the other samplers.
+
+    ``model_fn(x, t, cond, h=...)`` takes the interval h = t - r as its second time input, or
+    ``interval(t - r)`` when given. A fori_loop: one compiled body whatever the steps."""
+    interval = interval or (lambda h: h)
+
+    def body(i, x):
+        t, r = times[i], times[i + 1]
+
+        def with_interval(x, t_vec, c):
+            return model_fn(x, t_vec, c, h=interval(jnp.full((x.shape[0],), t - r)))
+
+        fn = guided(with_interval, cond, null_cond, guidance)
+        u = fn(x, jnp.full((x.shape[0],), t))
+        return x - (t - r) * u.astype(jnp.float32)
+
+    return jax.lax.fori_loop(0, times.shape[0] - 1, body, x)

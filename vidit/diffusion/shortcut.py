@@ -16,7 +16,7 @@ finest step 1/max_steps is the flow model itself: the model's step input is 0 th
 The step size is the model's second time input h (config.model.interval_input), exactly the
 h = t - r of MeanFlow: a shortcut model is an average-velocity model and samples with the same
 jumps, d = 1/steps. Targets come from ``target_fn`` (the train step binds it to the EMA
-parameters, objective.target_model = 'ema'); without one the online model is used.
+parameters: ``needs.target`` = 'ema'); without one the online model is used.
 """
 import dataclasses
 import math
@@ -26,9 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vidit.diffusion import meanflow
+from vidit.diffusion import samplers
 from vidit.diffusion.flow import FlowObjective
-from vidit.diffusion.objective import ModelFn
+from vidit.diffusion.objective import ModelFn, Needs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,8 +41,10 @@ class ShortcutObjective(FlowObjective):
     max_steps: int = 128  # finest step 1/max_steps (a power of two) is plain flow
 
     name: ClassVar[str] = "shortcut"
-    needs_interval: ClassVar[bool] = True
-    target_model: ClassVar[Optional[str]] = "ema"
+
+    @property
+    def needs(self) -> Needs:
+        return Needs(interval_input=True, target="ema")
 
     def __post_init__(self):
         super().__post_init__()
@@ -84,7 +86,7 @@ class ShortcutObjective(FlowObjective):
         return jax.lax.stop_gradient((s1 + s2) / 2)
 
     def loss(self, model_fn: ModelFn, x0: jax.Array, cond: Any, rng: jax.Array, *,
-             target_fn: Optional[ModelFn] = None, null_cond: Any = None):
+             null_cond: Any = None, target_fn: Optional[ModelFn] = None):
         del null_cond
         t_rng, td_rng, noise_rng = jax.random.split(rng, 3)
         batch = x0.shape[0]
@@ -125,5 +127,5 @@ class ShortcutObjective(FlowObjective):
         if steps < 1:
             raise ValueError("steps must be >= 1")
         times = jnp.asarray(self.sample_times(steps), jnp.float32)
-        return meanflow._jump(model_fn, noise.astype(jnp.float32), times, cond, null_cond,
-                              guidance, interval=self.step_input)
+        return samplers.jump(model_fn, noise.astype(jnp.float32), times, cond, null_cond,
+                             guidance, interval=self.step_input)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vidit.diffusion import samplers
-from vidit.diffusion.objective import ModelFn, Objective
+from vidit.diffusion.objective import ModelFn, Objective, per_example_mse
 
 SCHEDULES = ("linear", "cosine")
 PREDICTIONS = ("eps", "v")
@@ -123,6 +123,21 @@ class VPObjective(Objective):
         x_t = sa * x0f + sn * noise
         target = noise if self.prediction == "eps" else sa * noise - sn * x0f
         return x_t.astype(x0.dtype), target
+
+    def loss_at(self, model_fn: ModelFn, x0: jax.Array, cond: Any, t: jax.Array,
+                noise: jax.Array):
+        """(mean, per-example [B]) squared error of the eps or v prediction, in float32."""
+        x_t, target = self.corrupt(x0, noise, t)
+        return per_example_mse(model_fn(x_t, jnp.asarray(t, jnp.float32), cond), target)
+
+    def loss(self, model_fn: ModelFn, x0: jax.Array, cond: Any, rng: jax.Array, *,
+             null_cond: Any = None):
+        """The training loss: a uniform step k, Gaussian noise, then ``loss_at``."""
+        del null_cond
+        t_rng, noise_rng = jax.random.split(rng)
+        t = self.sample_t(t_rng, x0.shape[0])
+        noise = jax.random.normal(noise_rng, x0.shape, jnp.float32)
+        return self.loss_at(model_fn, x0, cond, t, noise)
 
     # -- prediction -> (x0, eps) ------------------------------------------------------------
     def _to_x0_eps(self, output: jax.Array, x_t: jax.Array, abar: jax.Array):

@@ -12,11 +12,8 @@ Everything here takes plain numpy arrays: videos are float ``[N, T, H, W, C]``
 in [-1, 1] and labels are ints ``[N]``. Only ``get_or_train_classifier`` touches
 the dataset module.
 
-Measured with the defaults (2000 train clips, 3000 steps of 64 frames, 2 shared
-CPU cores): 95.8% / 97.4% video accuracy on 500 validation clips for seeds 0 / 1,
-in 2.5-4.5 min wall clock. The validation digits are the last 297 sklearn
-digits, written by other people than the training ones; for scale, an RBF SVM
-on the raw 8x8 images gets 95.3% on that split and 3-NN 96.0%.
+The validation digits are the last 297 sklearn digits, written by other people
+than the training ones; docs/quickstart has the classifier's accuracy on them.
 """
 from __future__ import annotations
 

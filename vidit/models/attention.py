@@ -1,33 +1,35 @@
-"""Attention backends behind one function, chosen by config.model.attention.
+"""Attention backends behind one table, chosen by config.model.attention.
 
-All take q [B, Nq, H, D], k/v [B, Nk, H, D] and an optional key mask [B, Nk] (True = attend) and
-return [B, Nq, H, D].
+Every backend takes q [B, Nq, H, D], k/v [B, Nk, H, D] and an optional key mask [B, Nk]
+(True = attend) and returns [B, Nq, H, D]. `BACKENDS` says for each one where it runs, whether
+jax.jvp can go through it (MeanFlow and distillation differentiate the model forward), and
+whether it must run per shard inside shard_map (a kernel GSPMD cannot partition); the start-up
+checks and sequence parallelism (context_parallel.py) read the table. Adding a backend is its
+function plus one row.
 
-- `dense`: materialises all [Nq, Nk] logits. Like `chunked` it uses the core below, whose
-  derivative is written by hand (tests check it against autodiff of the plain formula).
-- `xla`: jax.nn.dot_product_attention (the same call takes cuDNN's flash path on GPU).
 - `chunked` (default): queries in blocks of `CHUNK`, each block rematerialised in the backward
   pass, so activation memory grows linearly with sequence length; up to CHUNK queries it is
   `dense`.
+- `dense`: materialises all [Nq, Nk] logits. Like `chunked` it uses the core below, whose
+  derivative is written by hand (tests check it against autodiff of the plain formula).
+- `xla`: jax.nn.dot_product_attention (the same call takes cuDNN's flash path on GPU).
 - `cudnn`: the same jax.nn call forced onto cuDNN's fused flash kernel (GPU only, bf16/f16).
-- `splash`: the Pallas TPU splash-attention kernel (TPU only). A Pallas call cannot be split by
-  GSPMD, so `vidit.models.context_parallel` runs it per shard inside shard_map. Key masks (the
+- `splash`: the Pallas TPU splash-attention kernel (TPU only), run per shard. Key masks (the
   short text cross-attention) go to `xla` instead.
 """
 from __future__ import annotations
 
+import dataclasses
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 
-from vidit import sharding
+from vidit.errors import ConfigError
 
-BACKENDS = ("chunked", "dense", "xla", "cudnn", "splash")
-# Backends whose kernels define a VJP (jax.custom_vjp) but no JVP rule: jax.jvp through them
-# fails, so objectives that take a jvp of the model (MeanFlow, distill) cannot use them.
-NO_JVP = ("cudnn", "splash")
 SPLASH_BLOCK = 512
-# Query block of `chunked`. DiT-S at 1024 tokens on the 2-core CPU: 3.74 s/step with one block
-# (no lax.map, no recompute) against 4.00 s with 256-query blocks.
+# Query block of `chunked`: DiT-S's 1024 tokens take one block, with no lax.map and no
+# recompute, which on CPU is faster than smaller blocks (docs/speed).
 CHUNK = 1024
 
 
@@ -53,8 +55,7 @@ def _softmax_attend(q, k, v, mask):
     The derivative is written by hand (below) as a JVP, the form that both jax.jvp (MeanFlow)
     and reverse mode (JAX transposes it) use. Autodiff of the forward would differentiate the
     max-shift, exp, sum and divide as separate passes over the [Nq, Nk] weights; the hand rule
-    needs one: dP = P * (dS - rowsum(P * dS)). DiT-S, 1k tokens, fwd+bwd on the 2-core CPU:
-    106 ms against 125 ms for the same math through autodiff.
+    needs one: dP = P * (dS - rowsum(P * dS)), which is faster (docs/speed).
     """
     return _weights_and_out(q, k, v, mask)[1]
 
@@ -121,7 +122,7 @@ def splash_attention(q, k, v, mask=None):
     b, n, h, d = q.shape
     nk = k.shape[1]
     if n % 128 or nk % 128:
-        raise sharding.ConfigError(
+        raise ConfigError(
             f"attention='splash' needs token counts that are multiples of 128 per shard, got "
             f"{n} queries / {nk} keys; change config.model.patch, the clip size or the mesh")
     block_q, block_kv = _divisor(n, SPLASH_BLOCK), _divisor(nk, SPLASH_BLOCK)
@@ -141,15 +142,30 @@ def _divisor(n: int, most: int) -> int:
     return max(b for b in range(128, min(n, most) + 1, 128) if n % b == 0)
 
 
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    fn: Callable  # (q, k, v, mask=None) -> out
+    platforms: tuple[str, ...]  # jax platforms it runs on
+    jvp: bool  # jax.jvp works through it (a custom_vjp kernel has no JVP rule)
+    per_shard: bool = False  # GSPMD cannot partition it: run inside shard_map on a mesh
+
+
+ANY = ("cpu", "gpu", "tpu")
+BACKENDS = {
+    "chunked": Backend(chunked_attention, ANY, jvp=True),
+    "dense": Backend(dense_attention, ANY, jvp=True),
+    "xla": Backend(xla_attention, ANY, jvp=True),
+    "cudnn": Backend(cudnn_attention, ("gpu",), jvp=False),
+    "splash": Backend(splash_attention, ("tpu",), jvp=False, per_shard=True),
+}
+
+
+def lookup(name: str) -> Backend:
+    """The table row of config.model.attention = name."""
+    if name not in BACKENDS:
+        raise ConfigError(f"config.model.attention='{name}' is not one of {tuple(BACKENDS)}")
+    return BACKENDS[name]
+
+
 def attention(q, k, v, mask=None, *, backend: str = "chunked"):
-    if backend == "splash":
-        return splash_attention(q, k, v, mask)
-    if backend == "cudnn":
-        return cudnn_attention(q, k, v, mask)
-    if backend == "chunked":
-        return chunked_attention(q, k, v, mask)
-    if backend == "dense":
-        return dense_attention(q, k, v, mask)
-    if backend == "xla":
-        return xla_attention(q, k, v, mask)
-    raise sharding.ConfigError(f"config.model.attention='{backend}' is not one of {BACKENDS}")
+    return lookup(backend).fn(q, k, v, mask)

@@ -25,32 +25,32 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from vidit import sharding
-from vidit.models.attention import attention
+from vidit.errors import ConfigError
+from vidit.models import attention as attention_lib
 
 STRATEGIES = ("ulysses", "ring", "gspmd")
 AXIS = "sequence"
 HEADS = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
-PER_SHARD = ("splash",)  # kernels GSPMD cannot partition: always run inside shard_map
 
 
 def check_layout(model_cfg, mesh_shape: dict, tokens: int) -> None:
     """Start-up check that the configured split can work; the error names what to change."""
     strategy = model_cfg.get("sequence_parallel", "ulysses")
     if strategy not in STRATEGIES:
-        raise sharding.ConfigError(
+        raise ConfigError(
             f"config.model.sequence_parallel='{strategy}' is not one of {STRATEGIES}")
     seq, tensor = mesh_shape.get(AXIS, 1), mesh_shape.get("tensor", 1)
     if model_cfg.heads % tensor:
-        raise sharding.ConfigError(
+        raise ConfigError(
             f"config.model.heads={model_cfg.heads} does not divide over config.mesh.tensor={tensor}")
     if seq == 1:
         return
     if tokens % seq:
-        raise sharding.ConfigError(
+        raise ConfigError(
             f"{tokens} tokens per clip do not divide over config.mesh.sequence={seq}; change "
             f"config.mesh.sequence, config.model.patch or the clip size (config.data.*)")
     if strategy == "ulysses" and (model_cfg.heads // tensor) % seq:
-        raise sharding.ConfigError(
+        raise ConfigError(
             f"ulysses needs config.model.heads={model_cfg.heads} to divide by config.mesh.tensor="
             f"{tensor} x config.mesh.sequence={seq}; change those, or set "
             f"config.model.sequence_parallel='ring' (no head-count limit)")
@@ -60,17 +60,17 @@ def self_attention(q, k, v, *, backend: str, strategy: str):
     """q, k, v [B, N, H, D] (sharded by the HEADS logical names) -> [B, N, H, D]."""
     context = sharding.current()
     if context is None:
-        return attention(q, k, v, backend=backend)
+        return attention_lib.attention(q, k, v, backend=backend)
     mesh, rules = context
     spec = sharding.spec_for_shape(HEADS, q.shape, mesh, rules)
     if mesh.shape[AXIS] == 1 or strategy == "gspmd":
-        if backend not in PER_SHARD:
-            return attention(q, k, v, backend=backend)
+        if not attention_lib.lookup(backend).per_shard:
+            return attention_lib.attention(q, k, v, backend=backend)
         spec = P(spec[0], None, spec[2], None)  # whole sequence per shard; batch/heads split
-        return jax.shard_map(functools.partial(attention, backend=backend), mesh=mesh,
+        return jax.shard_map(functools.partial(attention_lib.attention, backend=backend), mesh=mesh,
                              in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)
     if AXIS not in _axes(spec[1]) or AXIS in _axes(spec[0]) + _axes(spec[2]):
-        raise sharding.ConfigError(
+        raise ConfigError(
             f"sequence_parallel='{strategy}' needs the token axis sharded over '{AXIS}' alone; "
             f"config.sharding_rules give q the spec {spec} for shape {q.shape}")
     if strategy == "ulysses":
@@ -78,7 +78,7 @@ def self_attention(q, k, v, *, backend: str, strategy: str):
     elif strategy == "ring":
         local = functools.partial(_ring, size=mesh.shape[AXIS])
     else:
-        raise sharding.ConfigError(
+        raise ConfigError(
             f"config.model.sequence_parallel='{strategy}' is not one of {STRATEGIES}")
     spec = P(*spec)
     return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
@@ -98,7 +98,7 @@ def _ulysses(q, k, v, *, backend):
     def to_tokens(x):
         return jax.lax.all_to_all(x, AXIS, split_axis=1, concat_axis=2, tiled=True)
 
-    out = attention(to_heads(q), to_heads(k), to_heads(v), backend=backend)
+    out = attention_lib.attention(to_heads(q), to_heads(k), to_heads(v), backend=backend)
     return to_tokens(out)
 
 

@@ -17,11 +17,11 @@ import ml_collections
 from flax import nnx
 
 from vidit import sharding
-from vidit.models import layers
-from vidit.models import context_parallel
-from vidit.models import vae  # its patch-GAN is the optional discriminator
+from vidit.errors import ConfigError
+from vidit.models import context_parallel, discriminator, layers
 from vidit.models.attention import attention
 from vidit.models.layers import Dense, RMSNorm
+from vidit.models.text_encoder import TextEncoder
 
 REMAT_POLICIES = {
     "none": None,
@@ -83,18 +83,6 @@ class CrossAttention(nnx.Module):
         return self.out(attention(q, k, v, text_mask, backend=self.backend))
 
 
-class Mlp(nnx.Module):
-    def __init__(self, width, hidden, *, rngs, dtype, param_dtype, names=("embed", "mlp")):
-        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.fc1 = Dense((width,), (hidden,), names, **kw)
-        self.fc2 = Dense((hidden,), (width,), names[::-1], **kw)
-
-    def __call__(self, x):
-        h = jax.nn.gelu(self.fc1(x), approximate=True)
-        h = sharding.constrain(h, ("activation_batch", "activation_length", "activation_mlp"))
-        return self.fc2(h)
-
-
 class DiTBlock(nnx.Module):
     """adaLN-Zero block: gates are zero at init, so the block starts as the identity."""
 
@@ -105,7 +93,7 @@ class DiTBlock(nnx.Module):
                          kernel_init=nnx.initializers.zeros)
         self.attn = SelfAttention(cfg, **kw)
         self.cross = CrossAttention(cfg, **kw) if cfg.cond == "text" else None
-        self.mlp = Mlp(width, int(width * cfg.mlp_ratio), **kw)
+        self.mlp = layers.Mlp(width, int(width * cfg.mlp_ratio), **kw)
 
     def __call__(self, x, c, rope, text=None, text_mask=None):
         shift1, scale1, gate1, shift2, scale2, gate2 = jnp.moveaxis(
@@ -117,53 +105,6 @@ class DiTBlock(nnx.Module):
         h = modulate(layers.layer_norm(x), shift2, scale2)
         x = x + gate2[:, None] * self.mlp(h)
         return sharding.constrain(x, TOKENS)
-
-
-class TextBlock(nnx.Module):
-    """Pre-LN transformer block for the small caption encoder."""
-
-    def __init__(self, width, heads, *, rngs, dtype, param_dtype):
-        head_dim = width // heads
-        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.qkv = Dense((width,), (3, heads, head_dim), ("embed", None, "heads", "kv"), **kw)
-        self.out = Dense((heads, head_dim), (width,), ("heads", "kv", "embed"), **kw)
-        self.mlp = Mlp(width, 4 * width, **kw)
-
-    def __call__(self, x, mask, backend):
-        qkv = self.qkv(layers.layer_norm(x))
-        x = x + self.out(attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], mask, backend=backend))
-        return x + self.mlp(layers.layer_norm(x))
-
-
-class TextEncoder(nnx.Module):
-    """Byte tokens -> contextual embeddings [B, L, text_width] and a pooled vector.
-
-    Trained with the DiT (the big systems use a frozen T5; a byte-level encoder keeps the embedded
-    dataset self-contained). Token 1 (BOS) is always present, so the null caption is not empty.
-    """
-
-    def __init__(self, cfg, *, rngs, dtype, param_dtype):
-        from data_pipelines import tokenize  # the tokenizer defines the vocabulary
-        width = cfg.text_width
-        self.embed = layers.param(rngs, nnx.initializers.normal(0.02),
-                                  (tokenize.VOCAB_SIZE, width), ("vocab", "embed"), param_dtype)
-        self.pos = layers.param(rngs, nnx.initializers.normal(0.02), (cfg.text_len, width),
-                                ("position", "embed"), param_dtype)
-        self.blocks = nnx.List([TextBlock(width, cfg.text_heads, rngs=rngs, dtype=dtype,
-                                          param_dtype=param_dtype)
-                                for _ in range(cfg.text_depth)])
-        self.dtype = dtype
-        self.backend = cfg.attention
-
-    def __call__(self, tokens):
-        mask = tokens > 0
-        x = (self.embed[...][tokens] + self.pos[...][: tokens.shape[1]]).astype(self.dtype)
-        for block in self.blocks:
-            x = block(x, mask, self.backend)
-        x = layers.layer_norm(x)
-        weights = mask.astype(x.dtype)[..., None]
-        pooled = (x * weights).sum(1) / jnp.maximum(weights.sum(1), 1)
-        return x, mask, pooled
 
 
 class FinalLayer(nnx.Module):
@@ -197,12 +138,12 @@ class VideoDiT(nnx.Module):
 
     def __init__(self, cfg: Any, *, rngs: nnx.Rngs):
         if cfg.cond not in COND_KINDS:
-            raise sharding.ConfigError(f"config.model.cond='{cfg.cond}' is not one of {COND_KINDS}")
+            raise ConfigError(f"config.model.cond='{cfg.cond}' is not one of {COND_KINDS}")
         if cfg.width % cfg.heads:
-            raise sharding.ConfigError(
+            raise ConfigError(
                 f"config.model.width={cfg.width} does not divide by config.model.heads={cfg.heads}")
         if cfg.remat not in REMAT_POLICIES:
-            raise sharding.ConfigError(
+            raise ConfigError(
                 f"config.model.remat='{cfg.remat}' is not one of {sorted(REMAT_POLICIES)}")
         dtype, param_dtype = layers.dtype_of(cfg.dtype), layers.dtype_of(cfg.param_dtype)
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
@@ -220,7 +161,7 @@ class VideoDiT(nnx.Module):
                         if cfg.get("interval_input", False) else None)
         if cfg.cond == "class":  # one extra row: the null label for classifier-free guidance
             # Unit-scale rows, like the timestep embedding grows to within a few hundred steps:
-            # at DiT's 0.02 the label stays ~30x weaker than t in short runs and samples ignore it.
+            # at DiT's 0.02 the label stays far weaker than t in short runs and samples ignore it.
             self.class_embed = layers.param(rngs, nnx.initializers.normal(1.0),
                                             (cfg.num_classes + 1, cfg.width), ("vocab", "embed"),
                                             param_dtype)
@@ -257,7 +198,7 @@ class VideoDiT(nnx.Module):
         if self.h_embed is not None:  # no h: the instantaneous velocity, u(z, t, t) = v
             c = c + self.h_embed(jnp.zeros_like(t) if h is None else h)
         elif h is not None:
-            raise sharding.ConfigError("this objective passes an interval h = t - r; set "
+            raise ConfigError("this objective passes an interval h = t - r; set "
                                        "config.model.interval_input=True")
         text = text_mask = None
         if self.cfg.cond == "class":
@@ -284,9 +225,9 @@ class VideoDiT(nnx.Module):
         frozen=True reads the discriminator's parameters through stop_gradient: a generator
         loss on these logits trains the DiT only, never the discriminator."""
         if self.disc is None:
-            raise sharding.ConfigError("an adversarial term needs a discriminator: set "
+            raise ConfigError("an adversarial term needs a discriminator: set "
                                        "config.model.disc_width > 0 (e.g. 32)")
-        disc = vae.frozen(self.disc) if frozen else self.disc
+        disc = discriminator.frozen(self.disc) if frozen else self.disc
         return disc(x, (cond or {}).get("label"))
 
     def _run_blocks(self, h, c, rope, text, text_mask):
@@ -317,7 +258,7 @@ def _make_discriminator(cfg, rngs):
         channels=cfg.channels, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
         disc=dict(width=cfg.disc_width, num_layers=cfg.get("disc_layers", 3))))
     num_classes = cfg.num_classes if cfg.cond == "class" else 0
-    return vae.PatchDiscriminator(disc_cfg, rngs, num_classes=num_classes)
+    return discriminator.PatchDiscriminator(disc_cfg, rngs, num_classes=num_classes)
 
 
 def build(cfg: Any, seed: int = 0) -> VideoDiT:

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vidit import sharding
+from vidit.errors import ConfigError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -21,7 +22,7 @@ def dtype_of(name: str):
     try:
         return DTYPES[name]
     except KeyError:
-        raise sharding.ConfigError(f"dtype '{name}' is not one of {sorted(DTYPES)}") from None
+        raise ConfigError(f"dtype '{name}' is not one of {sorted(DTYPES)}") from None
 
 
 def param(rngs: nnx.Rngs, init, shape: Sequence[int], names: Sequence[str | None], dtype):
@@ -54,7 +55,7 @@ class Dense(nnx.Module):
         n = self.num_in
         # Contract a 2-D [tokens, in] matrix. With the 3-D [B, N, in] form, XLA:CPU fused each
         # weight gradient's transposed operand with its element-wise producers into a strided
-        # loop (DiT-S: 0.87 s of a 5 s step, docs/speed.md); 2-D transposes run at copy speed.
+        # loop (a sixth of a DiT-S step, docs/speed); 2-D transposes run at copy speed.
         lead = x.shape[:x.ndim - n]
         x2 = x.reshape((-1,) + x.shape[x.ndim - n:]).astype(self.dtype)
         y = jax.lax.dot_general(x2, kernel, ((tuple(range(1, 1 + n)), tuple(range(n))), ((), ())))
@@ -62,6 +63,20 @@ class Dense(nnx.Module):
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
+
+
+class Mlp(nnx.Module):
+    """Two Dense layers with a tanh-approximated GELU between them."""
+
+    def __init__(self, width, hidden, *, rngs, dtype, param_dtype, names=("embed", "mlp")):
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.fc1 = Dense((width,), (hidden,), names, **kw)
+        self.fc2 = Dense((hidden,), (width,), names[::-1], **kw)
+
+    def __call__(self, x):
+        h = jax.nn.gelu(self.fc1(x), approximate=True)
+        h = sharding.constrain(h, ("activation_batch", "activation_length", "activation_mlp"))
+        return self.fc2(h)
 
 
 def layer_norm(x, eps: float = 1e-6):
@@ -126,7 +141,7 @@ class TimestepEmbedder(nnx.Module):
 def rope_split(head_dim: int) -> tuple[int, int, int]:
     """Head-dim split over (t, h, w): 2*floor(d/6) each for h and w, the rest for t (Wan)."""
     if head_dim % 2:
-        raise sharding.ConfigError(f"head dim {head_dim} must be even for RoPE (config.model.width / heads)")
+        raise ConfigError(f"head dim {head_dim} must be even for RoPE (config.model.width / heads)")
     spatial = 2 * (head_dim // 6)
     return head_dim - 2 * spatial, spatial, spatial
 
@@ -150,9 +165,8 @@ def rope_angles(grid: tuple[int, int, int], head_dim: int, theta: float = 10000.
 def apply_rope(x, cos, sin):
     """Rotates pairs (x[i], x[i + d/2]) of x [B, N, H, D] by the per-token angles."""
     half = x.shape[-1] // 2
-    # x * (cos, cos) + (x2, x1) * (-sin, sin): one swap of halves and one fused multiply-add;
-    # DiT-S trains 5% faster this way on the 2-core CPU than with the products computed per half
-    # and concatenated (3.63 vs 3.86 s/step, same process, alternating steps).
+    # x * (cos, cos) + (x2, x1) * (-sin, sin): one swap of halves and one fused multiply-add,
+    # faster than the products computed per half and concatenated (docs/speed).
     cos = jnp.concatenate([cos, cos], axis=-1)[None, :, None, :].astype(x.dtype)
     sin = jnp.concatenate([-sin, sin], axis=-1)[None, :, None, :].astype(x.dtype)
     swapped = jnp.concatenate([x[..., half:], x[..., :half]], axis=-1)
@@ -166,7 +180,7 @@ def patchify(x, patch: Sequence[int]):
     b, t, h, w, c = x.shape
     pt, ph, pw = patch
     if t % pt or h % ph or w % pw:
-        raise sharding.ConfigError(
+        raise ConfigError(
             f"input (frames, height, width) = {(t, h, w)} does not divide by "
             f"config.model.patch = {tuple(patch)}")
     grid = (t // pt, h // ph, w // pw)

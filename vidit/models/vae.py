@@ -38,7 +38,7 @@ holding only one chunk of activations plus the small per-layer caches.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -47,14 +47,10 @@ import numpy as np
 from flax import nnx
 
 from vidit import sharding
-from vidit.models import layers
+from vidit.errors import ConfigError
+from vidit.models import discriminator, layers
+from vidit.models.conv import CausalConv3d, Norm
 
-# Logical axis names of the parameters (all names exist in sharding.DEFAULT_RULES): a conv kernel
-# [kt, kh, kw, C_in, C_out] splits C_in like a Dense's input ("embed" -> fsdp) and C_out like its
-# hidden side ("mlp" -> tensor); a dimension that does not divide is left unsplit.
-KERNEL_NAMES = (None, None, None, "embed", "mlp")
-BIAS_NAMES = ("mlp",)
-NORM_NAMES = ("norm",)
 # Activations [B, T, H, W, C]: only the batch is pinned.
 VIDEO = ("activation_batch", None, None, None, None)
 
@@ -108,14 +104,14 @@ def level_plan(cfg) -> list[tuple[int, int, int]]:
     """
     comp = tuple(int(f) for f in cfg.compression)
     if len(comp) != 3:
-        raise sharding.ConfigError(f"vae compression must be (t, h, w), got {comp}")
+        raise ConfigError(f"vae compression must be (t, h, w), got {comp}")
     for f in comp:
         if f < 1 or f & (f - 1):
-            raise sharding.ConfigError(f"vae compression factors must be powers of 2, got {comp}")
+            raise ConfigError(f"vae compression factors must be powers of 2, got {comp}")
     n = len(cfg.channel_mult) - 1
     logs = [int(math.log2(f)) for f in comp]
     if max(logs) > n:
-        raise sharding.ConfigError(
+        raise ConfigError(
             f"vae compression {comp} needs {max(logs)} down-sampling transitions but "
             f"channel_mult={tuple(cfg.channel_mult)} gives {n}; add levels")
     plan = []
@@ -129,104 +125,6 @@ def level_plan(cfg) -> list[tuple[int, int, int]]:
 
 # ---------------------------------------------------------------------------------------------
 # Building blocks
-def _conv(x, kernel, stride, padding, dtype):
-    """3D conv [B, T, H, W, C] x [kt, kh, kw, Cin, Cout]. On CPU it runs as kt 2D convs over
-    frames folded into the batch, summed: XLA:CPU's 3D convolution (and its gradient) is ~4x
-    slower than its 2D one (measured: 0.66 vs 0.17 CPU-s for a 16-channel 3x3x3 layer's
-    forward + backward on 8 x 11 x 32 x 32); other backends get the native 3D conv."""
-    x, kernel = x.astype(dtype), kernel.astype(dtype)
-    if jax.default_backend() != "cpu":
-        return jax.lax.conv_general_dilated(
-            x, kernel, window_strides=tuple(stride), padding=padding,
-            dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
-    (pt0, pt1), pad_h, pad_w = (tuple(p) for p in padding)
-    st, sh, sw = stride
-    kt = kernel.shape[0]
-    if pt0 or pt1:
-        x = jnp.pad(x, ((0, 0), (pt0, pt1), (0, 0), (0, 0), (0, 0)))
-    b, t = x.shape[:2]
-    n = (t - kt) // st + 1
-    if n <= 0:  # too few frames for one window (an empty chunk): no output frames
-        return jnp.zeros((b, 0) + x.shape[2:4] + kernel.shape[-1:], dtype)[:, :, ::sh, ::sw]
-    out = None
-    for i in range(kt):
-        frames = jax.lax.slice_in_dim(x, i, i + st * (n - 1) + 1, stride=st, axis=1)
-        y = jax.lax.conv_general_dilated(
-            frames.reshape((b * n,) + frames.shape[2:]), kernel[i], window_strides=(sh, sw),
-            padding=(pad_h, pad_w), dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        out = y if out is None else out + y
-    return out.reshape((b, n) + out.shape[1:])
-
-
-def _spatial_padding(k: int, s: int) -> tuple[int, int]:
-    """'same' zero padding for a spatial kernel k at stride s (stride 2: (0, 1) for k=3, LDM)."""
-    total = max(k - s, 0)
-    return (total // 2, total - total // 2)
-
-
-class CausalConv3d(nnx.Module):
-    """3D conv, causal in time (see the module docstring for the cache), 'same' in space."""
-
-    def __init__(self, cin: int, cout: int, kernel=(3, 3, 3), stride=(1, 1, 1), *, rngs,
-                 dtype=jnp.float32, param_dtype=jnp.float32, kernel_init=None):
-        self.kernel_size = tuple(int(k) for k in kernel)
-        self.stride = tuple(int(s) for s in stride)
-        init = kernel_init or nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
-        self.kernel = layers.param(rngs, init, self.kernel_size + (cin, cout), KERNEL_NAMES,
-                                   param_dtype)
-        self.bias = layers.param(rngs, nnx.initializers.zeros, (cout,), BIAS_NAMES, param_dtype)
-        self.dtype = dtype
-
-    @property
-    def stateful(self) -> bool:
-        return self.kernel_size[0] > 1 or self.stride[0] > 1
-
-    def __call__(self, x, cache=None):
-        kt, kh, kw = self.kernel_size
-        st, sh, sw = self.stride
-        new_cache = ()
-        if self.stateful:
-            if cache is None:  # start of the clip: the past is the first frame repeated
-                past = jnp.repeat(x[:, :1], kt - 1, axis=1) if kt > 1 else x[:, :0]
-            else:
-                past = cache
-            x = jnp.concatenate([past.astype(x.dtype), x], axis=1)
-            n_out = max((x.shape[1] - kt) // st + 1, 0)
-            # The input from the next window's start on (stride 1: the last kt-1 frames).
-            new_cache = x[:, st * n_out:]
-        pad = ((0, 0), _spatial_padding(kh, sh), _spatial_padding(kw, sw))
-        y = _conv(x, self.kernel[...], self.stride, pad, self.dtype)
-        return y + self.bias[...].astype(self.dtype), new_cache
-
-
-class Norm(nnx.Module):
-    """Per-frame normalisation (chunk-exact): channel RMSNorm, or GroupNorm over (H, W, group)."""
-
-    def __init__(self, dim: int, kind: str = "rms", groups: int = 32, *, rngs,
-                 param_dtype=jnp.float32, eps: float = 1e-6):
-        if kind not in ("rms", "group"):
-            raise sharding.ConfigError(f"vae norm '{kind}' is not one of ('rms', 'group')")
-        self.kind = kind
-        self.groups = math.gcd(dim, groups)
-        self.eps = eps
-        self.scale = layers.param(rngs, nnx.initializers.ones, (dim,), NORM_NAMES, param_dtype)
-        self.shift = (layers.param(rngs, nnx.initializers.zeros, (dim,), NORM_NAMES, param_dtype)
-                      if kind == "group" else None)
-
-    def __call__(self, x):
-        x32 = x.astype(jnp.float32)
-        if self.kind == "rms":
-            y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-            return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
-        b, t, h, w, c = x.shape
-        g = x32.reshape(b, t, h, w, self.groups, c // self.groups)
-        mean = jnp.mean(g, axis=(2, 3, 5), keepdims=True)
-        var = jnp.mean(jnp.square(g - mean), axis=(2, 3, 5), keepdims=True)
-        y = ((g - mean) * jax.lax.rsqrt(var + self.eps)).reshape(x.shape)
-        y = y * self.scale[...].astype(jnp.float32) + self.shift[...].astype(jnp.float32)
-        return y.astype(x.dtype)
-
-
 class ResBlock(nnx.Module):
     """norm -> SiLU -> causal conv, twice, plus a (1x1x1 conv) shortcut."""
 
@@ -366,7 +264,7 @@ class VideoVAE(nnx.Module):
         dtype, param_dtype = layers.dtype_of(cfg.dtype), layers.dtype_of(cfg.param_dtype)
         self.plan = tuple(level_plan(cfg))  # validates the compression
         if not 1 <= cfg.latent_channels:
-            raise sharding.ConfigError("vae latent_channels must be positive")
+            raise ConfigError("vae latent_channels must be positive")
         self.compression = tuple(int(f) for f in cfg.compression)
         self.channels = int(cfg.channels)
         self.latent_channels = int(cfg.latent_channels)
@@ -496,195 +394,6 @@ def sample_posterior(mean, logvar, rng=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# Losses and metrics (pure)
-def kl_divergence(mean, logvar):
-    """KL(N(mean, exp(logvar)) || N(0, 1)) per latent element (same shape as mean)."""
-    mean, logvar = mean.astype(jnp.float32), logvar.astype(jnp.float32)
-    return 0.5 * (jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar)
-
-
-def vae_loss(recon, x, mean, logvar, beta: float = 1e-6):
-    """loss = mean |recon - x| + beta * KL, both averaged per element (pixel / latent element).
-
-    Note the normalisation: LDM-style "sum over pixels, beta=1e-6" is this loss with
-    beta_here = 1e-6 * latent_elements / pixel_elements (even weaker).
-    Returns (loss, metrics) with metrics l1, mse, kl (per latent element), kl_per_sample (summed
-    over a sample's latent), loss.
-    """
-    recon, x = recon.astype(jnp.float32), x.astype(jnp.float32)
-    diff = recon - x
-    l1 = jnp.mean(jnp.abs(diff))
-    kl_map = kl_divergence(mean, logvar)
-    kl = jnp.mean(kl_map)
-    loss = l1 + beta * kl
-    metrics = dict(loss=loss, l1=l1, mse=jnp.mean(jnp.square(diff)), kl=kl,
-                   kl_per_sample=jnp.mean(jnp.sum(kl_map.reshape(kl_map.shape[0], -1), axis=1)))
-    return loss, metrics
-
-
-def psnr(a, b, data_range: float = 2.0):
-    """Peak signal-to-noise ratio in dB of [B, ...] videos in [-1, 1] (range 2), per sample over
-    all its frames/pixels/channels, averaged over the batch. Identical samples give inf."""
-    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
-    mse = jnp.mean(jnp.square(a - b).reshape(a.shape[0], -1), axis=1)
-    return jnp.mean(10.0 * jnp.log10(data_range ** 2 / mse))
-
-
-def _gaussian_window(size: int, sigma: float):
-    x = jnp.arange(size, dtype=jnp.float32) - (size - 1) / 2
-    g = jnp.exp(-0.5 * jnp.square(x / sigma))
-    return g / jnp.sum(g)
-
-
-def _filter_valid(x, g, axis):
-    """Valid-mode 1D correlation of x with window g along `axis`."""
-    n = x.shape[axis] - g.shape[0] + 1
-    return sum(g[i] * jax.lax.slice_in_dim(x, i, i + n, axis=axis) for i in range(g.shape[0]))
-
-
-def ssim(a, b, data_range: float = 2.0, window: int = 11, sigma: float = 1.5,
-         k1: float = 0.01, k2: float = 0.03):
-    """Mean SSIM (Wang et al. 2004) of videos [B, T, H, W, C] in [-1, 1]: an 11x11 Gaussian window
-    (sigma 1.5, valid filtering, shrunk to the frame for frames under 11 pixels) per frame and
-    channel, averaged over pixels, channels, frames and the batch. [B, H, W, C] images also work."""
-    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
-    if a.ndim == 4:
-        a, b = a[:, None], b[:, None]
-    h, w = a.shape[2], a.shape[3]
-    size = min(window, h, w)
-    size -= 1 - size % 2  # odd
-    g = _gaussian_window(size, sigma)
-
-    def blur(x):
-        return _filter_valid(_filter_valid(x, g, 2), g, 3)
-
-    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
-    mu_a, mu_b = blur(a), blur(b)
-    var_a = blur(a * a) - mu_a ** 2
-    var_b = blur(b * b) - mu_b ** 2
-    cov = blur(a * b) - mu_a * mu_b
-    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
-    return jnp.mean(s)
-
-
-# ---------------------------------------------------------------------------------------------
-# Optional GAN term
-class PatchDiscriminator(nnx.Module):
-    """3D patch-GAN: strided 3D convs ('same' padding, non-causal: the discriminator sees the
-    whole clip) to a map of real/fake logits [B, T', H', W', 1]. Reads cfg.channels and
-    cfg.disc.width / cfg.disc.num_layers. (CausalConv3d is used only to hold the parameters.)
-
-    With ``num_classes`` > 0 it is class-conditional by projection (Miyato & Koyama 2018): each
-    location's logit gains <embed(label), features>, with one extra row for the null label of
-    classifier-free guidance, so it judges "a real clip of this class", not only "a real clip"."""
-
-    def __init__(self, cfg: Any, rngs: nnx.Rngs | None = None, *, seed: int = 0,
-                 num_classes: int = 0):
-        rngs = rngs if rngs is not None else nnx.Rngs(params=seed)
-        dtype, param_dtype = layers.dtype_of(cfg.dtype), layers.dtype_of(cfg.param_dtype)
-        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        width, n = cfg.disc.width, cfg.disc.num_layers
-        convs, norms = [CausalConv3d(cfg.channels, width, (3, 4, 4), **kw)], []
-        ch = width
-        for i in range(1, n):
-            out = width * min(2 ** i, 8)
-            convs.append(CausalConv3d(ch, out, (3, 4, 4), **kw))
-            norms.append(Norm(out, "group", min(32, out), rngs=rngs, param_dtype=param_dtype))
-            ch = out
-        self.convs = nnx.List(convs)
-        self.norms = nnx.List(norms)
-        self.head = CausalConv3d(ch, 1, (3, 3, 3), **kw)
-        # Zero rows: a fresh conditional discriminator starts as the unconditional one.
-        self.class_embed = (layers.param(rngs, nnx.initializers.zeros, (num_classes + 1, ch),
-                                         ("vocab", "mlp"), param_dtype)
-                            if num_classes else None)
-        self.dtype = dtype
-
-    @staticmethod
-    def _apply(conv, x, stride):
-        kt, kh, kw = conv.kernel_size
-        pad = tuple(_pad_same(n, k, s) for n, k, s in zip(x.shape[1:4], (kt, kh, kw), stride))
-        return _conv(x, conv.kernel[...], stride, pad, conv.dtype) + conv.bias[...].astype(conv.dtype)
-
-    def __call__(self, x, label=None):
-        h = jax.nn.leaky_relu(self._apply(self.convs[0], x.astype(self.dtype), (1, 2, 2)), 0.2)
-        for conv, norm in zip(self.convs[1:], self.norms):
-            h = jax.nn.leaky_relu(norm(self._apply(conv, h, (2, 2, 2))), 0.2)
-        logits = self._apply(self.head, h, (1, 1, 1)).astype(jnp.float32)
-        if self.class_embed is None or label is None:
-            return logits
-        # A one-hot matmul, not a gather: a partitioned gather of batch-sharded labels sliced
-        # from a larger batch (MeanFlow's endpoint rows) sent one row's gradient to row 0 too
-        # on an 8-device CPU mesh (tests/test_train.py); the tiny matmul is exact.
-        table = self.class_embed[...].astype(jnp.float32)
-        e = jax.nn.one_hot(label, table.shape[0], dtype=jnp.float32) @ table  # [B, ch]
-        proj = jnp.einsum("bthwc,bc->bthw", h.astype(jnp.float32), e)[..., None]
-        return logits + proj
-
-
-def frozen(module: nnx.Module) -> nnx.Module:
-    """A copy of `module` that reads its state through stop_gradient: a loss on its output
-    trains what feeds it, never the module (a generator's term on a discriminator)."""
-    graphdef, state = nnx.split(module)
-    return nnx.merge(graphdef, jax.lax.stop_gradient(state))
-
-
-def _pad_same(n: int, k: int, s: int) -> tuple[int, int]:
-    out = -(-n // s)
-    total = max((out - 1) * s + k - n, 0)
-    return (total // 2, total - total // 2)
-
-
-def d_hinge_loss(real_logits, fake_logits):
-    """Discriminator hinge loss: mean relu(1 - D(real)) + mean relu(1 + D(fake))."""
-    return (jnp.mean(jax.nn.relu(1.0 - real_logits.astype(jnp.float32)))
-            + jnp.mean(jax.nn.relu(1.0 + fake_logits.astype(jnp.float32))))
-
-
-def g_hinge_loss(fake_logits):
-    """Generator hinge loss: -mean D(fake)."""
-    return -jnp.mean(fake_logits.astype(jnp.float32))
-
-
-# ---------------------------------------------------------------------------------------------
-# Latent normalisation (what the DiT sees: (z - mean) / std per channel)
-def latent_stats(means: Iterable, eps: float = 1e-8):
-    """Per-channel (mean[C], std[C]) over every element of an iterable of latent arrays
-    [..., C] (e.g. posterior means of many batches), accumulated in float64."""
-    count, mean, m2 = 0, None, None  # Chan et al.'s pairwise merge of (count, mean, M2)
-    for z in means:
-        z = np.asarray(jax.device_get(z), dtype=np.float64)
-        flat = z.reshape(-1, z.shape[-1])
-        n_b = flat.shape[0]
-        if n_b == 0:
-            continue
-        mean_b = flat.mean(0)
-        m2_b = np.square(flat - mean_b).sum(0)
-        if mean is None:
-            count, mean, m2 = n_b, mean_b, m2_b
-            continue
-        delta = mean_b - mean
-        total = count + n_b
-        mean = mean + delta * (n_b / total)
-        m2 = m2 + m2_b + np.square(delta) * (count * n_b / total)
-        count = total
-    if not count:
-        raise ValueError("latent_stats got no latents")
-    var = m2 / count
-    return jnp.asarray(mean, jnp.float32), jnp.asarray(np.sqrt(var + eps), jnp.float32)
-
-
-def normalize(z, stats):
-    mean, std = stats
-    return (z - mean) / std
-
-
-def denormalize(z, stats):
-    mean, std = stats
-    return z * std + mean
-
-
-# ---------------------------------------------------------------------------------------------
 # What vidit.train trains (config.model.kind = 'vae')
 def vae_model_config(model_cfg: Any) -> ml_collections.ConfigDict:
     """The VideoVAE / PatchDiscriminator fields of a run's config.model (which also holds
@@ -704,7 +413,7 @@ class VAEModel(nnx.Module):
         rngs = rngs if rngs is not None else nnx.Rngs(params=seed)
         cfg = vae_model_config(model_cfg)
         self.vae = VideoVAE(cfg, rngs)
-        self.disc = PatchDiscriminator(cfg, rngs)
+        self.disc = discriminator.PatchDiscriminator(cfg, rngs)
 
     def __call__(self, x, rng=None, *, gan: bool = False) -> dict:
         """recon, mean, logvar (z sampled with rng; the posterior mean when None) and, with
@@ -714,7 +423,7 @@ class VAEModel(nnx.Module):
         recon, mean, logvar = self.vae(x, rng)
         out = {"recon": recon, "mean": mean, "logvar": logvar}
         if gan:
-            out["g_logits"] = frozen(self.disc)(recon)
+            out["g_logits"] = discriminator.frozen(self.disc)(recon)
             out["d_real"] = self.disc(x)
             out["d_fake"] = self.disc(jax.lax.stop_gradient(recon))
         return out

@@ -1,9 +1,9 @@
-"""Byte-level caption tokenizer.
+"""Byte-level caption tokenizer of the byte text encoder (text_encoder.py).
 
 Captions are UTF-8 bytes shifted by two so that 0 and 1 stay free for padding
 and the beginning-of-sequence marker. A byte vocabulary needs no training and
 no files, which suits the small embedded datasets; the text encoder learns the
-rest.
+rest. It imports only numpy: the data pipeline's worker processes use it too.
 
 Token layout (always `length` long):  [BOS, byte+2, byte+2, ..., PAD, PAD]
 """

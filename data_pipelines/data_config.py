@@ -1,0 +1,25 @@
+"""The data config's fields and defaults: one table for the trainer's base config
+(vidit/config_lib.py) and the Grain pipeline (pipeline.py), which fills any field a caller
+leaves out from here. Only ml_collections is imported: the pipeline's worker processes read it.
+"""
+import ml_collections
+
+
+def defaults() -> ml_collections.ConfigDict:
+    """config.data with every field at its default (the tiny embedded moving-digits set)."""
+    return ml_collections.ConfigDict(dict(
+        name="moving_digits",  # a TFDS dataset name (ArrayRecord files)
+        data_dir="",  # '' = $VIDIT_DATA_DIR or ~/.cache/vidit/tensorflow_datasets
+        num_frames=8,
+        frame_stride=1,
+        height=32,
+        width=32,
+        channels=1,
+        batch_size=16,  # global: summed over all processes
+        text_len=40,  # caption tokens (the byte tokenizer's BOS + bytes + padding)
+        num_workers=0,  # 0: preprocess in this process; > 0: Grain worker processes
+        builder_kwargs={},  # passed to the TFDS builder (moving_digits: num_train, ...)
+        # A VAE run (workdir or export) to train a DiT in its latent space: online encoding,
+        # or cached with a dataset from data_pipelines/encode_latents.py (vidit/autoencoder.py).
+        autoencoder="",
+    ))

@@ -1,0 +1,127 @@
+"""Loading a run for inference: a training workdir or an export folder, and what it names.
+
+    run = load("runs/quickstart")             # newest checkpoint's EMA params
+    run = load("exports/quickstart")          # an export (model.safetensors + config.json)
+    videos = steps.sample(run.setup, objective, run.params, noise, cond, run.frozen(), ...)
+
+One `Run` holds the config, the model structure and shardings (`Setup`), the EMA parameters,
+the checkpoint step, and, for a latent DiT, its frozen autoencoder (the VAE run that
+config.data.autoencoder names, loaded the same way, with its latent statistics). `vidit.sample`,
+`vidit.evaluate`, `vidit.export`, a distillation's teacher and `encode_latents` all load through
+here, so a missing file or a mismatched tensor is reported the same way everywhere.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from typing import Any
+
+import jax
+import ml_collections
+from flax import traverse_util
+
+from vidit import checkpoint, latent_stats, sharding
+from vidit.autoencoder import Autoencoder
+from vidit.errors import LoadError
+from vidit.train_state import Setup
+
+log = logging.getLogger("vidit")
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+@dataclasses.dataclass
+class Run:
+    path: str
+    config: ml_collections.ConfigDict
+    setup: Setup
+    params: Any  # EMA parameters, laid out by setup.shardings.params
+    step: int | None  # the checkpoint's step; None for an export
+    autoencoder: Autoencoder | None = None  # a latent DiT's frozen VAE, with its params
+
+    @property
+    def is_vae(self) -> bool:
+        return self.config.model.get("kind", "dit") == "vae"
+
+    def frozen(self) -> dict:
+        """The frozen inputs of its jitted functions (vidit/steps.py)."""
+        return {} if self.autoencoder is None else {"autoencoder": self.autoencoder.params}
+
+
+def read_config(path: str) -> ml_collections.ConfigDict:
+    """The config a workdir or export was written with (keys added since are backfilled)."""
+    file = os.path.join(path, CONFIG)
+    if not os.path.exists(file):
+        raise LoadError(f"{path} is neither a vidit workdir nor an export: no {CONFIG}")
+    with open(file) as f:
+        return ml_collections.ConfigDict(checkpoint.with_added_keys(json.load(f)))
+
+
+def param_key(path: tuple) -> str:
+    """'blocks/0/mlp/fc1/kernel' for a flattened parameter path."""
+    return "/".join(str(k) for k in path)  # list items (the VAE's layers) have int keys
+
+
+def check_shapes(loaded: dict, expected: dict, source: str) -> None:
+    """Refuses missing, unexpected or mis-shaped parameters, naming each one."""
+    problems = [f"missing {k} {v.shape}" for k, v in expected.items() if k not in loaded]
+    problems += [f"unexpected {k}" for k in loaded if k not in expected]
+    problems += [f"{k}: file {loaded[k].shape} vs model {expected[k].shape}"
+                 for k in loaded if k in expected and loaded[k].shape != expected[k].shape]
+    if problems:
+        raise LoadError(f"{source} does not match the model its config builds:\n  "
+                        + "\n  ".join(problems[:20]))
+
+
+def load(path: str, *, mesh=None, step: int | None = None) -> Run:
+    """The run at `path`: an export folder, or a training workdir's newest checkpoint (or the
+    one at `step`). Its parameters are laid out over `mesh` (default: FSDP over all devices)."""
+    if not os.path.isdir(path):
+        raise LoadError(f"{path} does not exist")
+    config = read_config(path)
+    mesh = mesh or sharding.make_mesh({"fsdp": -1})
+    config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, sequence=1))
+    ae_path = config.data.get("autoencoder") if config.model.get("kind", "dit") != "vae" else ""
+    autoencoder = load_autoencoder(ae_path, mesh) if ae_path else None
+    setup = Setup(config, mesh, autoencoder=autoencoder)
+    weights = os.path.join(path, WEIGHTS)
+    if os.path.exists(weights):
+        if step is not None:
+            raise LoadError(f"{path} is an export (one set of weights); it has no step {step}")
+        from safetensors.numpy import load_file
+        loaded = load_file(weights)
+        abstract = traverse_util.flatten_dict(setup.abstract.params)
+        paths = {param_key(k): k for k in abstract}
+        check_shapes(loaded, {param_key(k): v for k, v in abstract.items()}, weights)
+        params = traverse_util.unflatten_dict({paths[k]: v for k, v in loaded.items()})
+        params = jax.device_put(params, setup.shardings.params)
+        return Run(path, config, setup, params, None, autoencoder)
+    ckpt_dir = os.path.join(path, "checkpoints")
+    if not os.path.isdir(ckpt_dir):
+        raise LoadError(f"{path} has a config but neither {WEIGHTS} nor checkpoints/")
+    if step is not None and not os.path.isdir(os.path.join(ckpt_dir, str(step))):
+        have = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
+        raise LoadError(f"{path} has no checkpoint at step {step}; it has steps {have}")
+    step, state = checkpoint.restore_params(ckpt_dir, setup.abstract, step)
+    return Run(path, config, setup, state.ema_params, step, autoencoder)
+
+
+def load_autoencoder(path: str, mesh) -> Autoencoder:
+    """The VAE run (workdir or export) a latent DiT names in config.data.autoencoder, frozen:
+    its EMA parameters ('vae' subtree) on `mesh` and its latent statistics."""
+    where = f"config.data.autoencoder={path!r}"
+    full = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isdir(full):
+        raise LoadError(f"{where} does not exist")
+    config = read_config(full)
+    if config.model.get("kind", "dit") != "vae":
+        raise LoadError(f"{where} is not a VAE run (its config.model.kind is "
+                        f"{config.model.get('kind', 'dit')!r}, not 'vae')")
+    stats = latent_stats.read(full)
+    run = load(full, mesh=mesh)
+    log.info("autoencoder: EMA params%s from %s (frozen; not checkpointed)",
+             f" of step {run.step}" if run.step is not None else "", full)
+    return Autoencoder(full, config, stats, run.params["vae"])
