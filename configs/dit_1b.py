@@ -1,8 +1,8 @@
 """1B video DiT (24 x 1536, 12 heads of 128) on 16x32x32x16 latents: 4096 tokens per clip.
 
     python -m vidit.compile --config configs/dit_1b.py --topology v5p:4x4x4
-Meant for v5p-128 (64 chips): FSDP 64, global batch 256. Measured so far: compiles and fits on
-v5p:2x2x1 with global batch 8 (7.5 of 95 GiB per chip).
+Meant for v5p-128 (64 chips): FSDP 64, global batch 256. Per-chip memory of the compiled step:
+docs/compile.
 """
 from configs import pod_common
 from vidit import config_lib

@@ -32,20 +32,19 @@ def get_config(arg=None):
     c.data.num_frames = 9
     c.data.height = c.data.width = 32
     c.data.channels = 1
-    # Small batches, many steps (a batch of 4 clips is 36 frames): see README for the speed.
+    # Small batches, many steps (a batch of 4 clips is 36 frames).
     c.data.batch_size = 4
 
     m = vae.default_config(compression)
     m.channels = 1
-    # Sized for 2 CPU cores (README: measured step time): 16 channels at full resolution,
-    # where the cost is; 64 at the latent resolution. 4x4x4: 1.9M VAE parameters.
+    # Sized for 2 CPU cores: 16 channels at full resolution, where the cost is; 64 at the
+    # latent resolution.
     m.base_width = 16
     m.channel_mult = (1, 2, 4, 4)[: len(m.channel_mult)]
     m.num_res_blocks = 1
     m.latent_channels = LATENT_CHANNELS[compression]
-    # GroupNorm per frame: with the bias-free per-pixel RMSNorm ("rms") even one batch of 4
-    # clips would not overfit (13.8 dB after 250 Adam steps, flat) where "group" reached 19.5 dB
-    # after 200 and was still climbing; a 1200-step "rms" run plateaued at 14.3 dB.
+    # GroupNorm per frame: with the bias-free per-pixel RMSNorm ("rms") even one batch of
+    # clips would not overfit (docs/latent).
     m.norm = "group"
     m.norm_groups = 8
     m.disc = dict(width=16, num_layers=3)
@@ -54,10 +53,8 @@ def get_config(arg=None):
 
     c.objective = diffusion.default_config("vae")
     c.objective.beta = 1e-6
-    # + 200 * MSE: with L1 alone both 1200-step runs sat at ~14.3 dB (an all-black reconstruction
-    # scores 13.0). 2026-12-01 (docs/latent/README.md): 5 x MSE, 1200 steps: 25.5 dB; 2000 steps:
-    # 20 x MSE 28.8 dB, 50 x MSE 29.3 dB, 200 x MSE (with EMA 0.99) 29.55 dB. At 400 steps:
-    # 50 / 200 / 1000 x MSE 20.7 / 21.3 / 20.5 dB.
+    # + 200 * MSE: L1 alone pulls sparse strokes to the all-black reconstruction (L1's median);
+    # the MSE term keeps them (docs/latent compares the weights).
     c.objective.l2_weight = 200.0
     if arg.gan:
         c.objective.gan_weight = 0.1
@@ -66,12 +63,11 @@ def get_config(arg=None):
     c.optim.warmup_steps = 100
     c.optim.end_lr_fraction = 0.05
     c.optim.weight_decay = 0.0
-    # 0.99: at 0.999 (0.9955 by step 2000 with the EMA warmup) the EMA lagged the raw params by
-    # 0.18 dB at the end (29.26 vs 29.43 dB), while PSNR was still climbing.
+    # 0.99: at 0.999 the EMA lags the raw params while PSNR is still climbing at the end of a
+    # short run (docs/latent).
     c.ema_decay = 0.99
 
-    # 2200 steps: 30.02 dB, SSIM 0.952 in 27 min 24 s (0.69 s/step); 2000 steps: 29.55 dB in
-    # 25 min 0 s. The 30 minutes hold for a step up to ~10% slower than that run's.
+    # Sized to about half an hour on 2 CPU cores (docs/latent has the time and PSNR/SSIM).
     c.train.steps = 2200
     c.train.log_every = 50
     c.train.eval_every = 1100

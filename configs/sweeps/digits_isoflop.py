@@ -4,7 +4,8 @@
     python -m vidit.sweep --analyze runs/sweep --predict 1e15
 
 Sizes span 25k to 1.3M parameters; budgets 1e12, 3e12 and 1e13 training FLOPs (each point's
-steps = budget / the FLOP counter's FLOPs per step). About 50 minutes on 2 cores.
+steps = budget / the FLOP counter's FLOPs per step). Sized to run in about an hour on 2 CPU
+cores (docs/sweep).
 """
 import ml_collections
 
