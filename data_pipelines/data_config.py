@@ -19,6 +19,9 @@ def defaults() -> ml_collections.ConfigDict:
         text_len=40,  # caption tokens (the byte tokenizer's BOS + bytes + padding)
         num_workers=0,  # 0: preprocess in this process; > 0: Grain worker processes
         builder_kwargs={},  # passed to the TFDS builder (moving_digits: num_train, ...)
+        # An unreadable or misshapen record is replaced by the next good one, counted and
+        # logged; past this share of the examples read the run stops.
+        max_bad_fraction=0.01,
         # A VAE run (workdir or export) to train a DiT in its latent space: online encoding,
         # or cached with a dataset from data_pipelines/encode_latents.py (vidit/autoencoder.py).
         autoencoder="",

@@ -26,10 +26,9 @@ from the files, writes `DONE` in the work folder, and deletes the per-batch file
 from __future__ import annotations
 
 import argparse
-import glob
+import io
 import json
 import os
-import shutil
 import sys
 import time
 from typing import Any
@@ -39,6 +38,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from data_pipelines import data_config
+from vidit import storage
 
 WORK = "_encode_work"  # under --out: per-batch files and the DONE marker
 INFO = "latent_info.json"
@@ -77,7 +77,7 @@ class LatentDataset(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _generate_examples(self, files: list[str]):
         for path in files:
-            with np.load(path, allow_pickle=False) as part:
+            with np.load(io.BytesIO(epath.Path(path).read_bytes()), allow_pickle=False) as part:
                 arrays = {k: part[k] for k in part.files}
             for row in range(len(arrays["index"])):
                 example = {k: v[row] for k, v in arrays.items()}
@@ -134,10 +134,10 @@ def _carried(element: dict, keys) -> dict:
     return out
 
 
-def _save_atomic(path: str, arrays: dict) -> None:
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+def _save_atomic(path, arrays: dict) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    storage.write_atomic(path, buf.getvalue())
 
 
 def _part_name(split: str, batch: int, process: int, processes: int) -> str:
@@ -165,12 +165,11 @@ def encode(autoencoder: str, dataset: str, out: str, *, data_dir: str | None = N
     ae = run_lib.load_autoencoder(autoencoder, mesh)
     name = name or f"{dataset}_latents"
     cls = builder_class(name)
-    out = os.path.abspath(os.path.expanduser(out))
-    work = os.path.join(out, WORK, name)
-    done_file = os.path.join(work, "DONE")
-    if os.path.exists(done_file):
-        with open(done_file) as f:
-            folder = json.load(f)["folder"]
+    out = storage.path(out)
+    work = out / WORK / name
+    done_file = work / "DONE"
+    if done_file.exists():
+        folder = json.loads(done_file.read_text())["folder"]
         print(f"{name} is already encoded in {folder} (delete {work} to encode again)")
         return folder
 
@@ -192,23 +191,20 @@ def encode(autoencoder: str, dataset: str, out: str, *, data_dir: str | None = N
     if batch_size % shards:
         raise EncodeError(f"--batch_size {batch_size} must be a multiple of the {shards} devices")
     processes, me = jax.process_count(), jax.process_index()
-    settings = {"autoencoder": ae.path, "dataset": dataset, "data_dir": data_cfg.data_dir,
+    settings = {"autoencoder": str(ae.path), "dataset": dataset, "data_dir": data_cfg.data_dir,
                 "builder_kwargs": dict(data_cfg.builder_kwargs), "splits": splits,
                 "batch_size": batch_size, "processes": processes,
                 "clip": [spec.num_frames, spec.frame_stride, spec.height, spec.width,
                          spec.channels]}
-    os.makedirs(work, exist_ok=True)
-    manifest = os.path.join(work, "settings.json")
-    if os.path.exists(manifest):
-        with open(manifest) as f:
-            saved = json.load(f)
+    manifest = work / "settings.json"
+    if manifest.exists():
+        saved = json.loads(manifest.read_text())
         if saved != json.loads(json.dumps(settings)):
             raise EncodeError(f"{work} holds an interrupted encode with other settings "
                               f"({saved}); resume with those or delete {work}")
     _barrier("encode_latents settings read")
     if me == 0:
-        with open(manifest, "w") as f:
-            json.dump(settings, f, indent=2)
+        storage.write_atomic(manifest, json.dumps(settings, indent=2))
 
     params = ae.params
     batch_sh = sharding.batch_sharding(mesh, 5)
@@ -224,8 +220,8 @@ def encode(autoencoder: str, dataset: str, out: str, *, data_dir: str | None = N
         data = source.as_data_source(split)
         n = len(data)
         num_batches = -(-n // batch_size)
-        todo = [b for b in range(num_batches) if not os.path.exists(
-            os.path.join(work, _part_name(split, b, me, processes)))]
+        todo = [b for b in range(num_batches)
+                if not (work / _part_name(split, b, me, processes)).exists()]
         bar = tqdm(total=num_batches, initial=num_batches - len(todo), unit="batch",
                    desc=f"encode {split}", disable=not progress or me != 0, file=sys.stderr)
         for b in todo:
@@ -252,10 +248,10 @@ def encode(autoencoder: str, dataset: str, out: str, *, data_dir: str | None = N
                       "index": np.asarray([valid[r] for r in keep], np.int64)}
             for key in carried:  # (a part can be empty: a process's rows past the end)
                 arrays[key] = np.asarray([_carried(elements[r], [key])[key] for r in keep])
-            _write_part(os.path.join(work, _part_name(split, b, me, processes)), arrays)
+            _write_part(work / _part_name(split, b, me, processes), arrays)
             bar.update(1)
         bar.close()
-        parts[split] = sorted(glob.glob(os.path.join(work, f"{split}-*.npz")))
+        parts[split] = sorted(str(f) for f in work.glob(f"{split}-*.npz"))
 
     _barrier("encode_latents encoded")
     folder = None
@@ -263,41 +259,46 @@ def encode(autoencoder: str, dataset: str, out: str, *, data_dir: str | None = N
         features = {"latent": tfds.features.Tensor(shape=latent, dtype=np.float32,
                                                    encoding="zlib"),
                     "index": tfds.features.Scalar(dtype=np.int64), **carried}
-        builder = cls(features=features, parts=parts, data_dir=out,
-                      description=f"Posterior means of {dataset} clips by the VAE in {ae.path}")
-        if os.path.exists(builder.data_dir):  # a half-written earlier assembly
-            shutil.rmtree(builder.data_dir)
-        builder.download_and_prepare()
-        folder = str(builder.data_dir)
-        info = {"autoencoder": ae.path, "source": dataset, "source_data_dir": data_cfg.data_dir,
-                "clip": {"num_frames": spec.num_frames, "frame_stride": spec.frame_stride,
-                         "height": spec.height, "width": spec.width, "channels": spec.channels},
-                "latent_shape": list(latent), "compression": list(ae.compression),
-                "latent_stats": {"mean": ae.mean.tolist(), "std": ae.std.tolist()},
-                "normalised": False,
-                "examples": {s: builder.info.splits[s].num_examples for s in parts}}
-        with open(os.path.join(folder, INFO), "w") as f:
-            json.dump(info, f, indent=2)
-        with open(done_file, "w") as f:
-            json.dump({"folder": folder, "finished": time.time(), **info}, f, indent=2)
+        description = f"Posterior means of {dataset} clips by the VAE in {ae.path}"
+        target = storage.path(cls(features=features, parts=parts, data_dir=out,
+                                  description=description).data_dir)
+        if target.exists():  # a half-written earlier assembly
+            target.rmtree()
+        # ArrayRecord writes local files only: a bucket's copy is built locally, then uploaded.
+        with storage.staged(out) as local_root:
+            builder = cls(features=features, parts=parts, data_dir=local_root,
+                          description=description)
+            builder.download_and_prepare()
+            folder = str(out / os.path.relpath(builder.data_dir, local_root))
+            info = {"autoencoder": str(ae.path), "source": dataset,
+                    "source_data_dir": data_cfg.data_dir,
+                    "clip": {"num_frames": spec.num_frames, "frame_stride": spec.frame_stride,
+                             "height": spec.height, "width": spec.width,
+                             "channels": spec.channels},
+                    "latent_shape": list(latent), "compression": list(ae.compression),
+                    "latent_stats": {"mean": ae.mean.tolist(), "std": ae.std.tolist()},
+                    "normalised": False,
+                    "examples": {s: builder.info.splits[s].num_examples for s in parts}}
+            with open(os.path.join(builder.data_dir, INFO), "w") as f:
+                json.dump(info, f, indent=2)
+        storage.write_atomic(done_file, json.dumps(
+            {"folder": folder, "finished": time.time(), **info}, indent=2))
         for files in parts.values():
             for path in files:
-                os.remove(path)
+                epath.Path(path).unlink()
     _barrier("encode_latents assembled")
     if folder is None:
-        with open(done_file) as f:
-            folder = json.load(f)["folder"]
+        folder = json.loads(done_file.read_text())["folder"]
     return folder
 
 
-def _write_part(path: str, arrays: dict) -> None:
+def _write_part(path, arrays: dict) -> None:
     """One batch's rows of this process (a seam for tests that interrupt an encode)."""
     _save_atomic(path, arrays)
 
 
-def read_info(folder: str) -> dict:
-    with open(os.path.join(folder, INFO)) as f:
-        return json.load(f)
+def read_info(folder) -> dict:
+    return json.loads((storage.path(folder) / INFO).read_text())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,6 +21,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from vidit import storage
+
 NAME = "moving_digits"
 NUM_FRAMES = 16
 CANVAS = 32  # canvas height and width
@@ -255,6 +257,10 @@ def load_builder(data_dir=None, **kwargs) -> MovingDigits:
             config = builder.builder_config
             print(f"Building {NAME} ({config.num_train} train / {config.num_validation} "
                   f"validation clips) in {builder.data_dir} ...", flush=True)
-            builder.download_and_prepare()
+            # ArrayRecord writes local files only: a bucket's copy is built locally, then
+            # uploaded (vidit/storage.py); readers read it from the bucket.
+            with storage.staged(data_dir) as local_dir:
+                MovingDigits(data_dir=local_dir, **kwargs).download_and_prepare()
+            builder = MovingDigits(data_dir=data_dir, **kwargs)
             print(f"Built {NAME} in {builder.data_dir}", flush=True)
     return builder

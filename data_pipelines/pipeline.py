@@ -18,6 +18,7 @@ field a caller leaves out.
 """
 import dataclasses
 import functools
+import logging
 import os
 
 import grain
@@ -27,6 +28,8 @@ from absl import flags
 
 from data_pipelines import data_config, moving_digits
 from vidit.models import byte_tokenizer
+
+log = logging.getLogger("vidit")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +128,32 @@ def _preprocess(element: dict, rng: np.random.Generator, *, spec: ClipSpec, trai
         "label": np.int32(element.get("label", -1)),  # -1: unlabelled (e.g. build_video_folder)
         "text": byte_tokenizer.encode(caption, spec.text_len),
     }
+
+
+# A record that fails to decode or to preprocess is replaced by the next one; this many failures
+# in a row mean the data (or its config) is broken, not a few records.
+MAX_REPLACEMENTS = 16
+
+
+def _read_example(record: int, rng: np.random.Generator, *, source, spec: ClipSpec, train: bool,
+                  where: str) -> dict:
+    """The preprocessed example of `record`. A record that cannot be decoded or does not fit
+    the clip spec (too short, wrong channels, ...) is logged by index and replaced by the next
+    record that works; 'bad' counts the replaced records (the trainer sums it and stops past
+    config.data.max_bad_fraction)."""
+    n = len(source)
+    for k in range(MAX_REPLACEMENTS):
+        index = (int(record) + k) % n
+        try:
+            example = _preprocess(source[index], rng, spec=spec, train=train)
+        except Exception as e:  # pylint: disable=broad-except  (any decode or shape error)
+            log.warning("%s record %d skipped: %s: %s", where, index, type(e).__name__,
+                        str(e).splitlines()[0][:300] if str(e) else "")
+            continue
+        example["bad"] = np.int32(k)
+        return example
+    raise ValueError(f"{where}: records {int(record) % n} to {index} all failed to read or "
+                     "preprocess (see the warnings); check the dataset and config.data")
 
 
 def _latent_example(element: dict, spec: ClipSpec) -> dict:
@@ -263,7 +292,8 @@ def make_iterator(data_cfg, split: str, *, seed: int, train: bool,
     Returns:
       A checkpointable `grain.DatasetIterator` of dicts with numpy arrays
       `video` float32 [b, num_frames, height, width, channels] in [-1, 1],
-      `label` int32 [b] (-1 where the dataset has no labels) and `text` int32 [b, text_len],
+      `label` int32 [b] (-1 where the dataset has no labels), `text` int32 [b, text_len] and
+      `bad` int32 [b] (records replaced because they could not be read, see _read_example),
       b = batch_size / process_count. A latent dataset (data_pipelines/encode_latents.py)
       gives `latent` float32 [b, T', H', W', C] instead of `video`.
     """
@@ -277,11 +307,15 @@ def make_iterator(data_cfg, split: str, *, seed: int, train: bool,
     # Independent streams for the order and the augmentations, both from `seed`.
     shuffle_seed, augment_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))
 
-    ds = grain.MapDataset.source(_data_source(cfg, split, spec)).shuffle(seed=shuffle_seed)
+    source = _data_source(cfg, split, spec)
+    # Record indices, shuffled: the same order as shuffling the source itself, with the record
+    # index at hand to name and replace a bad record.
+    ds = grain.MapDataset.range(len(source)).shuffle(seed=shuffle_seed)
     if train:
         ds = ds.repeat()  # reshuffled every epoch
     # After `repeat`, the index random_map seeds from is the global element index.
-    ds = ds.random_map(functools.partial(_preprocess, spec=spec, train=train), seed=augment_seed)
+    ds = ds.random_map(functools.partial(_read_example, source=source, spec=spec, train=train,
+                                         where=f"{cfg.name}/{split}"), seed=augment_seed)
     ds = ProcessRowsMapDataset(ds, global_batch=cfg.batch_size,
                                process_index=process_index, process_count=process_count)
     ds = ds.batch(cfg.batch_size // process_count, drop_remainder=True)

@@ -9,13 +9,16 @@ VIDIT_PROCESS_ID and its own simulated CPU devices (--devices_per_process), so
 `vidit.distributed.initialize` connects them over gloo exactly as hosts of a pod connect. Output
 lines are prefixed with [p<i>]. If a process fails, the others are given --grace seconds to
 notice (JAX's heartbeat ends them with an error) and are then killed; the exit status is the
-first failure's. This is the launcher the multi-host tests use.
+first failure's. SIGTERM or Ctrl-C to the launcher is passed to every process (a preemption:
+they save and exit), which again get --grace seconds. This is the launcher the multi-host tests
+use.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -58,19 +61,36 @@ def launch(command: list[str], processes: int, devices_per_process: int, grace: 
         procs.append(proc)
         pumps.append(pump)
 
+    signalled = []
+
+    def forward(signum, frame):  # preemption of the job: every process saves and exits
+        del frame
+        signalled.append(time.monotonic())
+        out.write(f"[launch] signal {signum}: passing it to every process\n")
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     failed_at, status = None, 0
-    while any(p.poll() is None for p in procs):
-        codes = [p.poll() for p in procs]
-        if failed_at is None and any(c not in (None, 0) for c in codes):
-            failed_at = time.monotonic()
-            status = next(c for c in codes if c not in (None, 0))
-            out.write(f"[launch] a process exited with status {status}; "
-                      f"stopping the others within {grace:.0f} s\n")
-        if failed_at is not None and time.monotonic() - failed_at > grace:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-        time.sleep(0.2)
+    try:
+        while any(p.poll() is None for p in procs):
+            codes = [p.poll() for p in procs]
+            if failed_at is None and any(c not in (None, 0) for c in codes):
+                failed_at = time.monotonic()
+                status = next(c for c in codes if c not in (None, 0))
+                out.write(f"[launch] a process exited with status {status}; "
+                          f"stopping the others within {grace:.0f} s\n")
+            deadline = min([failed_at or float("inf")] + signalled) + grace
+            if time.monotonic() > deadline:
+                for pid, p in enumerate(procs):
+                    if p.poll() is None:
+                        out.write(f"[launch] killing p{pid} after the {grace:.0f} s grace\n")
+                        p.kill()
+            time.sleep(0.2)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     for pump in pumps:
         pump.join(timeout=5)
     codes = [p.returncode for p in procs]

@@ -40,3 +40,33 @@ def data_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tfds")
     moving_digits.load_builder(str(path), num_train=64, num_validation=16)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def gcs():
+    """A GCS emulator for this test process (one per xdist worker), with every client vidit uses
+    pointed at it; stopped by its pid at the end of the session."""
+    import logging
+    from tests.gcs_emulator import Emulator
+    emulator = Emulator(buckets=("bucket",))
+    saved = {k: os.environ.get(k) for k in emulator.environment()}
+    os.environ.update(emulator.environment())
+    logging.getLogger("gcsfs").setLevel(logging.CRITICAL)  # the emulator refuses gcsfs's moveTo
+    yield emulator
+    emulator.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture
+def bucket_dir(gcs, request):
+    """gs://bucket/<this test's name>: a fresh prefix per test (names with [] are globs there)."""
+    import re
+    from etils import epath
+    root = epath.Path("gs://bucket/" + re.sub(r"[^A-Za-z0-9_.-]", "_", request.node.name))
+    yield root
+    if root.exists():
+        root.rmtree()

@@ -1,22 +1,30 @@
-"""Orbax checkpoints of a whole run: train state (with EMA), data-iterator state and config.
+"""Orbax checkpoints of a whole run: train state (with EMA), data-iterator state and config,
+in a local folder or a bucket (gs://...).
 
-Restoring is exact (the data iterator resumes at the next batch) and safe: a checkpoint that
-fails to restore is reported and the previous one is used; a checkpoint written by a different
-model config is refused with the differing keys named.
+Restoring is exact (the data iterator resumes at the next batch) and safe:
+
+- A save that was cut short (a process killed mid-write) never counts: Orbax finalises a step
+  only when all of it is written (a rename on a local disk, a commit marker in a bucket).
+- A read error is retried with backoff before a step is called bad; a transient error that
+  outlasts the retries stops the run with the step named, and nothing is moved.
+- A step that fails every attempt is corrupt: it is moved to bad_checkpoints/ and the previous
+  one is used, except the last remaining one, which is never moved (the run stops and names it
+  instead of starting again from step 0). Every process falls back to the same step.
+- A checkpoint written by a different model config is refused with the differing keys named.
 """
 from __future__ import annotations
 
-import glob
 import json
 import logging
-import os
-import shutil
+import time
 from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
+from vidit import distributed, storage
 from vidit.errors import CheckpointError
 from vidit.models import layers
 
@@ -66,9 +74,35 @@ def config_mismatch(saved: dict, current: dict) -> list[str]:
             for k in structural if norm(saved_flat.get(k)) != norm(current_flat.get(k))]
 
 
+# Errors that may go away when the read is tried again (a network or bucket hiccup), as opposed to
+# a step that is corrupt or incomplete.
+TRANSIENT_ERRORS = (ConnectionError, TimeoutError, InterruptedError)
+TRANSIENT_WORDS = ("timed out", "timeout", "unavailable", "connection", "temporarily",
+                   "too many requests", "rate limit", "deadline exceeded")
+
+
+def is_transient(error: BaseException) -> bool:
+    text = f"{type(error).__name__}: {error}".lower()
+    return isinstance(error, TRANSIENT_ERRORS) or any(w in text for w in TRANSIENT_WORDS)
+
+
+OK, CORRUPT, TRANSIENT = 0, 1, 2  # how a restore went, worst last
+
+
+def worst_outcome(outcome: int) -> int:
+    """The worst restore outcome over all processes (one small allgather), so that every
+    process takes the same decision."""
+    if jax.process_count() == 1:
+        return outcome
+    from jax.experimental import multihost_utils
+    return int(np.max(multihost_utils.process_allgather(np.int32(outcome))))
+
+
 class Checkpointer:
-    def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
+    def __init__(self, directory, *, keep: int = 3, async_save: bool = True,
+                 retries: int = 3, backoff_s: float = 1.0):
+        self.directory = storage.path(directory)
+        self.retries, self.backoff_s = retries, backoff_s
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
@@ -76,6 +110,9 @@ class Checkpointer:
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
 
     def save(self, step: int, state: Any, data_iter: Any, config: Any, *, force=False) -> bool:
         items = dict(state=ocp.args.StandardSave(state),
@@ -88,41 +125,76 @@ class Checkpointer:
         return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))[
             "config"]
 
+    def _with_retries(self, what: str, fn):
+        """fn() with up to `retries` attempts, backing off 1x, 2x, 4x ... `backoff_s`."""
+        for attempt in range(self.retries):
+            try:
+                return fn()
+            except Exception as e:  # pylint: disable=broad-except
+                if attempt == self.retries - 1:
+                    raise
+                log.warning("%s failed (%s: %s); attempt %d of %d in %.1f s", what,
+                            type(e).__name__, str(e).splitlines()[0][:200], attempt + 2,
+                            self.retries, self.backoff_s * 2 ** attempt)
+                time.sleep(self.backoff_s * 2 ** attempt)
+
+    def _restore_step(self, step: int, abstract_state: Any, data_iter: Any, config: Any):
+        saved_config = self._with_retries(f"reading the config of step {step}",
+                                          lambda: self.read_config(step))
+        diff = config_mismatch(with_added_keys(saved_config), config.to_dict())
+        if diff:
+            raise CheckpointError(
+                f"{self.directory} holds checkpoints of a different model config; use a new "
+                "--workdir or restore the config. Differences:\n  " + "\n  ".join(diff))
+        items = dict(state=ocp.args.StandardRestore(abstract_state))
+        same_hosts = data_iter is not None and self._data_file(step).exists()
+        if same_hosts:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+        restored = self._with_retries(
+            f"restoring step {step}",
+            lambda: self.manager.restore(step, args=ocp.args.Composite(**items)))
+        if data_iter is not None and not same_hosts:
+            self._restore_data_position(step, data_iter)
+        return restored["state"]
+
     def restore(self, abstract_state: Any, data_iter: Any, config: Any):
-        """Restores the newest good checkpoint into (state, data_iter); None if there is none."""
+        """Restores the newest good checkpoint into (state, data_iter); None if there is none.
+
+        Every process tries the same steps newest first and takes the first that restored on
+        all of them, so a step that failed on one host is given up on every host."""
         steps = sorted(self.manager.all_steps(), reverse=True)
         for i, step in enumerate(steps):
+            error = state = None
             try:
-                saved_config = self.read_config(step)
+                state = self._restore_step(step, abstract_state, data_iter, config)
+            except CheckpointError:
+                raise
             except Exception as e:  # pylint: disable=broad-except
-                self._warn_bad(step, e, steps[i + 1:])
-                continue
-            diff = config_mismatch(with_added_keys(saved_config), config.to_dict())
-            if diff:
+                error = e
+            outcome = OK if error is None else TRANSIENT if is_transient(error) else CORRUPT
+            outcome = worst_outcome(outcome)
+            if outcome == OK:
+                return step, state
+            remaining = steps[i + 1:]
+            why = (f"{type(error).__name__}: {str(error).splitlines()[0][:300]}" if error
+                   else "it failed to restore on another process")
+            if outcome == TRANSIENT:
                 raise CheckpointError(
-                    f"{self.directory} holds checkpoints of a different model config; use a new "
-                    "--workdir or restore the config. Differences:\n  " + "\n  ".join(diff))
-            items = dict(state=ocp.args.StandardRestore(abstract_state))
-            same_hosts = data_iter is not None and os.path.exists(self._data_file(step))
-            if same_hosts:
-                items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-            try:
-                restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-                if data_iter is not None and not same_hosts:
-                    self._restore_data_position(step, data_iter)
-            except Exception as e:  # pylint: disable=broad-except
-                self._warn_bad(step, e, steps[i + 1:])
-                continue
-            return step, restored["state"]
-        if steps:
-            raise CheckpointError(f"no checkpoint in {self.directory} could be restored (tried "
-                                  f"steps {steps}); see the warnings above")
+                    f"checkpoint step {step} in {self.directory} could not be read after "
+                    f"{self.retries} attempts ({why}); this looks transient, so nothing was "
+                    "moved: run the same command again") from error
+            if not remaining:
+                raise CheckpointError(
+                    f"checkpoint step {step} in {self.directory}, the only one left, failed to "
+                    f"restore after {self.retries} attempts ({why}); it is left in place. Inspect "
+                    "it, move it away to start from step 0, or use a new --workdir") from error
+            self._move_aside(step, why, remaining[0])
         return None
 
-    def _data_file(self, step: int) -> str:
+    def _data_file(self, step: int):
         """Grain's per-process iterator file for this process in this job."""
-        return os.path.join(self.directory, str(step), "data",
-                            f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+        return (self.directory / str(step) / "data" /
+                f"process_{jax.process_index()}-of-{jax.process_count()}.json")
 
     def _restore_data_position(self, step: int, data_iter: Any) -> None:
         """Resumes the data on a different number of processes than saved it.
@@ -130,11 +202,8 @@ class Checkpointer:
         The pipeline's iterator state is the next global step, identical in every process
         (data_pipelines/pipeline.py), so any saved process's state is this process's state.
         """
-        files = sorted(glob.glob(os.path.join(self.directory, str(step), "data", "process_*.json")))
-        states = []
-        for path in files:
-            with open(path) as f:
-                states.append(json.load(f))
+        files = sorted((self.directory / str(step) / "data").glob("process_*.json"))
+        states = [json.loads(f.read_text()) for f in files]
         if not states or any(s != states[0] for s in states):
             raise CheckpointError(f"step {step}: data iterator states {files} are missing or "
                                   "differ between processes")
@@ -142,16 +211,15 @@ class Checkpointer:
         log.info("step %d was saved by %d processes; this job has %d: data resumes at %s",
                  step, len(files), jax.process_count(), states[0])
 
-    def _warn_bad(self, step, error, remaining):
-        """Moves a bad checkpoint aside (kept for inspection, out of the step sequence)."""
-        fallback = f"falling back to step {remaining[0]}" if remaining else "no older one left"
-        aside = os.path.join(os.path.dirname(self.directory), "bad_checkpoints", str(step))
-        log.warning("checkpoint step %d in %s failed to restore (%s: %s); moved to %s; %s", step,
-                    self.directory, type(error).__name__, str(error).splitlines()[0][:200], aside,
-                    fallback)
-        if process_is_main():
-            os.makedirs(os.path.dirname(aside), exist_ok=True)
-            shutil.move(os.path.join(self.directory, str(step)), aside)
+    def _move_aside(self, step: int, why: str, fallback: int) -> None:
+        """Moves a corrupt step out of the step sequence (kept for inspection)."""
+        aside = self.directory.parent / "bad_checkpoints" / str(step)
+        log.warning("checkpoint step %d in %s is corrupt (%s); moved to %s; falling back to "
+                    "step %d", step, self.directory, why, aside, fallback)
+        if jax.process_index() == 0:
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            (self.directory / str(step)).rename(aside)
+        distributed.barrier(f"checkpoint step {step} moved aside")
         self.manager.reload()
 
     def wait(self):
@@ -162,17 +230,21 @@ class Checkpointer:
         self.manager.close()
 
 
-def restore_params(directory: str, abstract_state: Any, step: int | None = None):
-    """EMA and raw params of a workdir's checkpoint (for sampling/export; no data iterator)."""
+def restore_params(directory, abstract_state: Any, step: int | None = None):
+    """(step, state) of a workdir's checkpoint (the newest, or `step`) for sampling and export:
+    no data iterator, no config check."""
     ckpt = Checkpointer(directory, async_save=False)
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-        raise CheckpointError(f"no checkpoint found in {directory}")
-    restored = ckpt.manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-    ckpt.close()
+    try:
+        have = ckpt.all_steps()
+        if not have:
+            raise CheckpointError(f"no checkpoint found in {ckpt.directory}")
+        if step is not None and step not in have:
+            raise CheckpointError(f"{ckpt.directory} has no checkpoint at step {step}; it has "
+                                  f"steps {have}")
+        step = have[-1] if step is None else step
+        restored = ckpt._with_retries(
+            f"restoring step {step}", lambda: ckpt.manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))))
+    finally:
+        ckpt.close()
     return step, restored["state"]
-
-
-def process_is_main() -> bool:
-    return jax.process_index() == 0

@@ -121,6 +121,9 @@ def base_config() -> ml_collections.ConfigDict:
         keep_ckpts=3,
         sample_every=0,  # 0 = only at the end
         nonfinite="skip",  # skip the update | stop the run
+        # Stop (with the last good checkpoint) after this many consecutive skipped updates:
+        # a run that only skips has diverged. 0 = never.
+        max_skipped_steps=20,
         progress=True,
     )
 

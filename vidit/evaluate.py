@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vidit import autoencoder, cli, diffusion, run as run_lib, sharding, steps
+from vidit import autoencoder, cli, diffusion, run as run_lib, sharding, steps, storage
 from vidit.errors import CheckpointError, LoadError
 from vidit.eval import classifier, metrics
 
@@ -127,7 +127,7 @@ def evaluate(path: str, *, step_counts, num: int, guidance: float | None = None,
             "samples_per_s": rate,
         })
         print(json.dumps(rows[-1]), flush=True)
-    return {"workdir": path, "checkpoint_step": run.step, "num": num, "guidance": guidance,
+    return {"workdir": str(path), "checkpoint_step": run.step, "num": num, "guidance": guidance,
             "objective": config.objective.name, "results": rows}
 
 
@@ -154,12 +154,9 @@ def main(argv):
                           checkpoint_step=f.checkpoint_step)
     except (LoadError, CheckpointError, ValueError) as e:
         sys.exit(f"error: {e}")
-    out = f.out or os.path.join(f.workdir, "eval")
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "eval.json"), "w") as fh:
-        json.dump(report, fh, indent=2)
-    with open(os.path.join(out, "eval.md"), "w") as fh:
-        fh.write(markdown(report))
+    out = storage.path(f.out or storage.path(f.workdir) / "eval")
+    storage.write_atomic(out / "eval.json", json.dumps(report, indent=2, default=str))
+    storage.write_atomic(out / "eval.md", markdown(report))
     print(markdown(report))
 
 

@@ -9,8 +9,6 @@ checks every shape against the model the config builds and names each mismatch.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
 from typing import Any
 
@@ -18,7 +16,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from vidit import cli, latent_stats, run as run_lib
+from vidit import cli, latent_stats, run as run_lib, storage
 from vidit.errors import CheckpointError, LoadError
 
 
@@ -28,21 +26,21 @@ def flat_params(params: Any) -> dict:
             for k, v in traverse_util.flatten_dict(jax.device_get(params)).items()}
 
 
-def export(workdir: str, out: str) -> str:
+def export(workdir, out) -> str:
+    """Writes the export of `workdir` (local or gs://) to `out` (local or gs://)."""
     loaded = run_lib.load(workdir)
-    from safetensors.numpy import save_file
-    os.makedirs(out, exist_ok=True)
+    from safetensors.numpy import save
+    out = storage.path(out)
     flat = flat_params(loaded.params)
-    save_file(flat, os.path.join(out, run_lib.WEIGHTS),
-              metadata={"step": str(loaded.step), "format": "vidit"})
-    with open(os.path.join(out, run_lib.CONFIG), "w") as f:
-        json.dump(loaded.config.to_dict(), f, indent=2)
-    stats = os.path.join(workdir, latent_stats.STATS_FILE)
-    if os.path.exists(stats):  # a VAE's latent normalisation travels with its weights
-        shutil.copyfile(stats, os.path.join(out, latent_stats.STATS_FILE))
+    storage.write_atomic(out / run_lib.WEIGHTS,
+                         save(flat, metadata={"step": str(loaded.step), "format": "vidit"}))
+    storage.write_atomic(out / run_lib.CONFIG, json.dumps(loaded.config.to_dict(), indent=2))
+    stats = storage.path(workdir) / latent_stats.STATS_FILE
+    if stats.exists():  # a VAE's latent normalisation travels with its weights
+        storage.write_atomic(out / latent_stats.STATS_FILE, stats.read_bytes())
     n = sum(v.size for v in flat.values())
     print(f"exported step {loaded.step}: {len(flat)} tensors, {n:,} parameters -> {out}")
-    return out
+    return str(out)
 
 
 def main(argv):

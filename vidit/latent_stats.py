@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vidit import batches, sharding
+from vidit import batches, sharding, storage
 from vidit.errors import LoadError
 
 log = logging.getLogger("vidit")
@@ -59,15 +58,14 @@ def denormalize(z, stats):
     return z * std + mean
 
 
-def read(path: str) -> dict:
+def read(path) -> dict:
     """The statistics a VAE run (workdir or export) holds; LoadError if it has none."""
-    file = os.path.join(path, STATS_FILE)
-    if not os.path.exists(file):
+    file = storage.path(path) / STATS_FILE
+    if not file.exists():
         raise LoadError(
             f"{path} has no {STATS_FILE}: it is written when a VAE run (model.kind='vae') "
             "finishes; run the same vidit.train command again to finish it")
-    with open(file) as f:
-        return json.load(f)
+    return json.loads(file.read_text())
 
 
 def measure(config: Any, encode_fn: Callable, params: Any, mesh, num_batches: int) -> dict:
@@ -89,16 +87,15 @@ def measure(config: Any, encode_fn: Callable, params: Any, mesh, num_batches: in
             "note": "per-channel statistics of posterior means; the DiT sees (z - mean) / std"}
 
 
-def write(workdir: str, config: Any, encode_fn: Callable, params: Any, mesh, step: int) -> dict:
+def write(workdir, config: Any, encode_fn: Callable, params: Any, mesh, step: int) -> dict:
     """Measures the statistics of a finished VAE run and writes WORKDIR/latent_stats.json
     (process 0 writes; every process computes). encode_fn(params, video) -> posterior means."""
     num = int(config.train.get("latent_stats_batches", 32))
     stats = measure(config, encode_fn, params, mesh, num)
     stats["step"] = int(step)
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, STATS_FILE), "w") as f:
-            json.dump(stats, f, indent=2)
+        file = storage.path(workdir) / STATS_FILE
+        storage.write_atomic(file, json.dumps(stats, indent=2))
         log.info("latent stats over %d clips: mean %s std %s -> %s", stats["num_clips"],
-                 np.round(stats["mean"], 3), np.round(stats["std"], 3),
-                 os.path.join(workdir, STATS_FILE))
+                 np.round(stats["mean"], 3), np.round(stats["std"], 3), file)
     return stats

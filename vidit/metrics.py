@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import jax
@@ -12,13 +13,14 @@ log = logging.getLogger("vidit")
 
 
 class MetricWriter:
-    """Scalars and images to TensorBoard (tensorboardX event files) on process 0 only."""
+    """Scalars and images to TensorBoard (tensorboardX event files) on process 0 only; a gs://
+    logdir is written through google-cloud-storage, as tensorboardX does."""
 
-    def __init__(self, logdir: str):
+    def __init__(self, logdir):
         self.enabled = jax.process_index() == 0
         if self.enabled:
             from tensorboardX import SummaryWriter
-            self.writer = SummaryWriter(logdir)
+            self.writer = SummaryWriter(os.fspath(logdir))
 
     def scalars(self, step: int, values: dict) -> None:
         if not self.enabled:

@@ -15,16 +15,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from typing import Any
 
 import jax
 import ml_collections
 from flax import traverse_util
 
-from vidit import checkpoint, latent_stats, sharding
+from vidit import checkpoint, latent_stats, sharding, storage
 from vidit.autoencoder import Autoencoder
-from vidit.errors import LoadError
+from vidit.errors import CheckpointError, LoadError
 from vidit.train_state import Setup
 
 log = logging.getLogger("vidit")
@@ -35,7 +34,7 @@ CONFIG = "config.json"
 
 @dataclasses.dataclass
 class Run:
-    path: str
+    path: Any  # str or epath.Path
     config: ml_collections.ConfigDict
     setup: Setup
     params: Any  # EMA parameters, laid out by setup.shardings.params
@@ -51,13 +50,12 @@ class Run:
         return {} if self.autoencoder is None else {"autoencoder": self.autoencoder.params}
 
 
-def read_config(path: str) -> ml_collections.ConfigDict:
+def read_config(path) -> ml_collections.ConfigDict:
     """The config a workdir or export was written with (keys added since are backfilled)."""
-    file = os.path.join(path, CONFIG)
-    if not os.path.exists(file):
+    file = storage.path(path) / CONFIG
+    if not file.exists():
         raise LoadError(f"{path} is neither a vidit workdir nor an export: no {CONFIG}")
-    with open(file) as f:
-        return ml_collections.ConfigDict(checkpoint.with_added_keys(json.load(f)))
+    return ml_collections.ConfigDict(checkpoint.with_added_keys(json.loads(file.read_text())))
 
 
 def param_key(path: tuple) -> str:
@@ -76,36 +74,39 @@ def check_shapes(loaded: dict, expected: dict, source: str) -> None:
                         + "\n  ".join(problems[:20]))
 
 
-def load(path: str, *, mesh=None, step: int | None = None) -> Run:
-    """The run at `path`: an export folder, or a training workdir's newest checkpoint (or the
-    one at `step`). Its parameters are laid out over `mesh` (default: FSDP over all devices)."""
-    if not os.path.isdir(path):
+def load(path, *, mesh=None, step: int | None = None) -> Run:
+    """The run at `path` (local or gs://): an export folder, or a training workdir's newest
+    checkpoint (or the one at `step`). Its parameters are laid out over `mesh` (default: FSDP
+    over all devices)."""
+    root = storage.path(path)
+    if not root.exists():
         raise LoadError(f"{path} does not exist")
-    config = read_config(path)
+    config = read_config(root)
     mesh = mesh or sharding.make_mesh({"fsdp": -1})
     config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, sequence=1))
     ae_path = config.data.get("autoencoder") if config.model.get("kind", "dit") != "vae" else ""
     autoencoder = load_autoencoder(ae_path, mesh) if ae_path else None
     setup = Setup(config, mesh, autoencoder=autoencoder)
-    weights = os.path.join(path, WEIGHTS)
-    if os.path.exists(weights):
+    weights = root / WEIGHTS
+    if weights.exists():
         if step is not None:
             raise LoadError(f"{path} is an export (one set of weights); it has no step {step}")
         from safetensors.numpy import load_file
-        loaded = load_file(weights)
+        with storage.local_copy(weights) as local:  # load_file reads every dtype (bfloat16)
+            loaded = load_file(local)
         abstract = traverse_util.flatten_dict(setup.abstract.params)
         paths = {param_key(k): k for k in abstract}
         check_shapes(loaded, {param_key(k): v for k, v in abstract.items()}, weights)
         params = traverse_util.unflatten_dict({paths[k]: v for k, v in loaded.items()})
         params = jax.device_put(params, setup.shardings.params)
         return Run(path, config, setup, params, None, autoencoder)
-    ckpt_dir = os.path.join(path, "checkpoints")
-    if not os.path.isdir(ckpt_dir):
+    ckpt_dir = root / "checkpoints"
+    if not ckpt_dir.exists():
         raise LoadError(f"{path} has a config but neither {WEIGHTS} nor checkpoints/")
-    if step is not None and not os.path.isdir(os.path.join(ckpt_dir, str(step))):
-        have = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
-        raise LoadError(f"{path} has no checkpoint at step {step}; it has steps {have}")
-    step, state = checkpoint.restore_params(ckpt_dir, setup.abstract, step)
+    try:
+        step, state = checkpoint.restore_params(ckpt_dir, setup.abstract, step)
+    except CheckpointError as e:
+        raise LoadError(f"{path}: {e}") from None
     return Run(path, config, setup, state.ema_params, step, autoencoder)
 
 
@@ -113,8 +114,8 @@ def load_autoencoder(path: str, mesh) -> Autoencoder:
     """The VAE run (workdir or export) a latent DiT names in config.data.autoencoder, frozen:
     its EMA parameters ('vae' subtree) on `mesh` and its latent statistics."""
     where = f"config.data.autoencoder={path!r}"
-    full = os.path.abspath(os.path.expanduser(path))
-    if not os.path.isdir(full):
+    full = storage.path(path)
+    if not full.exists():
         raise LoadError(f"{where} does not exist")
     config = read_config(full)
     if config.model.get("kind", "dit") != "vae":
@@ -124,4 +125,4 @@ def load_autoencoder(path: str, mesh) -> Autoencoder:
     run = load(full, mesh=mesh)
     log.info("autoencoder: EMA params%s from %s (frozen; not checkpointed)",
              f" of step {run.step}" if run.step is not None else "", full)
-    return Autoencoder(full, config, stats, run.params["vae"])
+    return Autoencoder(str(full), config, stats, run.params["vae"])

@@ -111,7 +111,9 @@ def train_step(setup: Setup, objective: Any, state: TrainState, batch: dict,
     new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
     new = new.replace(step=state.step + 1)
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": setup.lr_schedule(state.step),
-               "finite": finite}
+               "finite": finite,
+               # rows the pipeline had to replace because their record was unreadable
+               "bad_examples": jnp.sum(batch["bad"]) if "bad" in batch else jnp.int32(0)}
     return new, metrics
 
 

@@ -23,17 +23,19 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import importlib.util
+import io
 import itertools
 import json
 import os
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
 
-from vidit import cli, flops as flops_lib
+from vidit import cli, flops as flops_lib, storage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -102,47 +104,49 @@ def _launch_command(point: Point, sweep, workdir: str, launcher: str) -> list[st
     raise ValueError(f"--launcher {launcher!r} is not one of local, tpu_vm, slurm")
 
 
-def run_point(point: Point, sweep, root: str, launcher: str) -> dict:
+def run_point(point: Point, sweep, root, launcher: str) -> dict:
     """Trains one point (retrying once); returns its result or a failure record."""
-    workdir = os.path.join(root, "points", point.name)
-    done = os.path.join(workdir, "summary.json")
-    if os.path.exists(done):
+    workdir = storage.path(root) / "points" / point.name
+    done = workdir / "summary.json"
+    if done.exists():
         return _result(point, done)
-    os.makedirs(workdir, exist_ok=True)
+    workdir.mkdir(parents=True, exist_ok=True)
     for attempt in (1, 2):
         # Appended: a point resumed after the sweep was killed keeps the log of its first part.
-        with open(os.path.join(workdir, f"train_attempt{attempt}.log"), "a") as log:
-            status = subprocess.run(_launch_command(point, sweep, workdir, launcher), cwd=ROOT,
-                                    stdout=log, stderr=subprocess.STDOUT).returncode
-        if status == 0 and os.path.exists(done):
+        log_path = workdir / f"train_attempt{attempt}.log"
+        with tempfile.TemporaryFile("w+") as log:  # local while it runs, then to the sweep dir
+            status = subprocess.run(_launch_command(point, sweep, str(workdir), launcher),
+                                    cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+            log.seek(0)
+            storage.append_text(log_path, log.read())
+        if status == 0 and done.exists():
             return _result(point, done)
         print(f"[sweep] {point.name}: attempt {attempt} failed (status {status}, log "
-              f"{log.name})", flush=True)
-    return {"name": point.name, "failed": True, "log": log.name}
+              f"{log_path})", flush=True)
+    return {"name": point.name, "failed": True, "log": str(log_path)}
 
 
-def _result(point: Point, summary_path: str) -> dict:
-    with open(summary_path) as f:
-        summary = json.load(f)
+def _result(point: Point, summary_path) -> dict:
+    summary = json.loads(storage.path(summary_path).read_text())
     return {"name": point.name, **point.overrides, "params": summary["params"],
             "flops": summary["train_flops"], "tokens": summary["tokens"],
             "wall_s": summary["wall_s"], "final_train_loss": summary["final_train_loss"],
             "eval_loss": summary["eval_loss"]}
 
 
-def run_sweep(sweep, root: str, launcher: str = "local", parallel: int = 1,
+def run_sweep(sweep, root, launcher: str = "local", parallel: int = 1,
               dry_run: bool = False) -> list[dict]:
+    """Runs (or resumes) every point of the sweep under `root` (local or gs://)."""
     points = plan(sweep)
-    os.makedirs(root, exist_ok=True)
-    with open(os.path.join(root, "plan.json"), "w") as f:
-        json.dump([dataclasses.asdict(p) for p in points], f, indent=2)
+    root = storage.path(root)
+    storage.write_atomic(root / "plan.json",
+                         json.dumps([dataclasses.asdict(p) for p in points], indent=2))
     if dry_run:
         for p in points:
-            print(shlex.join(_launch_command(p, sweep, os.path.join(root, "points", p.name),
+            print(shlex.join(_launch_command(p, sweep, str(root / "points" / p.name),
                                              launcher)))
         return []
-    todo = [p for p in points
-            if not os.path.exists(os.path.join(root, "points", p.name, "summary.json"))]
+    todo = [p for p in points if not (root / "points" / p.name / "summary.json").exists()]
     print(f"[sweep] {len(points)} points, {len(points) - len(todo)} already done, "
           f"{len(todo)} to run ({parallel} at a time)", flush=True)
     start = time.perf_counter()
@@ -150,10 +154,8 @@ def run_sweep(sweep, root: str, launcher: str = "local", parallel: int = 1,
         results = list(pool.map(lambda p: run_point(p, sweep, root, launcher), points))
     failures = [r for r in results if r.get("failed")]
     ok = [r for r in results if not r.get("failed")]
-    with open(os.path.join(root, "results.json"), "w") as f:
-        json.dump(ok, f, indent=2)
-    with open(os.path.join(root, "failures.json"), "w") as f:
-        json.dump(failures, f, indent=2)
+    storage.write_atomic(root / "results.json", json.dumps(ok, indent=2))
+    storage.write_atomic(root / "failures.json", json.dumps(failures, indent=2))
     print(f"[sweep] {len(ok)} points done, {len(failures)} failed, "
           f"{time.perf_counter() - start:.0f} s", flush=True)
     return ok
@@ -163,8 +165,9 @@ def run_sweep(sweep, root: str, launcher: str = "local", parallel: int = 1,
 def analyze(root: str, predict_flops: float | None = None, metric: str = "eval_loss") -> str:
     from vidit import scaling
 
-    with open(os.path.join(root, "results.json")) as f:
-        results = [r for r in json.load(f) if r.get(metric) is not None]
+    root = storage.path(root)
+    results = [r for r in json.loads((root / "results.json").read_text())
+               if r.get(metric) is not None]
     params = [r["params"] for r in results]
     flops = [r["flops"] for r in results]
     tokens = [r["tokens"] for r in results]
@@ -172,7 +175,7 @@ def analyze(root: str, predict_flops: float | None = None, metric: str = "eval_l
     fit = scaling.fit_sweep(params, flops, tokens, losses)
     _plots(root, results, fit, metric)
     lines = [
-        f"# Scaling-law sweep: {os.path.basename(os.path.abspath(root))}",
+        f"# Scaling-law sweep: {root.name}",
         "",
         f"{len(results)} points; loss = {metric} (fixed-t validation loss); exponents with 90% "
         f"bootstrap intervals ({fit['bootstrap_samples']} resamples within each budget).",
@@ -208,8 +211,7 @@ def analyze(root: str, predict_flops: float | None = None, metric: str = "eval_l
                   f"optimal size {p['n_opt']:.3g} parameters, {p['tokens_opt']:.3g} training "
                   f"tokens, loss {p['loss']:.4f} (extrapolated; see the caveats)"]
     report = "\n".join(lines) + "\n"
-    with open(os.path.join(root, "report.md"), "w") as f:
-        f.write(report)
+    storage.write_atomic(root / "report.md", report)
     return report
 
 
@@ -280,7 +282,7 @@ def _plots(root, results, fit, metric):
     ax.set(xscale="log", xlabel="training FLOPs", ylabel=metric, title="loss vs compute")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(os.path.join(root, "loss_vs_compute.png"), dpi=120)
+    _save_figure(fig, root / "loss_vs_compute.png")
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -293,7 +295,7 @@ def _plots(root, results, fit, metric):
     ax.set(xscale="log", xlabel="parameters", ylabel=metric, title="IsoFLOP curves (* = N_opt)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(os.path.join(root, "isoflop.png"), dpi=120)
+    _save_figure(fig, root / "isoflop.png")
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -306,8 +308,14 @@ def _plots(root, results, fit, metric):
            title="compute-optimal model size")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(os.path.join(root, "n_opt_vs_compute.png"), dpi=120)
+    _save_figure(fig, root / "n_opt_vs_compute.png")
     plt.close(fig)
+
+
+def _save_figure(fig, file) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    storage.write_atomic(file, buf.getvalue())
 
 
 def main(argv):

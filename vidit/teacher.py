@@ -19,14 +19,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from vidit import run as run_lib
+from vidit import run as run_lib, storage
 from vidit.errors import LoadError
 from vidit.train_state import Setup, TrainState
 
@@ -90,7 +89,7 @@ def load(config: Any, setup: Setup) -> Teacher:
     if not path:
         raise TeacherError("config.objective.teacher_workdir is empty: set it to a vidit.train "
                            "workdir or vidit.export folder of a trained flow model")
-    if not os.path.isdir(path):
+    if not storage.path(path).exists():
         raise TeacherError(f"config.objective.teacher_workdir={path!r} does not exist")
     try:
         teacher_config = run_lib.read_config(path)

@@ -24,7 +24,7 @@ import numpy as np
 
 from vidit import (autoencoder as autoencoder_lib, batches, checkpoint, checks, cli, diffusion,
                    distributed, flops, latent_stats, metrics, run as run_lib, sharding, steps,
-                   teacher as teacher_lib, video_io)
+                   storage, teacher as teacher_lib, video_io)
 from vidit.train_state import Setup
 
 log = logging.getLogger("vidit")
@@ -57,12 +57,24 @@ def sample_conditions(config: Any, num: int) -> dict:
 
 
 class Preemption:
-    """Turns SIGTERM/SIGINT into a flag the loop checks, so a checkpoint is written first."""
+    """SIGTERM (preemption) or Ctrl-C: save a checkpoint at an agreed step and exit cleanly.
+
+    One process: a signal sets a flag the loop reads after each step. Several processes: each
+    must save at the same step, or the first collective of the save hangs. JAX's preemption
+    service does that: a SIGTERM that reaches any process is spread by the coordination
+    service, and `reached(step)` turns True on every process at the same step (Orbax and
+    maxtext use the same sync point). Ctrl-C is turned into a SIGTERM of this process so that it
+    goes the same way.
+    """
 
     def __init__(self):
         self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handler)
+        self.multi_host = jax.process_count() > 1
+        if self.multi_host:  # SIGTERM stays with JAX's notifier (installed by initialize)
+            signal.signal(signal.SIGINT, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
+        else:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, self._handler)
 
     def _handler(self, signum, frame):
         del frame
@@ -70,6 +82,15 @@ class Preemption:
             raise KeyboardInterrupt
         log.warning("signal %d received: saving a checkpoint and exiting", signum)
         self.requested = True
+
+    def reached(self, step: int) -> bool:
+        """Whether every process stops at `step` (call it after every step, on every process)."""
+        if self.multi_host:
+            from jax.experimental import multihost_utils
+            if multihost_utils.reached_preemption_sync_point(step):
+                self.requested = True
+                log.warning("preemption: every process saves step %d and exits", step)
+        return self.requested
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,7 +103,8 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict:
     from data_pipelines import pipeline  # imported late: it pulls in TFDS
 
     started = time.perf_counter()
-    os.makedirs(workdir, exist_ok=True)
+    workdir = storage.path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)  # (a bucket has no folders: nothing to do there)
     mesh = sharding.make_mesh(config.mesh)
     objective = diffusion.make_objective(config.objective)
     is_vae = config.model.get("kind", "dit") == "vae"
@@ -97,8 +119,7 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict:
              jax.device_count())
 
     train_iter = pipeline.make_iterator(config.data, "train", seed=config.seed, train=True)
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                   keep=config.train.keep_ckpts)
+    ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=config.train.keep_ckpts)
     restored = ckpt.restore(setup.abstract, train_iter, config)
     teacher = (teacher_lib.load(config, setup) if objective.needs.target == "teacher"
                else None)
@@ -116,8 +137,8 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict:
         frozen["teacher"] = teacher.params
     input_shape = autoencoder_lib.input_shape(config, autoencoder)
     if is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(config.to_dict(), f, indent=2, default=str)
+        storage.write_atomic(workdir / "config.json",
+                             json.dumps(config.to_dict(), indent=2, default=str))
 
     train_step = distributed.CompiledOnce(steps.jit_train_step(setup, objective), "train_step")
     eval_step = distributed.CompiledOnce(
@@ -131,7 +152,7 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict:
     # Simulated CPU devices share one host's cores: the peak is per host there, per chip elsewhere.
     on_cpu = jax.devices()[0].platform == "cpu"
     peak = metrics.measure_matmul_peak() * (jax.process_count() if on_cpu else jax.device_count())
-    writer = metrics.MetricWriter(os.path.join(workdir, "tensorboard"))
+    writer = metrics.MetricWriter(workdir / "tensorboard")
     preempt = Preemption()
 
     def evaluate(step):
@@ -149,8 +170,7 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict:
         log.info(metrics.format_metrics(step, {k.replace("eval/", "eval_"): v
                                                for k, v in values.items() if "loss_t" not in k}))
         if is_main:
-            with open(os.path.join(workdir, "eval.jsonl"), "a") as f:
-                f.write(json.dumps({"step": step, **values}) + "\n")
+            storage.append_line(workdir / "eval.jsonl", json.dumps({"step": step, **values}))
         return values["eval/loss"]
 
     def write_samples(step):
@@ -165,90 +185,121 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict:
                 state.ema_params, noise, cond, frozen, steps=int(config.sample.steps),
                 guidance=float(config.sample.guidance))))
         if is_main:
-            base = os.path.join(workdir, "samples", f"step_{step:07d}")
+            base = workdir / "samples" / f"step_{step:07d}"
             for ext in (".gif", ".mp4"):
-                video_io.write_grid(base + ext, videos, fps=config.sample.fps)
+                video_io.write_grid(f"{base}{ext}", videos, fps=config.sample.fps)
             writer.image(step, "samples/first_frames", video_io.tile(
                 video_io.to_uint8(videos[:, :1]))[0].repeat(3 // videos.shape[-1], -1))
             log.info("wrote samples to %s.{gif,mp4}", base)
         return videos
 
-    history, eval_loss, skipped = [], None, 0
+    history, eval_loss, skipped, nonfinite_run = [], None, 0, 0
+    bad_examples, examples = 0, 0
     pending: list = []  # (step, device metrics) fetched at log time, so the loop never blocks
     last_time, last_step = time.perf_counter(), start_step
     progress = _progress(config, start_step, total)
     step = start_step
-    stopped_for = None
-    while step < total:
-        local = next(train_iter)
-        with sharding.use(mesh, config.sharding_rules):
-            state, step_metrics = train_step(state, batches.global_batch(local, mesh), frozen)
-        step += 1
-        pending.append((step, step_metrics))
-        progress.update(1)
+    stopped_for, failed = None, False
+    try:
+        while step < total:
+            local = next(train_iter)
+            with sharding.use(mesh, config.sharding_rules):
+                state, step_metrics = train_step(state, batches.global_batch(local, mesh),
+                                                 frozen)
+            step += 1
+            pending.append((step, step_metrics))
+            progress.update(1)
+            interrupt = preempt.reached(step) or step == stop_at
 
-        if (step % config.train.log_every == 0 or step in (total, stop_at)
-                or preempt.requested):
-            fetched = batches.to_host([m for _, m in pending])
-            now = time.perf_counter()
-            rate = (step - last_step) / max(now - last_time, 1e-9)
-            last_time, last_step = now, step
-            bad = [s for (s, _), m in zip(pending, fetched) if not m["finite"]]
-            skipped += len(bad)
-            pending = []
-            last = fetched[-1]
-            history.extend(float(m["loss"]) for m in fetched)
-            values = {"train/loss": last["loss"], "train/grad_norm": last["grad_norm"],
-                      "train/lr": last["lr"], "perf/steps_per_s": rate,
-                      "perf/tokens_per_s": rate * tokens_per_step,
-                      "perf/mfu": rate * step_flops / peak, "train/skipped_steps": skipped}
-            writer.scalars(step, values)
-            progress.set_postfix(loss=f"{float(last['loss']):.4f}", refresh=False)
-            if not config.train.progress:
-                log.info(metrics.format_metrics(step, values))
-            if bad:
-                log.warning("non-finite loss or gradient at steps %s: update%s skipped", bad,
-                            "s" if len(bad) > 1 else "")
-                if config.train.nonfinite == "stop":
-                    stopped_for = f"non-finite loss at step {bad[0]}"
+            if step % config.train.log_every == 0 or step == total or interrupt:
+                fetched = batches.to_host([m for _, m in pending])
+                now = time.perf_counter()
+                rate = (step - last_step) / max(now - last_time, 1e-9)
+                last_time, last_step = now, step
+                bad = [s for (s, _), m in zip(pending, fetched) if not m["finite"]]
+                for m in fetched:  # the current run of consecutive skipped updates
+                    nonfinite_run = 0 if m["finite"] else nonfinite_run + 1
+                skipped += len(bad)
+                bad_examples += int(sum(m["bad_examples"] for m in fetched))
+                examples += len(fetched) * int(config.data.batch_size)
+                pending = []
+                last = fetched[-1]
+                history.extend(float(m["loss"]) for m in fetched)
+                values = {"train/loss": last["loss"], "train/grad_norm": last["grad_norm"],
+                          "train/lr": last["lr"], "perf/steps_per_s": rate,
+                          "perf/tokens_per_s": rate * tokens_per_step,
+                          "perf/mfu": rate * step_flops / peak, "train/skipped_steps": skipped,
+                          "data/bad_examples": bad_examples}
+                writer.scalars(step, values)
+                progress.set_postfix(loss=f"{float(last['loss']):.4f}", refresh=False)
+                if not config.train.progress:
+                    log.info(metrics.format_metrics(step, values))
+                if bad:
+                    log.warning("non-finite loss or gradient at steps %s: update%s skipped", bad,
+                                "s" if len(bad) > 1 else "")
+                stopped_for = _stop_reason(config, bad, nonfinite_run, bad_examples, examples)
+                if stopped_for:
+                    failed = True
                     break
 
-        if config.train.eval_every and step % config.train.eval_every == 0:
-            eval_loss = evaluate(step)
-        if config.train.sample_every and step % config.train.sample_every == 0 and step < total:
-            write_samples(step)
-        interrupt = preempt.requested or step == stop_at
-        if (config.train.ckpt_every and step % config.train.ckpt_every == 0) or step == total \
-                or interrupt:
-            ckpt.save(step, state, train_iter, config, force=interrupt)
-        if interrupt:
-            stopped_for = "preemption signal" if preempt.requested else f"stop_at={stop_at}"
-            break
-    progress.close()
+            if config.train.eval_every and step % config.train.eval_every == 0:
+                eval_loss = evaluate(step)
+            if (config.train.sample_every and step % config.train.sample_every == 0
+                    and step < total):
+                write_samples(step)
+            if (config.train.ckpt_every and step % config.train.ckpt_every == 0) or \
+                    step == total or interrupt:
+                ckpt.save(step, state, train_iter, config, force=interrupt)
+            if interrupt:
+                stopped_for = "preemption signal" if preempt.requested else f"stop_at={stop_at}"
+                break
 
-    if stopped_for is None:
-        if not (config.train.eval_every and step % config.train.eval_every == 0):
-            eval_loss = evaluate(step)
-        if config.sample.num:
-            write_samples(step)
-        if is_vae:  # what a latent DiT normalises with (vidit/latent_stats.py)
-            latent_stats.write(workdir, config, lambda p, x: setup.model(p).vae.encode(x)[0],
-                               state.ema_params, mesh, step)
-    ckpt.close()
-    writer.close()
+        if stopped_for is None:
+            if not (config.train.eval_every and step % config.train.eval_every == 0):
+                eval_loss = evaluate(step)
+            if config.sample.num:
+                write_samples(step)
+            if is_vae:  # what a latent DiT normalises with (vidit/latent_stats.py)
+                latent_stats.write(workdir, config,
+                                   lambda p, x: setup.model(p).vae.encode(x)[0],
+                                   state.ema_params, mesh, step)
+    finally:  # an error anywhere still finishes the saves in flight before it is raised
+        progress.close()
+        ckpt.close()
+        writer.close()
     if stopped_for:
         log.warning("stopped at step %d: %s (last checkpoint: step %s)", step, stopped_for,
                     ckpt.latest_step())
     summary = {"step": step, "losses": history, "eval_loss": eval_loss, "skipped": skipped,
-               "stopped_for": stopped_for}
+               "stopped_for": stopped_for, "failed": failed, "bad_examples": bad_examples}
     if stopped_for is None and is_main:  # what sweeps (vidit/sweep.py) read back
         tail = history[-max(1, len(history) // 10):]
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
-            json.dump({"step": step, "final_train_loss": float(np.mean(tail)) if tail else None,
-                       "eval_loss": eval_loss, "params": setup.num_params(),
-                       "train_flops": step_flops * total, "tokens": tokens_per_step * total,
-                       "wall_s": time.perf_counter() - started, "skipped": skipped}, f, indent=2)
+        storage.write_atomic(workdir / "summary.json", json.dumps({
+            "step": step, "final_train_loss": float(np.mean(tail)) if tail else None,
+            "eval_loss": eval_loss, "params": setup.num_params(),
+            "train_flops": step_flops * total, "tokens": tokens_per_step * total,
+            "wall_s": time.perf_counter() - started, "skipped": skipped,
+            "bad_examples": bad_examples}, indent=2))
     return summary
+
+
+def _stop_reason(config: Any, bad_steps: list, nonfinite_run: int, bad_examples: int,
+                 examples: int) -> str | None:
+    """Why the run must stop now (the last good checkpoint stays the newest), or None."""
+    if bad_steps and config.train.nonfinite == "stop":
+        return f"non-finite loss at step {bad_steps[0]} (config.train.nonfinite='stop')"
+    limit = int(config.train.max_skipped_steps)
+    if limit and nonfinite_run >= limit:
+        return (f"non-finite loss or gradient at {nonfinite_run} consecutive steps "
+                f"(config.train.max_skipped_steps={limit}): lower config.optim.lr or look for "
+                "bad data")
+    fraction = float(config.data.max_bad_fraction)
+    # Judged once enough examples were read for one bad one to be within the fraction.
+    if bad_examples and examples * fraction >= 1 and bad_examples > fraction * examples:
+        return (f"{bad_examples} of {examples} examples could not be read or did not fit "
+                f"(more than config.data.max_bad_fraction={fraction}); the warnings above "
+                "name them")
+    return None
 
 
 def _progress(config, start, total):
@@ -264,8 +315,8 @@ def main(argv):
     cli.setup()
     config = flags.FLAGS.config
     summary = train(config, flags.FLAGS.workdir, stop_at=flags.FLAGS.stop_at)
-    if summary["stopped_for"] and summary["stopped_for"].startswith("non-finite"):
-        sys.exit(1)
+    if summary["failed"]:
+        sys.exit(f"error: the run stopped at step {summary['step']}: {summary['stopped_for']}")
 
 
 def define_flags():
