@@ -235,6 +235,13 @@ def load_builder(data_cfg) -> tfds.core.DatasetBuilder:
     return builder
 
 
+def splits(data_cfg) -> list[str]:
+    """The split names the dataset config.data names has."""
+    cfg = data_config.defaults()
+    cfg.update(data_cfg)
+    return sorted(load_builder(cfg).info.splits)
+
+
 def _data_source(data_cfg, split: str, spec: ClipSpec):
     """Random-access source for `split`, after checking the split and the clip length."""
     builder = load_builder(data_cfg)

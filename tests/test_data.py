@@ -1,5 +1,6 @@
 """Tests for the embedded moving-digits dataset, the caption tokenizer and the Grain pipeline."""
 import os
+import re
 import subprocess
 import sys
 
@@ -316,3 +317,100 @@ def test_bad_config_raises(cfg, change, split, key):
     cfg.update(change)
     with pytest.raises(ValueError, match=key):
         pipeline.make_iterator(cfg, split, seed=0, train=True, process_index=0, process_count=2)
+
+
+class DamagedClipsForTest(tfds.core.GeneratorBasedBuilder):
+    """40 grey clips, some of them unusable for 8-frame RGB clips: too short, with 2 channels
+    (neither grey nor RGB), or (written over after the build, see `damaged_dataset`)
+    undecodable bytes."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    code_path = epath.Path(__file__)
+    SHORT, TWO_CHANNELS = (5, 17), (9,)
+
+    def __init__(self, **kwargs):
+        super().__init__(file_format="array_record", **kwargs)
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+            "video": tfds.features.Tensor(shape=(None, None, None, None), dtype=np.uint8,
+                                          encoding="zlib"),
+            "label": tfds.features.ClassLabel(num_classes=10),
+        }))
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+        rng = np.random.default_rng(0)
+        for key in range(40):
+            frames = 3 if key in self.SHORT else 16
+            channels = 2 if key in self.TWO_CHANNELS else 1
+            yield key, {"video": rng.integers(0, 256, (frames, 32, 32, channels), np.uint8),
+                        "label": key % 10}
+
+
+def damaged_dataset(data_dir) -> set:
+    """Builds DamagedClipsForTest, writes garbage over one record's bytes, and returns the
+    record indices (in the stored order) that cannot become an 8-frame RGB clip."""
+    from array_record.python import array_record_module
+    builder = DamagedClipsForTest(data_dir=data_dir)
+    builder.download_and_prepare()
+    (file,) = epath.Path(builder.data_dir).glob("*train.array_record*")
+    reader = array_record_module.ArrayRecordReader(str(file))
+    records = reader.read_all()
+    reader.close()
+    garbage = 30
+    records[garbage] = b"\x08\xff\xff not a serialized example"
+    writer = array_record_module.ArrayRecordWriter(str(file), "group_size:1")
+    for record in records:
+        writer.write(record)
+    writer.close()
+    source = builder.as_data_source("train")
+    bad = {garbage}
+    for i in range(len(source)):
+        if i == garbage:
+            continue
+        video = source[i]["video"]
+        if video.shape[0] < 8 or video.shape[-1] == 2:
+            bad.add(i)
+    assert len(bad) == 4
+    return bad
+
+
+def test_unreadable_records_are_replaced_counted_and_named(tmp_path, caplog):
+    bad = damaged_dataset(str(tmp_path))
+    cfg = data_config.defaults()
+    cfg.update(dict(name=DamagedClipsForTest.name, data_dir=str(tmp_path), batch_size=8,
+                    channels=3))
+    it = pipeline.make_iterator(cfg, "train", seed=0, train=True, process_index=0,
+                                process_count=1)
+    with caplog.at_level("WARNING", logger="vidit"):
+        epoch = [next(it) for _ in range(5)]  # 40 records: one epoch
+    for batch in epoch:  # every batch whole and usable
+        assert batch["video"].shape == (8, 8, 32, 32, 3) and np.isfinite(batch["video"]).all()
+    named = {int(m) for m in re.findall(r"record (\d+) skipped", caplog.text)}
+    assert named == bad
+    # Each bad record read in the epoch counts once, plus once more for each bad record its
+    # replacement chain runs into.
+    expected = sum(next(k for k in range(40) if (i + k) % 40 not in bad) for i in range(40))
+    assert int(sum(b["bad"].sum() for b in epoch)) == expected
+
+
+def test_training_stops_past_max_bad_fraction(tmp_path):
+    from configs import moving_digits
+    from vidit import train as train_lib
+    damaged_dataset(str(tmp_path / "tfds"))
+    c = moving_digits.get_config("smoke")
+    c.data.update(dict(name=DamagedClipsForTest.name, data_dir=str(tmp_path / "tfds"),
+                       max_bad_fraction=0.5, channels=3))
+    c.data.builder_kwargs = {}  # (update() merges dicts: the smoke sizes would stay)
+    c.model.channels = 3
+    c.train.progress, c.train.log_every, c.sample.num = False, 1, 0
+    summary = train_lib.train(c, str(tmp_path / "tolerant"))
+    assert not summary["failed"] and summary["bad_examples"] > 0
+    # A tenth of the records is bad: past 5% the run stops (judged from 20 examples on).
+    c.data.max_bad_fraction = 0.05
+    summary = train_lib.train(c, str(tmp_path / "strict"))
+    assert summary["failed"] and "config.data.max_bad_fraction=0.05" in summary["stopped_for"]
+    assert summary["step"] < c.train.steps

@@ -72,7 +72,7 @@ def stopped_steps(text):
 
 
 def test_sigterm_to_one_process_stops_every_process_at_one_step(data_dir, tmp_path):
-    steps = 60
+    steps = 30
     straight = tmp_path / "straight"
     r = subprocess.run(train_command(straight, data_dir, steps), cwd=ROOT, env=env(8),
                        capture_output=True, text=True)
@@ -115,7 +115,7 @@ def test_kill_during_an_async_save_falls_back_to_the_previous_step(data_dir, tmp
     """A state of ~200 MB takes long enough to write that the kill lands inside the save."""
     workdir = tmp_path / "run"
     command = train_command(workdir, data_dir, 6, "--config.train.ckpt_every=2",
-                            "--config.model.depth=6", "--config.model.width=384",
+                            "--config.model.depth=3", "--config.model.width=384",
                             "--config.model.heads=6")
     proc = subprocess.Popen(command, cwd=ROOT, env=env(1), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)

@@ -149,6 +149,42 @@ def test_corrupt_checkpoint_falls_back_and_other_config_is_refused(data_dir, tmp
     with pytest.raises(CheckpointError, match="model.width"):
         train_lib.train(other, workdir)
 
+    # The last remaining checkpoint is never moved aside: the run stops and names it.
+    for root, _, files in os.walk(os.path.join(ckpt_dir, "2", "state")):
+        for name in files:
+            with open(os.path.join(root, name), "wb") as f:
+                f.write(b"garbage")
+    with pytest.raises(CheckpointError, match="step 2 .* the only one left"):
+        checkpoint.Checkpointer(ckpt_dir, backoff_s=0.01).restore(setup.abstract, it, c)
+    assert os.listdir(ckpt_dir) == ["2"]
+
+
+def test_restore_retries_transient_errors_before_giving_up(data_dir, tmp_path, monkeypatch):
+    c = smoke_config(data_dir, **{"train.steps": 4, "train.ckpt_every": 2})
+    workdir = str(tmp_path / "run")
+    train_lib.train(c, workdir, stop_at=4)
+    setup = Setup(c, sharding.make_mesh(c.mesh))
+    from data_pipelines import pipeline
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), backoff_s=0.01)
+    real, calls = ckpt.manager.restore, []
+
+    def flaky(step, args=None, failures=2):
+        calls.append(step)
+        if len(calls) <= failures:
+            raise ConnectionError("connection reset by peer")
+        return real(step, args=args)
+
+    monkeypatch.setattr(ckpt.manager, "restore", flaky)
+    it = pipeline.make_iterator(c.data, "train", seed=c.seed, train=True)
+    step, _ = ckpt.restore(setup.abstract, it, c)
+    assert step == 4 and calls[:3] == [4, 4, 4]  # two failed reads, then the read that worked
+
+    monkeypatch.setattr(ckpt.manager, "restore", lambda *a, **k: (_ for _ in ()).throw(
+        TimeoutError("read timed out")))
+    with pytest.raises(CheckpointError, match="step 4 .* transient, so nothing was moved"):
+        ckpt.restore(setup.abstract, it, c)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+
 
 def test_config_saved_before_a_key_was_added_resumes_as_its_old_value():
     """A run saved before model.time_scale existed trained at 1000 (and before model.disc_width,
@@ -186,9 +222,41 @@ def test_nonfinite_update_is_skipped_or_stops(data_dir, tmp_path):
     # An absurd learning rate makes the weights overflow: the run stops and says why.
     c = smoke_config(data_dir, **{"optim.lr": 1e38, "optim.clip_norm": 0.0,
                                   "train.nonfinite": "stop", "train.log_every": 1})
-    summary = train_lib.train(c, str(tmp_path))
+    summary = train_lib.train(c, str(tmp_path / "stop"))
     assert summary["stopped_for"].startswith("non-finite loss at step")
-    assert summary["step"] < c.train.steps
+    assert summary["step"] < c.train.steps and summary["failed"]
+
+    # Skipping: from step 2 on every update overflows (Adam's first step is lr-sized, finite),
+    # so every step is skipped; after max_skipped_steps in a row the run stops, and its newest
+    # checkpoint holds the last finite weights.
+    c = smoke_config(data_dir, **{"optim.lr": 1e38, "optim.clip_norm": 0.0, "optim.warmup_steps": 0,
+                                  "train.max_skipped_steps": 3, "train.log_every": 1,
+                                  "train.steps": 8, "train.ckpt_every": 2})
+    summary = train_lib.train(c, str(tmp_path / "skip"))
+    assert summary["failed"] and "3 consecutive steps" in summary["stopped_for"]
+    assert summary["step"] == 4 and summary["skipped"] == 3
+    from vidit import run as run_lib
+    last = run_lib.load(str(tmp_path / "skip"))
+    assert last.step == 2
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(last.params)))
+
+
+def test_an_error_in_the_loop_finishes_the_save_in_flight(data_dir, tmp_path, monkeypatch):
+    c = smoke_config(data_dir, **{"train.steps": 6, "train.ckpt_every": 3, "train.log_every": 1})
+    from vidit import metrics
+
+    def scalars(self, step, values):
+        if step == 4:
+            raise RuntimeError("disk full")
+
+    monkeypatch.setattr(metrics.MetricWriter, "scalars", scalars)
+    with pytest.raises(RuntimeError, match="disk full"):
+        train_lib.train(c, str(tmp_path))
+    # The step-3 save was written in the background; it is whole when the error comes out.
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3"]
+    step, _ = checkpoint.restore_params(tmp_path / "checkpoints",
+                                        Setup(c, sharding.make_mesh(c.mesh)).abstract)
+    assert step == 3
 
 
 @pytest.mark.parametrize("mesh_cfg, message", [
@@ -397,7 +465,7 @@ def test_shortcut_trains_and_samples_in_one_step(data_dir, tmp_path):
     c.data.data_dir = data_dir
     c.train.progress = False
     c.sample.num = 0
-    assert c.model.interval_input and c.objective.consistency_fraction == 0.25
+    assert c.model.interval_input and c.objective.consistency_fraction > 0
     summary = train_lib.train(c, str(tmp_path))
     assert summary["step"] == c.train.steps and all(np.isfinite(summary["losses"]))
     videos, _ = sample_lib.generate(str(tmp_path), num=2, label=3, steps_=1)

@@ -105,9 +105,10 @@ def train_step(setup: Setup, objective: Any, state: TrainState, batch: dict,
     new = TrainState(step=state.step + 1, params=params,
                      ema_params=ema_update(state.ema_params, params, config.ema_decay, state.step),
                      opt_state=opt_state, rng=state.rng)
-    # A non-finite loss or gradient never reaches the weights: the update is dropped (the host
-    # then skips on, or stops, as config.train.nonfinite says).
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # A non-finite loss, gradient or updated weight never reaches the state: the update is
+    # dropped (the host then skips on, or stops, as config.train.nonfinite says).
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jax.tree.reduce(
+        jnp.logical_and, jax.tree.map(lambda p: jnp.all(jnp.isfinite(p)), params))
     new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
     new = new.replace(step=state.step + 1)
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": setup.lr_schedule(state.step),

@@ -31,10 +31,10 @@ log = logging.getLogger("vidit")
 
 
 # ---------------------------------------------------------------------------------------------
-def validation_clips(config: Any, num: int) -> np.ndarray:
-    """The first `num` validation clips (first frames), the inputs of a VAE's samples."""
+def first_clips(config: Any, num: int, split: str) -> np.ndarray:
+    """The first `num` clips of `split` (first frames), the inputs of a VAE's samples."""
     from data_pipelines import pipeline
-    it = pipeline.make_iterator(config.data, "validation", seed=0, train=False,
+    it = pipeline.make_iterator(config.data, split, seed=0, train=False,
                                 process_index=0, process_count=1)
     clips = []
     for batch in it:
@@ -44,13 +44,13 @@ def validation_clips(config: Any, num: int) -> np.ndarray:
     return np.concatenate(clips)[:num]
 
 
-def sample_conditions(config: Any, num: int) -> dict:
-    """Conditions for the periodic samples: digits 0..9 in turn, or validation captions."""
+def sample_conditions(config: Any, num: int, split: str) -> dict:
+    """Conditions for the periodic samples: digits 0..9 in turn, or the captions of `split`."""
     if config.model.cond == "class":
         return {"label": np.arange(num, dtype=np.int32) % config.model.num_classes}
     if config.model.cond == "text":
         from data_pipelines import pipeline
-        it = pipeline.make_iterator(config.data, "validation", seed=0, train=False,
+        it = pipeline.make_iterator(config.data, split, seed=0, train=False,
                                     process_index=0, process_count=1)
         return {"text": next(iter(it))["text"][:num]}
     return {}
@@ -155,7 +155,15 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict:
     writer = metrics.MetricWriter(workdir / "tensorboard")
     preempt = Preemption()
 
+    has_validation = "validation" in pipeline.splits(config.data)
+    if not has_validation:
+        log.warning("%s has no validation split: no eval loss, and samples take their "
+                    "conditions from the train split", config.data.name)
+    sample_split = "validation" if has_validation else "train"
+
     def evaluate(step):
+        if not has_validation:
+            return None
         it = pipeline.make_iterator(config.data, "validation", seed=config.seed, train=False)
         outs = []
         # A VAE is judged by its EMA params (what is exported and encodes latents).
@@ -176,10 +184,10 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict:
     def write_samples(step):
         num = int(config.sample.num)
         if is_vae:  # reconstructions of the first validation clips, beside them
-            noise, cond = jnp.asarray(validation_clips(config, num)), {}
+            noise, cond = jnp.asarray(first_clips(config, num, sample_split)), {}
         else:
             noise = jax.random.normal(jax.random.key(config.sample.seed), (num,) + input_shape)
-            cond = jax.tree.map(jnp.asarray, sample_conditions(config, num))
+            cond = jax.tree.map(jnp.asarray, sample_conditions(config, num, sample_split))
         with sharding.use(mesh, config.sharding_rules):
             videos = np.asarray(batches.to_host(sample_fn(
                 state.ema_params, noise, cond, frozen, steps=int(config.sample.steps),
@@ -314,7 +322,16 @@ def main(argv):
     del argv
     cli.setup()
     config = flags.FLAGS.config
-    summary = train(config, flags.FLAGS.workdir, stop_at=flags.FLAGS.stop_at)
+    try:
+        summary = train(config, flags.FLAGS.workdir, stop_at=flags.FLAGS.stop_at)
+    except Exception as e:  # pylint: disable=broad-except
+        text = str(e).lower()
+        if jax.process_count() > 1 and any(w in text for w in (
+                "heartbeat", "connection reset", "gloo", "unavailable", "barrier")):
+            log.error("process %d of %d: a collective with the other processes failed; another "
+                      "process of this job has most likely died or been killed (see its log)",
+                      jax.process_index(), jax.process_count())
+        raise
     if summary["failed"]:
         sys.exit(f"error: the run stopped at step {summary['step']}: {summary['stopped_for']}")
 
