@@ -165,6 +165,23 @@ def test_encoded_dataset_reads_with_labels(latents, data_dir):
         assert e["caption"] == source[int(e["index"])]["caption"]
 
 
+def test_encode_into_a_bucket_is_read_back_by_the_pipeline(vae_run, latents, data_dir,
+                                                            bucket_dir):
+    workdir, _, _ = vae_run
+    folder = encode_latents.encode(workdir, "moving_digits", str(bucket_dir), data_dir=data_dir,
+                                   batch_size=8, progress=False,
+                                   builder_kwargs={"num_train": 64, "num_validation": 16})
+    assert folder.startswith("gs://") and encode_latents.read_info(folder)["examples"] == {
+        "train": 64, "validation": 16}
+    assert not list((bucket_dir / encode_latents.WORK / "moving_digits_latents").glob("*.npz"))
+    local_out, _ = latents
+    batches = [next(pipeline.make_iterator(_latent_cfg(where), "train", seed=0, train=True,
+                                           process_index=0, process_count=1))
+               for where in (str(bucket_dir), local_out)]
+    np.testing.assert_allclose(batches[0]["latent"], batches[1]["latent"], rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(batches[0]["label"], batches[1]["label"])
+
+
 def test_encode_resumes_without_duplicates(vae_run, data_dir, tmp_path, monkeypatch):
     workdir, _, _ = vae_run
     out = str(tmp_path / "lat")

@@ -82,6 +82,31 @@ def test_rerun_finishes_only_missing_points_and_retries_once(tmp_path, monkeypat
     assert [f["name"] for f in failures] == [broken]
 
 
+def test_sweep_state_lives_in_a_bucket(bucket_dir, monkeypatch):
+    """The plan, each point's workdir and log, results and the report in gs://."""
+    from etils import epath
+
+    class BucketTrainer(FakeTrainer):
+        def __call__(self, command, cwd, stdout, stderr):
+            workdir = command[command.index("--workdir") + 1]
+            self.calls.append(workdir)
+            print("training", file=stdout, flush=True)
+            epath.Path(workdir, "summary.json").write_text(json.dumps(
+                {"step": 10, "final_train_loss": 0.5, "eval_loss": 0.4, "params": 1000,
+                 "train_flops": 1e10, "tokens": 1e5, "wall_s": 1.0, "skipped": 0}))
+            return subprocess.CompletedProcess(command, 0)
+
+    fake = BucketTrainer()
+    monkeypatch.setattr(sweep_lib.subprocess, "run", fake)
+    results = sweep_lib.run_sweep(tiny_sweep(), str(bucket_dir))
+    assert len(results) == 4 and all(w.startswith("gs://bucket/") for w in fake.calls)
+    assert (bucket_dir / "plan.json").exists() and (bucket_dir / "results.json").exists()
+    point = sweep_lib.plan(tiny_sweep())[0].name
+    assert (bucket_dir / "points" / point / "train_attempt1.log").read_text() == "training\n"
+    fake.calls.clear()
+    assert len(sweep_lib.run_sweep(tiny_sweep(), str(bucket_dir))) == 4 and not fake.calls
+
+
 def test_analyze_writes_report_and_plots(tmp_path):
     params, flops_, tokens, losses = test_scaling.synthetic()
     results = [{"name": f"p{i}", "params": n, "flops": c, "tokens": d, "wall_s": 1.0,

@@ -8,6 +8,7 @@ import re
 import av  # the [video] extra, installed by scripts/test.sh
 import numpy as np
 import pytest
+from etils import epath
 
 from data_pipelines import build_video_folder as bvf
 from data_pipelines import data_config, pipeline
@@ -239,6 +240,28 @@ def test_grain_pipeline_reads_it(built):
     batches = list(pipeline.make_iterator(cfg, "validation", seed=0, train=False,
                                           process_index=0, process_count=1))
     assert len(batches) == report.clips["validation"]
+
+
+def test_build_into_a_bucket_matches_the_local_build(built, videos, bucket_dir):
+    """--data_dir gs://...: built locally, uploaded, and read back from the bucket as is."""
+    data_dir, builder, _ = built
+    folder, captions = videos
+    remote, _ = bvf.build(folder, str(bucket_dir), frames=FRAMES, fps=FPS, size=SIZE,
+                          captions=captions, name="tiny_videos", val_fraction=_val_fraction(),
+                          show_progress=False)
+    remote_dir = epath.Path(remote.data_dir)
+    assert str(remote_dir).startswith("gs://")
+    local_files = sorted(f for f in os.listdir(builder.data_dir) if ".array_record" in f)
+    for name in local_files:
+        with open(os.path.join(builder.data_dir, name), "rb") as f:
+            assert (remote_dir / name).read_bytes() == f.read(), name
+    assert (remote_dir / bvf.REPORT).exists()
+    got, want = _read_all(str(bucket_dir)), _read_all(data_dir)
+    assert {k: len(v) for k, v in got.items()} == {k: len(v) for k, v in want.items()}
+    np.testing.assert_array_equal(got["train"][0]["video"], want["train"][0]["video"])
+    with pytest.raises(bvf.BuildError, match="already exists"):
+        bvf.build(folder, str(bucket_dir), frames=FRAMES, fps=FPS, size=SIZE, name="tiny_videos",
+                  show_progress=False)
 
 
 # --------------------------------------------------------------------------- #
