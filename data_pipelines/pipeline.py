@@ -115,19 +115,29 @@ def video_clip(element: dict, spec: ClipSpec, rng: np.random.Generator | None = 
     return convert_channels(video, spec.channels) / 127.5 - 1.0
 
 
-def _preprocess(element: dict, rng: np.random.Generator, *, spec: ClipSpec, train: bool) -> dict:
-    """One stored example -> {'video' float32 [-1, 1], 'label' int32, 'text' int32 tokens}."""
+def _preprocess(element: dict, rng: np.random.Generator, *, spec: ClipSpec, train: bool,
+                tokenizer=None) -> dict:
+    """One stored example -> {'video' float32 [-1, 1] (or a latent dataset's 'latent'),
+    'label' int32, and the caption: 'text' token ids + 'text_mask', or a dataset's cached
+    'text_embedding' + 'text_mask' (data_pipelines/encode_text.py)}."""
     if "latent" in element:  # a latent dataset (encode_latents.py): the stored latent as is
-        return _latent_example(element, spec)
-    video = video_clip(element, spec, rng, train)
-    caption = element.get("caption", byte_tokenizer.NULL)  # datasets without captions get the null one
+        out = {"latent": np.asarray(element["latent"], np.float32)}
+    else:
+        out = {"video": video_clip(element, spec, rng, train)}
+    out["label"] = np.int32(element.get("label", -1))  # -1: unlabelled (build_video_folder)
+    out.update(_caption(element, spec.text_len, tokenizer))
+    return out
+
+
+def _caption(element: dict, length: int, tokenizer=None) -> dict:
+    if "text_embedding" in element:  # cached by encode_text: the frozen encoder's output
+        return {"text_embedding": np.asarray(element["text_embedding"], np.float32),
+                "text_mask": np.asarray(element["text_mask"], bool)}
+    caption = element.get("caption", "")  # datasets without captions get the empty one
     if isinstance(caption, bytes):
         caption = caption.decode("utf-8")
-    return {
-        "video": video,
-        "label": np.int32(element.get("label", -1)),  # -1: unlabelled (e.g. build_video_folder)
-        "text": byte_tokenizer.encode(caption, spec.text_len),
-    }
+    ids, mask = (tokenizer or byte_tokenizer.tokens_and_mask)(caption, length)
+    return {"text": ids, "text_mask": mask}
 
 
 # A record that fails to decode or to preprocess is replaced by the next one; this many failures
@@ -136,7 +146,7 @@ MAX_REPLACEMENTS = 16
 
 
 def _read_example(record: int, rng: np.random.Generator, *, source, spec: ClipSpec, train: bool,
-                  where: str) -> dict:
+                  where: str, tokenizer=None) -> dict:
     """The preprocessed example of `record`. A record that cannot be decoded or does not fit
     the clip spec (too short, wrong channels, ...) is logged by index and replaced by the next
     record that works; 'bad' counts the replaced records (the trainer sums it and stops past
@@ -145,7 +155,8 @@ def _read_example(record: int, rng: np.random.Generator, *, source, spec: ClipSp
     for k in range(MAX_REPLACEMENTS):
         index = (int(record) + k) % n
         try:
-            example = _preprocess(source[index], rng, spec=spec, train=train)
+            example = _preprocess(source[index], rng, spec=spec, train=train,
+                                  tokenizer=tokenizer)
         except Exception as e:  # pylint: disable=broad-except  (any decode or shape error)
             log.warning("%s record %d skipped: %s: %s", where, index, type(e).__name__,
                         str(e).splitlines()[0][:300] if str(e) else "")
@@ -154,19 +165,6 @@ def _read_example(record: int, rng: np.random.Generator, *, source, spec: ClipSp
         return example
     raise ValueError(f"{where}: records {int(record) % n} to {index} all failed to read or "
                      "preprocess (see the warnings); check the dataset and config.data")
-
-
-def _latent_example(element: dict, spec: ClipSpec) -> dict:
-    """{'latent' float32 [T', H', W', C] (raw posterior mean; the train step normalises it),
-    'label', 'text'} from a dataset written by data_pipelines/encode_latents.py."""
-    caption = element.get("caption", byte_tokenizer.NULL)
-    if isinstance(caption, bytes):
-        caption = caption.decode("utf-8")
-    return {
-        "latent": np.asarray(element["latent"], np.float32),
-        "label": np.int32(element.get("label", -1)),
-        "text": byte_tokenizer.encode(caption, spec.text_len),
-    }
 
 
 # --------------------------------------------------------------------------- #
@@ -242,6 +240,14 @@ def splits(data_cfg) -> list[str]:
     return sorted(load_builder(cfg).info.splits)
 
 
+def features(data_cfg) -> list[str]:
+    """The feature names of the dataset config.data names ('video' or 'latent', 'caption',
+    'text_embedding', ...)."""
+    cfg = data_config.defaults()
+    cfg.update(data_cfg)
+    return sorted(load_builder(cfg).info.features)
+
+
 def _data_source(data_cfg, split: str, spec: ClipSpec):
     """Random-access source for `split`, after checking the split and the clip length."""
     builder = load_builder(data_cfg)
@@ -283,8 +289,8 @@ def _ensure_flags_parsed() -> None:
 
 
 def make_iterator(data_cfg, split: str, *, seed: int, train: bool,
-                  process_index: int | None = None,
-                  process_count: int | None = None) -> grain.DatasetIterator:
+                  process_index: int | None = None, process_count: int | None = None,
+                  tokenizer=None) -> grain.DatasetIterator:
     """Iterator over this process's rows of each global batch of `split`.
 
     Args:
@@ -295,14 +301,18 @@ def make_iterator(data_cfg, split: str, *, seed: int, train: bool,
         (whole global batches only) with the first frames of every clip.
       process_index, process_count: this process's place among the data-loading
         processes; default to `jax.process_index()` / `jax.process_count()`.
+      tokenizer: caption -> (ids, mask) at text_len (vidit/text_encoders.py); None is the byte
+        tokenizer.
 
     Returns:
       A checkpointable `grain.DatasetIterator` of dicts with numpy arrays
       `video` float32 [b, num_frames, height, width, channels] in [-1, 1],
-      `label` int32 [b] (-1 where the dataset has no labels), `text` int32 [b, text_len] and
-      `bad` int32 [b] (records replaced because they could not be read, see _read_example),
-      b = batch_size / process_count. A latent dataset (data_pipelines/encode_latents.py)
-      gives `latent` float32 [b, T', H', W', C] instead of `video`.
+      `label` int32 [b] (-1 where the dataset has no labels), `text` int32 [b, text_len]
+      caption tokens with `text_mask` bool [b, text_len], and `bad` int32 [b] (records replaced
+      because they could not be read, see _read_example), b = batch_size / process_count.
+      A latent dataset (data_pipelines/encode_latents.py) gives `latent` float32
+      [b, T', H', W', C] instead of `video`; a dataset with cached caption embeddings
+      (data_pipelines/encode_text.py) gives `text_embedding` [b, text_len, D] instead of `text`.
     """
     cfg = data_config.defaults()
     cfg.update(data_cfg)
@@ -322,7 +332,8 @@ def make_iterator(data_cfg, split: str, *, seed: int, train: bool,
         ds = ds.repeat()  # reshuffled every epoch
     # After `repeat`, the index random_map seeds from is the global element index.
     ds = ds.random_map(functools.partial(_read_example, source=source, spec=spec, train=train,
-                                         where=f"{cfg.name}/{split}"), seed=augment_seed)
+                                         where=f"{cfg.name}/{split}", tokenizer=tokenizer),
+                       seed=augment_seed)
     ds = ProcessRowsMapDataset(ds, global_batch=cfg.batch_size,
                                process_index=process_index, process_count=process_count)
     ds = ds.batch(cfg.batch_size // process_count, drop_remainder=True)

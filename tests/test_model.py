@@ -381,28 +381,38 @@ def test_class_label_changes_only_its_own_example():
     assert np.all(np.isfinite(null)) and np.abs(null - out).max() > 1e-4
 
 
-def test_null_cond_and_drop_cond():
-    """null_cond: label -> num_classes, text -> BOS + PAD; drop_cond: p=1 -> null, p=0 -> same."""
+def test_null_cond_and_drop_condition():
+    """null_cond: label -> num_classes, text -> BOS + PAD; drop_condition: p=1 -> null, p=0 ->
+    same; a frozen encoder's null embedding ([1, ...]) broadcasts over the batch."""
+    from vidit import steps
     model = abstract_model(_key())  # no parameters needed
     cond = {"label": LABELS, "text": text_tokens()}
     null = model.null_cond(cond)
     np.testing.assert_array_equal(null["label"], np.full((B,), model_cfg().num_classes))
     np.testing.assert_array_equal(null["text"], np.stack([byte_tokenizer.null_tokens(TEXT_LEN)] * B))
     key = jax.random.key(0)
-    dropped = model.drop_cond(cond, key, 1.0)
+    dropped = steps.drop_condition(cond, null, key, 1.0)
     for name in cond:
         np.testing.assert_array_equal(dropped[name], null[name])
-    kept = model.drop_cond(cond, key, 0.0)
+    kept = steps.drop_condition(cond, null, key, 0.0)
     for name in cond:
         np.testing.assert_array_equal(kept[name], cond[name])
     # p = 0.5: each example is all-kept or all-dropped, the same choice for label and text.
     many = {"label": jnp.asarray(np.zeros((256,), np.int32)),
             "text": jnp.asarray(np.full((256, 4), 7, np.int32))}
-    half = model.drop_cond(many, key, 0.5)
+    half = steps.drop_condition(many, model.null_cond(many), key, 0.5)
     dropped_label = np.asarray(half["label"]) == 10
     dropped_text = np.all(np.asarray(half["text"]) == np.array([1, 0, 0, 0]), axis=1)
     np.testing.assert_array_equal(dropped_label, dropped_text)
     assert 0.3 < dropped_label.mean() < 0.7
+    embedded = {"text_embedding": jnp.ones((256, 4, 3)), "text_mask": jnp.ones((256, 4), bool)}
+    null = steps.null_condition(model, embedded, {"null_text": {
+        "text_embedding": jnp.zeros((1, 4, 3)), "text_mask": jnp.asarray([[True, False] * 2])}})
+    half = steps.drop_condition(embedded, null, key, 0.5)
+    dropped_embedding = np.all(np.asarray(half["text_embedding"]) == 0, axis=(1, 2))
+    np.testing.assert_array_equal(dropped_embedding, dropped_label)  # the same key: same rows
+    np.testing.assert_array_equal(np.asarray(half["text_mask"])[dropped_embedding],
+                                  [[True, False, True, False]] * int(dropped_embedding.sum()))
 
 
 def test_text_tokens_condition_the_output():

@@ -202,6 +202,11 @@ def test_config_saved_before_a_key_was_added_resumes_as_its_old_value():
     assert checkpoint.config_mismatch(saved, now) == [
         "model.time_scale: checkpoint=1000.0 now=1.0"]
     assert checkpoint.with_added_keys({"seed": 0}) == {"seed": 0}  # no model section: no key
+    # A VAE's config gets no DiT keys: a VAE run resumes.
+    from configs import vae_moving_digits
+    vae_cfg = vae_moving_digits.get_config("smoke").to_dict()
+    saved = checkpoint.with_added_keys(json.loads(json.dumps(vae_cfg)))
+    assert checkpoint.config_mismatch(saved, checkpoint.with_added_keys(vae_cfg)) == []
 
 
 def test_nonfinite_update_is_skipped_or_stops(data_dir, tmp_path):

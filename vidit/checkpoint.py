@@ -14,6 +14,7 @@ Restoring is exact (the data iterator resumes at the next batch) and safe:
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -36,7 +37,8 @@ STRUCTURAL = ("model", "objective.name", "seed")
 # Config keys added after runs had been saved, with the value that rebuilds what those runs
 # trained: a saved config without one is read as having it (resume, export, teachers).
 ADDED_KEYS = {"model.time_scale": layers.DIT_TIME_SCALE, "model.disc_width": 0,
-              "model.disc_layers": 3}
+              "model.disc_layers": 3,
+              "model.text_encoder": {"kind": "byte", "path": "", "online": False, "dtype": ""}}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -52,14 +54,17 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 def with_added_keys(saved: dict) -> dict:
     """`saved` (a config dict as written to disk) with each missing key of ADDED_KEYS set, in
-    place; a section the config does not have (a model-less config) is left out."""
+    place. They are DiT model keys: a VAE's config, or a model-less one, is left as it is."""
+    model = saved.get("model") if isinstance(saved, dict) else None
+    if not isinstance(model, dict) or model.get("kind", "dit") != "dit":
+        return saved
     for dotted, value in ADDED_KEYS.items():
         *sections, key = dotted.split(".")
         d = saved
         for s in sections:
             d = d.get(s) if isinstance(d, dict) else None
         if isinstance(d, dict):
-            d.setdefault(key, value)
+            d.setdefault(key, copy.deepcopy(value))
     return saved
 
 
@@ -141,7 +146,7 @@ class Checkpointer:
     def _restore_step(self, step: int, abstract_state: Any, data_iter: Any, config: Any):
         saved_config = self._with_retries(f"reading the config of step {step}",
                                           lambda: self.read_config(step))
-        diff = config_mismatch(with_added_keys(saved_config), config.to_dict())
+        diff = config_mismatch(with_added_keys(saved_config), with_added_keys(config.to_dict()))
         if diff:
             raise CheckpointError(
                 f"{self.directory} holds checkpoints of a different model config; use a new "

@@ -11,7 +11,7 @@ from typing import Any
 
 import jax
 
-from vidit import autoencoder as autoencoder_lib, diffusion, flops, sharding
+from vidit import autoencoder as autoencoder_lib, diffusion, flops, sharding, text_encoders
 from vidit.errors import ConfigError
 from vidit.models import attention, context_parallel
 
@@ -33,9 +33,11 @@ def check_batch(config: Any, mesh) -> None:
             f"still divide over the {shards} batch shards")
 
 
-def validate(config: Any, mesh, objective: Any = None, autoencoder: Any = None) -> None:
+def validate(config: Any, mesh, objective: Any = None, autoencoder: Any = None,
+             text_encoder: Any = None) -> None:
     """Every start-up check of a run of `config` on `mesh` (vidit.train and vidit.compile);
-    `objective` defaults to the one config.objective builds, `autoencoder` is a latent DiT's."""
+    `objective` defaults to the one config.objective builds, `autoencoder` is a latent DiT's,
+    `text_encoder` a frozen caption encoder."""
     objective = objective or diffusion.make_objective(config.objective)
     check_batch(config, mesh)
     if config.train.nonfinite not in ("skip", "stop"):
@@ -55,6 +57,15 @@ def validate(config: Any, mesh, objective: Any = None, autoencoder: Any = None) 
         raise ConfigError(
             f"config.model.text_len={config.model.text_len} differs from "
             f"config.data.text_len={config.data.text_len}")
+    te = config.model.get("text_encoder", {})
+    if config.model.cond == "text" and te.get("kind", "byte") not in text_encoders.KINDS:
+        raise ConfigError(f"config.model.text_encoder.kind='{te.get('kind')}' is not one of "
+                          f"{text_encoders.KINDS}")
+    if text_encoder is not None and config.model.text_width != text_encoder.width:
+        raise ConfigError(
+            f"config.model.text_width={config.model.text_width} differs from the width of "
+            f"the {text_encoder.kind} encoder at {text_encoder.path} ({text_encoder.width}); "
+            f"set config.model.text_width={text_encoder.width}")
     if needs.interval_input and not config.model.get("interval_input"):
         raise ConfigError(
             f"config.objective.name='{objective.name}' trains an average-velocity model; set "

@@ -70,7 +70,14 @@ def base_config() -> ml_collections.ConfigDict:
         channels=1,  # set to data.channels by experiment files
         cond="class",  # class | text | none
         num_classes=10,
-        text_len=40,
+        text_len=40,  # caption tokens
+        # The caption encoder (vidit/text_encoders.py): 'byte' is trained with the DiT
+        # (text_width/depth/heads size it); 't5' and 'minilm' are frozen pretrained encoders
+        # (a Hugging Face folder at `path`; '' = minilm's packaged copy) whose output width
+        # must equal text_width. online: run the frozen encoder in the train step on the
+        # pipeline's tokens, instead of reading embeddings cached by encode_text. dtype: the
+        # frozen encoder's parameters and compute ('' = float32 params, model.dtype compute).
+        text_encoder=dict(kind="byte", path="", online=False, dtype=""),
         text_width=128,
         text_depth=2,
         text_heads=4,

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from vidit import cli, latent_stats, run as run_lib, storage
+from vidit import cli, latent_stats, run as run_lib, storage, text_encoders
 from vidit.errors import CheckpointError, LoadError
 
 
@@ -35,9 +35,10 @@ def export(workdir, out) -> str:
     storage.write_atomic(out / run_lib.WEIGHTS,
                          save(flat, metadata={"step": str(loaded.step), "format": "vidit"}))
     storage.write_atomic(out / run_lib.CONFIG, json.dumps(loaded.config.to_dict(), indent=2))
-    stats = storage.path(workdir) / latent_stats.STATS_FILE
-    if stats.exists():  # a VAE's latent normalisation travels with its weights
-        storage.write_atomic(out / latent_stats.STATS_FILE, stats.read_bytes())
+    # A VAE's latent normalisation, a DiT's text encoder identity: they travel with the weights.
+    for name in (latent_stats.STATS_FILE, text_encoders.IDENTITY_FILE):
+        if (storage.path(workdir) / name).exists():
+            storage.write_atomic(out / name, (storage.path(workdir) / name).read_bytes())
     n = sum(v.size for v in flat.values())
     print(f"exported step {loaded.step}: {len(flat)} tensors, {n:,} parameters -> {out}")
     return str(out)

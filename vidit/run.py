@@ -21,7 +21,7 @@ import jax
 import ml_collections
 from flax import traverse_util
 
-from vidit import checkpoint, latent_stats, sharding, storage
+from vidit import checkpoint, latent_stats, sharding, storage, text_encoders
 from vidit.autoencoder import Autoencoder
 from vidit.errors import CheckpointError, LoadError
 from vidit.train_state import Setup
@@ -40,6 +40,7 @@ class Run:
     params: Any  # EMA parameters, laid out by setup.shardings.params
     step: int | None  # the checkpoint's step; None for an export
     autoencoder: Autoencoder | None = None  # a latent DiT's frozen VAE, with its params
+    text_encoder: Any = None  # a frozen caption encoder (vidit/text_encoders.py)
 
     @property
     def is_vae(self) -> bool:
@@ -47,7 +48,13 @@ class Run:
 
     def frozen(self) -> dict:
         """The frozen inputs of its jitted functions (vidit/steps.py)."""
-        return {} if self.autoencoder is None else {"autoencoder": self.autoencoder.params}
+        out = {}
+        if self.autoencoder is not None:
+            out["autoencoder"] = self.autoencoder.params
+        if self.text_encoder is not None:
+            out["text_encoder"] = self.text_encoder.params
+            out["null_text"] = self.text_encoder.null(int(self.config.data.text_len))
+        return out
 
 
 def read_config(path) -> ml_collections.ConfigDict:
@@ -86,7 +93,8 @@ def load(path, *, mesh=None, step: int | None = None) -> Run:
     config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, sequence=1))
     ae_path = config.data.get("autoencoder") if config.model.get("kind", "dit") != "vae" else ""
     autoencoder = load_autoencoder(ae_path, mesh) if ae_path else None
-    setup = Setup(config, mesh, autoencoder=autoencoder)
+    text_encoder = load_text_encoder(root, config, mesh)
+    setup = Setup(config, mesh, autoencoder=autoencoder, text_encoder=text_encoder)
     weights = root / WEIGHTS
     if weights.exists():
         if step is not None:
@@ -99,7 +107,7 @@ def load(path, *, mesh=None, step: int | None = None) -> Run:
         check_shapes(loaded, {param_key(k): v for k, v in abstract.items()}, weights)
         params = traverse_util.unflatten_dict({paths[k]: v for k, v in loaded.items()})
         params = jax.device_put(params, setup.shardings.params)
-        return Run(path, config, setup, params, None, autoencoder)
+        return Run(path, config, setup, params, None, autoencoder, text_encoder)
     ckpt_dir = root / "checkpoints"
     if not ckpt_dir.exists():
         raise LoadError(f"{path} has a config but neither {WEIGHTS} nor checkpoints/")
@@ -107,7 +115,25 @@ def load(path, *, mesh=None, step: int | None = None) -> Run:
         step, state = checkpoint.restore_params(ckpt_dir, setup.abstract, step)
     except CheckpointError as e:
         raise LoadError(f"{path}: {e}") from None
-    return Run(path, config, setup, state.ema_params, step, autoencoder)
+    return Run(path, config, setup, state.ema_params, step, autoencoder, text_encoder)
+
+
+def load_text_encoder(root, config, mesh):
+    """The frozen caption encoder a run was trained with, or None. It must be the same one:
+    its weights' fingerprint is checked against the run's text_encoder.json."""
+    if not text_encoders.is_frozen(config.model):
+        return None
+    encoder = text_encoders.load(config.model, mesh, config.sharding_rules)
+    saved = root / text_encoders.IDENTITY_FILE
+    if saved.exists():
+        trained = json.loads(saved.read_text())
+        if trained.get("sha256") != encoder.identity["sha256"]:
+            raise LoadError(
+                f"{root} was trained with the {trained.get('kind')} text encoder at "
+                f"{trained.get('path')!r} (weights {trained.get('sha256', '')[:12]}...), but "
+                f"config.model.text_encoder now finds different weights at {encoder.path!r} "
+                f"({encoder.identity['sha256'][:12]}...): point it at the encoder the run used")
+    return encoder
 
 
 def load_autoencoder(path: str, mesh) -> Autoencoder:

@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vidit import autoencoder, cli, diffusion, run as run_lib, sharding, steps, video_io
+from vidit import (autoencoder, cli, diffusion, run as run_lib, sharding, steps, text_encoders,
+                   video_io)
 from vidit.errors import CheckpointError, LoadError
-from vidit.models import byte_tokenizer
 
 
 def conditions(config, num: int, label: int | None, prompt: str | None) -> dict:
@@ -32,8 +32,8 @@ def conditions(config, num: int, label: int | None, prompt: str | None) -> dict:
     if cond == "text":
         if label is not None:
             raise ValueError("this model is text-conditional: use --prompt, not --label")
-        tokens = byte_tokenizer.encode(prompt or "", config.model.text_len)
-        return {"text": np.tile(tokens[None], (num, 1))}
+        ids, mask = text_encoders.tokenizer_for(config.model)(prompt or "", config.model.text_len)
+        return {"text": np.tile(ids[None], (num, 1)), "text_mask": np.tile(mask[None], (num, 1))}
     if label is not None or prompt is not None:
         raise ValueError("this model is unconditional: drop --label/--prompt")
     return {}
@@ -48,14 +48,17 @@ def generate(path: str, *, num: int, label=None, prompt=None, steps_: int | None
         raise ValueError(f"{path} is a VAE run: its reconstructions are under samples/; "
                          "vidit.sample generates with a DiT")
     objective = diffusion.make_objective(config.objective)
-    cond = jax.tree.map(jnp.asarray, conditions(config, num, label, prompt))
+    frozen = run.frozen()
+    # Labels, or the prompt through the run's own text encoder (frozen ones run here).
+    cond = steps.condition(setup, jax.tree.map(jnp.asarray, conditions(config, num, label, prompt)),
+                           frozen)
     # A latent DiT samples latents, which the autoencoder's decoder turns into video.
     shape = (num,) + autoencoder.input_shape(config, run.autoencoder)
     noise = jax.random.normal(jax.random.key(seed), shape)
     fn = jax.jit(functools.partial(steps.sample, setup, objective),
                  static_argnames=("steps", "guidance"))
     with sharding.use(setup.mesh, config.sharding_rules):
-        videos = fn(run.params, noise, cond, run.frozen(),
+        videos = fn(run.params, noise, cond, frozen,
                     steps=int(steps_ or config.sample.steps),
                     guidance=float(config.sample.guidance if guidance is None else guidance))
     return np.asarray(jax.device_get(videos)), config

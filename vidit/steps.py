@@ -7,7 +7,8 @@ explicit shardings; `vidit/compile.py` lowers the very same train step for a TPU
 argument (so jit does not bake them in, the optimizer never sees them and checkpoints do not
 hold them): 'teacher' when the objective's targets come from a teacher
 (`objective.needs.target == 'teacher'`), 'autoencoder' for a latent DiT's VAE
-(vidit/autoencoder.py).
+(vidit/autoencoder.py), 'text_encoder' for a frozen caption encoder run in the step and
+'null_text' for its empty caption (vidit/text_encoders.py).
 """
 from __future__ import annotations
 
@@ -22,13 +23,41 @@ from vidit import sharding
 from vidit.train_state import Setup, TrainState, ema_update
 
 
-def condition(batch: dict, cond_kind: str) -> dict:
-    """The part of a batch the model is conditioned on."""
-    if cond_kind == "class":
+def condition(setup: Setup, batch: dict, frozen: dict) -> dict:
+    """The part of a batch the model is conditioned on: labels, the byte encoder's tokens, or a
+    frozen text encoder's output (cached in the batch, or computed here from its tokens)."""
+    kind = setup.config.model.cond
+    if kind == "class":
         return {"label": batch["label"]}
-    if cond_kind == "text":
+    if kind != "text":
+        return {}
+    if "text_embedding" in batch:
+        return {"text_embedding": batch["text_embedding"], "text_mask": batch["text_mask"]}
+    if setup.text_encoder is None:
         return {"text": batch["text"]}
-    return {}
+    return {"text_embedding": setup.text_encoder.encode(frozen["text_encoder"], batch["text"],
+                                                        batch["text_mask"]),
+            "text_mask": batch["text_mask"]}
+
+
+def null_condition(model, cond: dict, frozen: dict) -> dict:
+    """The unconditional input for classifier-free guidance, shaped like `cond` (a leading
+    dimension of 1 broadcasts): the model's own null label or tokens, or a frozen text
+    encoder's embedding of the empty caption (frozen['null_text'])."""
+    null = model.null_cond(cond)
+    if "text_embedding" in cond:
+        null.update(frozen["null_text"])
+    return null
+
+
+def drop_condition(cond: dict, null: dict, rng, prob: float) -> dict:
+    """Replaces each example's condition by the null one with probability `prob` (CFG)."""
+    if prob <= 0 or not cond:
+        return cond
+    batch = jax.tree.leaves(cond)[0].shape[0]
+    drop = jax.random.bernoulli(rng, prob, (batch,))
+    return jax.tree.map(
+        lambda a, b: jnp.where(drop.reshape((-1,) + (1,) * (a.ndim - 1)), b, a), cond, null)
 
 
 def _split_micro(batch: dict, n: int) -> dict:
@@ -71,8 +100,9 @@ def train_step(setup: Setup, objective: Any, state: TrainState, batch: dict,
     def loss_fn(params, micro, rng):
         drop_rng, loss_rng = jax.random.split(rng)
         model = setup.model(params)
-        cond = model.drop_cond(condition(micro, config.model.cond), drop_rng,
-                               config.train.cond_drop_prob)
+        cond = condition(setup, micro, frozen)
+        cond = drop_condition(cond, null_condition(model, cond, frozen), drop_rng,
+                              config.train.cond_drop_prob)
         extra = {}
         if targets is not None:
             extra["target_fn"] = bind(setup, targets)
@@ -83,7 +113,7 @@ def train_step(setup: Setup, objective: Any, state: TrainState, batch: dict,
                 x, c, frozen=frozen)
         x0 = setup.model_input(micro, frozen.get("autoencoder"))
         loss, _ = objective.loss(bind(setup, params), x0, cond, loss_rng,
-                                 null_cond=model.null_cond(cond) or None, **extra)
+                                 null_cond=null_condition(model, cond, frozen) or None, **extra)
         return loss
 
     grad_fn = jax.value_and_grad(loss_fn)
@@ -134,7 +164,7 @@ def eval_step(setup: Setup, objective: Any, params: Any, batch: dict, rng: jax.A
     Open-Sora); the VAE's: L1, PSNR, SSIM."""
     config, frozen = setup.config, frozen or {}
     x0 = setup.model_input(batch, frozen.get("autoencoder"))
-    return objective.eval_metrics(bind(setup, params), x0, condition(batch, config.model.cond),
+    return objective.eval_metrics(bind(setup, params), x0, condition(setup, batch, frozen),
                                   rng, int(config.train.eval_times))
 
 
@@ -143,7 +173,7 @@ def sample(setup: Setup, objective: Any, params: Any, noise: jax.Array, cond: di
     """Videos from noise (a VAE: reconstructions of the clips passed as `noise`, beside them).
     A latent DiT's latents are decoded to pixels with the autoencoder's decoder."""
     frozen = frozen or {}
-    null = setup.model(params).null_cond(cond) if cond else None
+    null = null_condition(setup.model(params), cond, frozen) if cond else None
     # merged inside the sampler's loop body: nnx modules are per-trace
     out = objective.sample(bind(setup, params), noise, cond, steps=steps, null_cond=null,
                            guidance=guidance if cond else 1.0)

@@ -24,7 +24,8 @@ import numpy as np
 
 from vidit import (autoencoder as autoencoder_lib, batches, checkpoint, checks, cli, diffusion,
                    distributed, flops, latent_stats, metrics, run as run_lib, sharding, steps,
-                   storage, teacher as teacher_lib, video_io)
+                   storage, teacher as teacher_lib, text_encoders, video_io)
+from vidit.errors import ConfigError
 from vidit.train_state import Setup
 
 log = logging.getLogger("vidit")
@@ -44,15 +45,17 @@ def first_clips(config: Any, num: int, split: str) -> np.ndarray:
     return np.concatenate(clips)[:num]
 
 
-def sample_conditions(config: Any, num: int, split: str) -> dict:
-    """Conditions for the periodic samples: digits 0..9 in turn, or the captions of `split`."""
+def sample_batch(config: Any, num: int, split: str, tokenizer) -> dict:
+    """What the periodic samples are conditioned on, as a batch: digits 0..9 in turn, or the
+    first captions of `split` (tokens or cached embeddings; steps.condition reads it)."""
     if config.model.cond == "class":
         return {"label": np.arange(num, dtype=np.int32) % config.model.num_classes}
     if config.model.cond == "text":
         from data_pipelines import pipeline
         it = pipeline.make_iterator(config.data, split, seed=0, train=False,
-                                    process_index=0, process_count=1)
-        return {"text": next(iter(it))["text"][:num]}
+                                    process_index=0, process_count=1, tokenizer=tokenizer)
+        first = next(iter(it))
+        return {k: first[k][:num] for k in ("text", "text_mask", "text_embedding") if k in first}
     return {}
 
 
@@ -112,13 +115,17 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict:
     # from (a distillation's teacher): loaded once, passed to the jitted steps, not trained.
     ae_path = "" if is_vae else config.data.get("autoencoder", "")
     autoencoder = run_lib.load_autoencoder(ae_path, mesh) if ae_path else None
-    checks.validate(config, mesh, objective, autoencoder)
-    setup = Setup(config, mesh, autoencoder=autoencoder)
+    text_encoder = (text_encoders.load(config.model, mesh, config.sharding_rules)
+                    if text_encoders.is_frozen(config.model) else None)
+    tokenizer = text_encoders.tokenizer_for(config.model)
+    checks.validate(config, mesh, objective, autoencoder, text_encoder)
+    setup = Setup(config, mesh, autoencoder=autoencoder, text_encoder=text_encoder)
     is_main = jax.process_index() == 0
     log.info("mesh %s, %d parameters, %d devices", dict(mesh.shape), setup.num_params(),
              jax.device_count())
 
-    train_iter = pipeline.make_iterator(config.data, "train", seed=config.seed, train=True)
+    train_iter = pipeline.make_iterator(config.data, "train", seed=config.seed, train=True,
+                                        tokenizer=tokenizer)
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=config.train.keep_ckpts)
     restored = ckpt.restore(setup.abstract, train_iter, config)
     teacher = (teacher_lib.load(config, setup) if objective.needs.target == "teacher"
@@ -135,10 +142,16 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict:
         frozen["autoencoder"] = autoencoder.params
     if teacher is not None:
         frozen["teacher"] = teacher.params
+    if text_encoder is not None:
+        frozen["text_encoder"] = text_encoder.params
+        frozen["null_text"] = text_encoder.null(int(config.data.text_len))
     input_shape = autoencoder_lib.input_shape(config, autoencoder)
     if is_main:
         storage.write_atomic(workdir / "config.json",
                              json.dumps(config.to_dict(), indent=2, default=str))
+        if text_encoder is not None:  # which encoder the samplers of this run must use
+            storage.write_atomic(workdir / text_encoders.IDENTITY_FILE,
+                                 json.dumps(text_encoder.identity, indent=2))
 
     train_step = distributed.CompiledOnce(steps.jit_train_step(setup, objective), "train_step")
     eval_step = distributed.CompiledOnce(
@@ -155,6 +168,12 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict:
     writer = metrics.MetricWriter(workdir / "tensorboard")
     preempt = Preemption()
 
+    if (text_encoder is not None and not config.model.text_encoder.online
+            and "text_embedding" not in pipeline.features(config.data)):
+        raise ConfigError(
+            f"config.data.name={config.data.name!r} has no cached caption embeddings: write "
+            "them with data_pipelines/encode_text.py, or set "
+            "config.model.text_encoder.online=True to run the encoder in the train step")
     has_validation = "validation" in pipeline.splits(config.data)
     if not has_validation:
         log.warning("%s has no validation split: no eval loss, and samples take their "
@@ -164,7 +183,8 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict:
     def evaluate(step):
         if not has_validation:
             return None
-        it = pipeline.make_iterator(config.data, "validation", seed=config.seed, train=False)
+        it = pipeline.make_iterator(config.data, "validation", seed=config.seed, train=False,
+                                    tokenizer=tokenizer)
         outs = []
         # A VAE is judged by its EMA params (what is exported and encodes latents).
         params = state.ema_params if is_vae else state.params
@@ -187,7 +207,8 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict:
             noise, cond = jnp.asarray(first_clips(config, num, sample_split)), {}
         else:
             noise = jax.random.normal(jax.random.key(config.sample.seed), (num,) + input_shape)
-            cond = jax.tree.map(jnp.asarray, sample_conditions(config, num, sample_split))
+            batch = jax.tree.map(jnp.asarray, sample_batch(config, num, sample_split, tokenizer))
+            cond = steps.condition(setup, batch, frozen)
         with sharding.use(mesh, config.sharding_rules):
             videos = np.asarray(batches.to_host(sample_fn(
                 state.ema_params, noise, cond, frozen, steps=int(config.sample.steps),

@@ -81,18 +81,21 @@ def ema_update(ema: Any, params: Any, decay: float, step: jax.Array) -> Any:
 
 class Setup:
     """Everything static about a run's state: model structure, optimizer, shardings, and the
-    frozen networks its model input comes through (a latent DiT's autoencoder).
+    frozen networks its inputs come through (a latent DiT's autoencoder, a caption encoder).
 
     Building it allocates nothing (abstract evaluation); `init()` then creates the state directly
     in its sharded layout, so a model larger than one device never exists unsharded.
     """
 
-    def __init__(self, config: Any, mesh: Mesh, *, autoencoder: Any = None):
+    def __init__(self, config: Any, mesh: Mesh, *, autoencoder: Any = None,
+                 text_encoder: Any = None):
         self.config = config
         self.mesh = mesh
-        # A latent DiT's frozen VAE (vidit/autoencoder.py): its structure and latent statistics;
-        # its parameters are a frozen input of the jitted functions (vidit/steps.py).
+        # A latent DiT's frozen VAE (vidit/autoencoder.py) and a frozen caption encoder
+        # (vidit/text_encoders.py): their structure; their parameters are frozen inputs of the
+        # jitted functions (vidit/steps.py).
         self.autoencoder = autoencoder
+        self.text_encoder = text_encoder
         rules = config.sharding_rules
         abstract_model = nnx.eval_shape(lambda: build_model(config.model, config.seed))
         self.graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)

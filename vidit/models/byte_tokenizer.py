@@ -30,6 +30,12 @@ def encode(text: str, length: int) -> np.ndarray:
     return tokens
 
 
+def tokens_and_mask(text: str, length: int):
+    """(ids int32 [length], mask bool [length]): `encode` and its non-padding positions."""
+    ids = encode(text, length)
+    return ids, ids > PAD
+
+
 def decode(tokens) -> str:
     """Inverse of `encode`: drops PAD and BOS, maps the rest back to text."""
     tokens = np.asarray(tokens)

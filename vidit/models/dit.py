@@ -166,7 +166,9 @@ class VideoDiT(nnx.Module):
                                             (cfg.num_classes + 1, cfg.width), ("vocab", "embed"),
                                             param_dtype)
         if cfg.cond == "text":
-            self.text = TextEncoder(cfg, **kw)
+            # The byte encoder trains with the DiT; a frozen encoder's output arrives in the
+            # condition as text_embedding (vidit/text_encoders.py).
+            self.text = TextEncoder(cfg, **kw) if _text_kind(cfg) == "byte" else None
             self.text_pool = Dense((cfg.text_width,), (cfg.width,), ("mlp", "embed"), **kw)
         self.blocks = _make_blocks(cfg, rngs, dtype, param_dtype)
         self.final = FinalLayer(cfg.width, patch_dim, **kw)
@@ -175,23 +177,15 @@ class VideoDiT(nnx.Module):
 
     # -- conditioning ---------------------------------------------------------------------------
     def null_cond(self, cond: dict) -> dict:
-        """The unconditional input for classifier-free guidance, shaped like `cond`."""
+        """The unconditional input for classifier-free guidance of the conditions this model
+        learns itself, shaped like `cond` (a frozen text encoder's empty caption is data:
+        vidit/steps.py adds it)."""
         out = {}
         if "label" in cond:
             out["label"] = jnp.full_like(cond["label"], self.cfg.num_classes)
         if "text" in cond:  # BOS followed by padding: the empty caption
             out["text"] = jnp.zeros_like(cond["text"]).at[:, 0].set(1)
         return out
-
-    def drop_cond(self, cond: dict, rng, prob: float) -> dict:
-        """Replaces each example's condition by the null one with probability `prob` (CFG)."""
-        if prob <= 0 or not cond:
-            return cond
-        null = self.null_cond(cond)
-        batch = jax.tree.leaves(cond)[0].shape[0]
-        drop = jax.random.bernoulli(rng, prob, (batch,))
-        return jax.tree.map(
-            lambda a, b: jnp.where(drop.reshape((-1,) + (1,) * (a.ndim - 1)), b, a), cond, null)
 
     def _condition(self, t, cond, h=None):
         c = self.t_embed(t)
@@ -204,7 +198,13 @@ class VideoDiT(nnx.Module):
         if self.cfg.cond == "class":
             c = c + self.class_embed[...][cond["label"]].astype(self.dtype)
         elif self.cfg.cond == "text":
-            text, text_mask, pooled = self.text(cond["text"])
+            if "text_embedding" in cond:  # a frozen encoder's output: mean-pooled over the mask
+                text, text_mask = cond["text_embedding"].astype(self.dtype), cond["text_mask"]
+                w = text_mask.astype(jnp.float32)[..., None]
+                pooled = ((cond["text_embedding"].astype(jnp.float32) * w).sum(1)
+                          / jnp.maximum(w.sum(1), 1.0)).astype(self.dtype)
+            else:
+                text, text_mask, pooled = self.text(cond["text"])
             c = c + self.text_pool(pooled)
         return c, text, text_mask
 
@@ -259,6 +259,10 @@ def _make_discriminator(cfg, rngs):
         disc=dict(width=cfg.disc_width, num_layers=cfg.get("disc_layers", 3))))
     num_classes = cfg.num_classes if cfg.cond == "class" else 0
     return discriminator.PatchDiscriminator(disc_cfg, rngs, num_classes=num_classes)
+
+
+def _text_kind(cfg) -> str:
+    return cfg.get("text_encoder", {}).get("kind", "byte")
 
 
 def build(cfg: Any, seed: int = 0) -> VideoDiT:

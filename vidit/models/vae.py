@@ -406,8 +406,7 @@ class VAEModel(nnx.Module):
     """The VAE and its patch discriminator as one module, so one parameter tree
     {'vae': ..., 'disc': ...} holds both (one optimizer, one EMA, one checkpoint). The
     discriminator always exists (it is small); the 'vae' objective runs it only when its
-    gan_weight > 0. `drop_cond` / `null_cond` make it look like an unconditional DiT to the
-    train step."""
+    gan_weight > 0. `null_cond` makes it look like an unconditional DiT to the train step."""
 
     def __init__(self, model_cfg: Any, rngs: nnx.Rngs | None = None, *, seed: int = 0):
         rngs = rngs if rngs is not None else nnx.Rngs(params=seed)
@@ -430,6 +429,3 @@ class VAEModel(nnx.Module):
 
     def null_cond(self, cond: dict) -> dict:
         return {}
-
-    def drop_cond(self, cond: dict, rng, prob: float) -> dict:
-        return cond

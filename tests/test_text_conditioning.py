@@ -1,0 +1,95 @@
+"""A DiT conditioned through a frozen pretrained text encoder (all-MiniLM-L6-v2).
+
+Its output enters as text_embedding/text_mask: computed in the train step (online) or given in
+the batch (cached), with the same loss; the encoder gets no gradient and no optimizer state;
+samples take a prompt through the run's encoder, and a run refuses another encoder's weights.
+"""
+import functools
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from configs import moving_digits
+from vidit import batches, diffusion, run as run_lib, sharding, steps, text_encoders
+from vidit import train as train_lib
+from vidit.errors import ConfigError, LoadError
+from vidit.train_state import Setup
+
+
+def minilm_config(data_dir, **overrides):
+    c = moving_digits.get_config("smoke,cond=text")
+    c.data.data_dir = data_dir
+    c.train.progress = False
+    c.model.text_encoder.kind = "minilm"
+    c.model.text_encoder.online = True
+    c.model.text_width = 384  # the encoder's width
+    for key, value in overrides.items():
+        node = c
+        *path, last = key.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = value
+    return c
+
+
+def test_cached_and_online_embeddings_give_the_same_loss(data_dir):
+    from data_pipelines import pipeline
+    c = minilm_config(data_dir)
+    mesh = sharding.make_mesh(dict(data=2, fsdp=4))
+    encoder = text_encoders.load(c.model, mesh, c.sharding_rules)
+    setup = Setup(c, mesh, text_encoder=encoder)
+    objective = diffusion.make_objective(c.objective)
+    local = next(pipeline.make_iterator(c.data, "train", seed=0, train=True, process_index=0,
+                                        process_count=1,
+                                        tokenizer=text_encoders.tokenizer_for(c.model)))
+    assert local["text"].shape == local["text_mask"].shape == (8, c.data.text_len)
+    frozen = {"text_encoder": encoder.params, "null_text": encoder.null(c.data.text_len)}
+    state = setup.init()
+    step = jax.jit(functools.partial(steps.train_step, setup, objective))
+    with sharding.use(mesh, c.sharding_rules):
+        online = batches.global_batch(local, mesh)
+        embedding = jax.jit(encoder.encode)(encoder.params, online["text"], online["text_mask"])
+        cached = {k: v for k, v in local.items() if k != "text"}
+        cached["text_embedding"] = np.asarray(embedding)
+        cached = batches.global_batch(cached, mesh)
+        losses = [float(step(state, b, frozen)[1]["loss"]) for b in (online, cached)]
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-6)
+    # The encoder is frozen: none of its parameters is in the trained state.
+    assert "text" not in state.params and setup.num_params() < 5_000_000
+
+
+def test_minilm_run_trains_samples_exports_and_refuses_another_encoder(data_dir, tmp_path):
+    from vidit import export, sample
+    c = minilm_config(data_dir, **{"train.steps": 4, "train.ckpt_every": 4, "sample.num": 2,
+                                   "sample.steps": 2})
+    workdir, out = tmp_path / "run", tmp_path / "export"
+    summary = train_lib.train(c, str(workdir))
+    assert summary["stopped_for"] is None and np.isfinite(summary["losses"]).all()
+    identity = json.loads((workdir / text_encoders.IDENTITY_FILE).read_text())
+    assert identity["kind"] == "minilm" and len(identity["sha256"]) == 64
+    videos, _ = sample.generate(str(workdir), num=2, prompt="a 3 moving up", steps_=2)
+    assert videos.shape == (2, 8, 32, 32, 1) and np.isfinite(videos).all()
+    export.export(str(workdir), str(out))
+    a, _ = sample.generate(str(out), num=2, prompt="a 3 moving up", steps_=2)
+    b, _ = sample.generate(str(out), num=2, prompt="a 7 moving left", steps_=2)
+    np.testing.assert_allclose(a, videos, atol=1e-5)
+    assert np.abs(a - b).max() > 1e-4  # the prompt reaches the model through the encoder
+    identity["sha256"] = "0" * 64  # as if trained with other weights
+    (out / text_encoders.IDENTITY_FILE).write_text(json.dumps(identity))
+    with pytest.raises(LoadError, match="trained with the minilm text encoder"):
+        run_lib.load(str(out))
+
+
+def test_frozen_encoder_config_errors(data_dir, tmp_path):
+    c = minilm_config(data_dir, **{"model.text_width": 128})
+    with pytest.raises(ConfigError, match="text_width=384"):
+        train_lib.train(c, str(tmp_path / "width"))
+    c = minilm_config(data_dir, **{"model.text_encoder.online": False})
+    with pytest.raises(ConfigError, match="no cached caption embeddings"):
+        train_lib.train(c, str(tmp_path / "cached"))
+    c = minilm_config(data_dir, **{"model.text_encoder.kind": "t5"})
+    with pytest.raises(ConfigError, match="needs config.model.text_encoder.path"):
+        train_lib.train(c, str(tmp_path / "t5"))
