@@ -6,7 +6,7 @@ import pytest
 
 from configs import dit_1b
 from vidit import compile as compile_lib
-from vidit import config_lib, sharding
+from vidit import config_lib
 from vidit.errors import ConfigError
 
 os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # quiets libtpu's host probing

@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 from configs import latent_digits, vae_moving_digits
-from data_pipelines import data_config, encode_latents, pipeline
+from data_pipelines import data_config, encode_dataset, encode_latents, pipeline
 from vidit import batches, diffusion, export, latent_stats, run as run_lib, sharding, steps
 from vidit import train as train_lib
 from vidit.errors import ConfigError
@@ -173,7 +173,7 @@ def test_encode_into_a_bucket_is_read_back_by_the_pipeline(vae_run, latents, dat
                                    builder_kwargs={"num_train": 64, "num_validation": 16})
     assert folder.startswith("gs://") and encode_latents.read_info(folder)["examples"] == {
         "train": 64, "validation": 16}
-    assert not list((bucket_dir / encode_latents.WORK / "moving_digits_latents").glob("*.npz"))
+    assert not list((bucket_dir / encode_dataset.WORK / "moving_digits_latents").glob("*.npz"))
     local_out, _ = latents
     batches = [next(pipeline.make_iterator(_latent_cfg(where), "train", seed=0, train=True,
                                            process_index=0, process_count=1))
@@ -186,7 +186,7 @@ def test_encode_resumes_without_duplicates(vae_run, data_dir, tmp_path, monkeypa
     workdir, _, _ = vae_run
     out = str(tmp_path / "lat")
     calls = {"n": 0}
-    real = encode_latents._write_part
+    real = encode_dataset.write_part
 
     def flaky(path, arrays):
         calls["n"] += 1
@@ -194,15 +194,15 @@ def test_encode_resumes_without_duplicates(vae_run, data_dir, tmp_path, monkeypa
             raise KeyboardInterrupt("simulated interruption")
         real(path, arrays)
 
-    monkeypatch.setattr(encode_latents, "_write_part", flaky)
+    monkeypatch.setattr(encode_dataset, "write_part", flaky)
     kw = dict(data_dir=data_dir, batch_size=8, progress=False, splits=["train"],
               builder_kwargs={"num_train": 64, "num_validation": 16})
     with pytest.raises(KeyboardInterrupt):
         encode_latents.encode(workdir, "moving_digits", out, **kw)
-    work = os.path.join(out, encode_latents.WORK, "moving_digits_latents")
+    work = os.path.join(out, encode_dataset.WORK, "moving_digits_latents")
     assert len([f for f in os.listdir(work) if f.endswith(".npz")]) == 3
     written = []
-    monkeypatch.setattr(encode_latents, "_write_part",
+    monkeypatch.setattr(encode_dataset, "write_part",
                         lambda p, a: (written.append(p), real(p, a)))
     folder = encode_latents.encode(workdir, "moving_digits", out, **kw)
     assert len(written) == 8 - 3  # only the missing batches were encoded

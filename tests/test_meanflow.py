@@ -524,7 +524,6 @@ def test_dit_discriminator_is_class_conditional_and_freezes():
     """disc_width > 0 adds a patch discriminator under 'disc' (the DiT's output is unchanged);
     its label projection starts at zero; frozen=True passes no gradient to its parameters."""
     from flax import nnx
-    from vidit import sharding
     cfg = dit_config("dense")
     cfg.disc_width, cfg.disc_layers = 4, 2
     model = dit.build(cfg)

@@ -6,7 +6,6 @@ import re
 import subprocess
 
 import ml_collections
-import numpy as np
 import pytest
 
 from vidit import flops, scaling, sweep as sweep_lib

@@ -6,7 +6,6 @@ samples take a prompt through the run's encoder, and a run refuses another encod
 """
 import functools
 import json
-import os
 
 import jax
 import numpy as np

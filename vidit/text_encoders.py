@@ -70,7 +70,8 @@ class HFTokenizer:
 
 def is_frozen(model_cfg: Any) -> bool:
     """A text-conditioned DiT reading a frozen pretrained encoder (not the byte one)."""
-    return model_cfg.cond == "text" and model_cfg.text_encoder.kind in FROZEN
+    return (model_cfg.get("cond") == "text"
+            and model_cfg.get("text_encoder", {}).get("kind", "byte") in FROZEN)
 
 
 def default_path(kind: str) -> str:
@@ -180,8 +181,9 @@ def load(model_cfg: Any, mesh, rules) -> FrozenTextEncoder:
 
 
 def tokenizer_for(model_cfg: Any):
-    """The caption tokenizer of config.model's text encoder (what the pipeline applies)."""
-    te = model_cfg.text_encoder
-    if te.kind == "byte":
+    """The caption tokenizer of config.model's text encoder (what the pipeline applies): the
+    byte tokenizer unless the model reads a frozen encoder."""
+    if not is_frozen(model_cfg):
         return byte_tokenizer.tokens_and_mask
+    te = model_cfg.text_encoder
     return HFTokenizer(str(storage.path(te.path or default_path(te.kind)) / "tokenizer.json"))
