@@ -54,6 +54,7 @@ setup(
         "vidit-compile = vidit.compile:entry_point",
         "vidit-sweep = vidit.sweep:entry_point",
         "vidit-encode-latents = data_pipelines.encode_latents:main",
+        "vidit-encode-text = data_pipelines.encode_text:main",
         "vidit-build-video-folder = data_pipelines.build_video_folder:main",
     ]},
     license="Apache-2.0",

@@ -92,3 +92,56 @@ def test_frozen_encoder_config_errors(data_dir, tmp_path):
     c = minilm_config(data_dir, **{"model.text_encoder.kind": "t5"})
     with pytest.raises(ConfigError, match="needs config.model.text_encoder.path"):
         train_lib.train(c, str(tmp_path / "t5"))
+
+
+def test_encode_text_caches_what_the_online_step_computes(data_dir, tmp_path, monkeypatch):
+    """encode_text writes each example with its caption's embedding; a step on cached rows has
+    the online step's loss, and a cached run never loads the encoder."""
+    import tensorflow_datasets as tfds
+    from data_pipelines import encode_text, moving_digits as md, pipeline
+    tiny = {"num_train": 64, "num_validation": 16}
+    folder = encode_text.encode("minilm", "moving_digits", str(tmp_path), data_dir=data_dir,
+                                text_len=40, batch_size=8, progress=False, builder_kwargs=tiny)
+    info = encode_text.read_info(folder)
+    assert info["examples"] == {"train": 64, "validation": 16} and info["width"] == 384
+
+    c = minilm_config(data_dir)
+    mesh = sharding.make_mesh(dict(data=2, fsdp=4))
+    encoder = text_encoders.load(c.model, mesh, c.sharding_rules)
+    assert info["encoder"] == encoder.identity
+    cached_rows = [r for r in (tfds.builder("moving_digits_minilm", data_dir=str(tmp_path))
+                               .as_data_source("train")[i] for i in range(8))]
+    source = md.load_builder(data_dir, **tiny).as_data_source("train")
+    spec = pipeline.clip_spec(c.data)
+    video = np.stack([pipeline.video_clip(source[int(r["index"])], spec) for r in cached_rows])
+    labels = np.asarray([r["label"] for r in cached_rows], np.int32)
+    tokens = [encoder.tokenizer(source[int(r["index"])]["caption"].decode(), 40)
+              for r in cached_rows]
+    online = {"video": video, "label": labels, "text": np.stack([t[0] for t in tokens]),
+              "text_mask": np.stack([t[1] for t in tokens])}
+    cached = {"video": video, "label": labels,
+              "text_embedding": np.stack([r["text_embedding"] for r in cached_rows]),
+              "text_mask": np.stack([r["text_mask"] for r in cached_rows])}
+    np.testing.assert_array_equal(cached["text_mask"], online["text_mask"])
+    setup = Setup(c, mesh, text_encoder=encoder)
+    frozen = {"text_encoder": encoder.params, "null_text": encoder.null(40)}
+    np.testing.assert_allclose(encode_text.read_null({"name": "moving_digits_minilm",
+                                                      "data_dir": str(tmp_path)})
+                               ["text_embedding"], frozen["null_text"]["text_embedding"],
+                               rtol=1e-4, atol=1e-4)  # another mesh: another summation order
+    step = jax.jit(functools.partial(steps.train_step, setup, diffusion.make_objective(c.objective)))
+    state = setup.init()
+    with sharding.use(mesh, c.sharding_rules):
+        losses = [float(step(state, batches.global_batch(b, mesh), frozen)[1]["loss"])
+                  for b in (online, cached)]
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+
+    # Training on the cached dataset: the encoder is never loaded.
+    c = minilm_config(str(tmp_path), **{"model.text_encoder.online": False, "train.steps": 2,
+                                        "train.ckpt_every": 2, "sample.num": 0})
+    c.data.name, c.data.builder_kwargs = "moving_digits_minilm", {}
+    monkeypatch.setattr(text_encoders, "load", lambda *a, **k: pytest.fail("encoder loaded"))
+    summary = train_lib.train(c, str(tmp_path / "run"))
+    assert summary["stopped_for"] is None
+    saved = json.loads((tmp_path / "run" / text_encoders.IDENTITY_FILE).read_text())
+    assert saved == info["encoder"]

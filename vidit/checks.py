@@ -34,10 +34,10 @@ def check_batch(config: Any, mesh) -> None:
 
 
 def validate(config: Any, mesh, objective: Any = None, autoencoder: Any = None,
-             text_encoder: Any = None) -> None:
+             text_width: int | None = None) -> None:
     """Every start-up check of a run of `config` on `mesh` (vidit.train and vidit.compile);
     `objective` defaults to the one config.objective builds, `autoencoder` is a latent DiT's,
-    `text_encoder` a frozen caption encoder."""
+    `text_width` the output width of a frozen caption encoder."""
     objective = objective or diffusion.make_objective(config.objective)
     check_batch(config, mesh)
     if config.train.nonfinite not in ("skip", "stop"):
@@ -61,11 +61,11 @@ def validate(config: Any, mesh, objective: Any = None, autoencoder: Any = None,
     if config.model.cond == "text" and te.get("kind", "byte") not in text_encoders.KINDS:
         raise ConfigError(f"config.model.text_encoder.kind='{te.get('kind')}' is not one of "
                           f"{text_encoders.KINDS}")
-    if text_encoder is not None and config.model.text_width != text_encoder.width:
+    if text_width is not None and config.model.text_width != text_width:
         raise ConfigError(
-            f"config.model.text_width={config.model.text_width} differs from the width of "
-            f"the {text_encoder.kind} encoder at {text_encoder.path} ({text_encoder.width}); "
-            f"set config.model.text_width={text_encoder.width}")
+            f"config.model.text_width={config.model.text_width} differs from the output width "
+            f"of the {te.get('kind')} text encoder ({text_width}); set "
+            f"config.model.text_width={text_width}")
     if needs.interval_input and not config.model.get("interval_input"):
         raise ConfigError(
             f"config.objective.name='{objective.name}' trains an average-velocity model; set "

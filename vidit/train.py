@@ -96,6 +96,29 @@ class Preemption:
         return self.requested
 
 
+def _cached_text(config: Any) -> dict:
+    """What a dataset with cached caption embeddings (encode_text) says of its encoder: its
+    identity, output width and empty-caption embedding. Refuses a dataset without them or
+    written by another kind of encoder."""
+    from data_pipelines import encode_text, pipeline
+    if "text_embedding" not in pipeline.features(config.data):
+        raise ConfigError(
+            f"config.data.name={config.data.name!r} has no cached caption embeddings: write "
+            "them with data_pipelines/encode_text.py, or set "
+            "config.model.text_encoder.online=True to run the encoder in the train step")
+    info = encode_text.read_dataset_info(config.data)
+    kind = config.model.text_encoder.kind
+    if info["encoder"]["kind"] != kind:
+        raise ConfigError(f"config.data.name={config.data.name!r} holds embeddings of the "
+                          f"{info['encoder']['kind']} encoder, not of "
+                          f"config.model.text_encoder.kind='{kind}'")
+    if int(info["text_len"]) != int(config.data.text_len):
+        raise ConfigError(f"the cached embeddings have {info['text_len']} tokens; set "
+                          f"config.data.text_len={info['text_len']} (and config.model.text_len)")
+    return {"identity": info["encoder"], "width": int(info["width"]),
+            "null": encode_text.read_null(config.data)}
+
+
 # ---------------------------------------------------------------------------------------------
 def train(config: Any, workdir: str, stop_at: int | None = None) -> dict:
     """Runs (or resumes) training; returns a summary of the run.
@@ -115,10 +138,17 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict:
     # from (a distillation's teacher): loaded once, passed to the jitted steps, not trained.
     ae_path = "" if is_vae else config.data.get("autoencoder", "")
     autoencoder = run_lib.load_autoencoder(ae_path, mesh) if ae_path else None
-    text_encoder = (text_encoders.load(config.model, mesh, config.sharding_rules)
-                    if text_encoders.is_frozen(config.model) else None)
+    text_encoder, cached_text = None, None
+    if text_encoders.is_frozen(config.model):
+        # Cached embeddings (data_pipelines/encode_text.py) carry the encoder's identity and
+        # its empty caption, so the encoder itself is loaded only to run it online.
+        cached_text = None if config.model.text_encoder.online else _cached_text(config)
+        if cached_text is None:
+            text_encoder = text_encoders.load(config.model, mesh, config.sharding_rules)
     tokenizer = text_encoders.tokenizer_for(config.model)
-    checks.validate(config, mesh, objective, autoencoder, text_encoder)
+    checks.validate(config, mesh, objective, autoencoder,
+                    text_width=(text_encoder.width if text_encoder is not None else
+                                cached_text["width"] if cached_text else None))
     setup = Setup(config, mesh, autoencoder=autoencoder, text_encoder=text_encoder)
     is_main = jax.process_index() == 0
     log.info("mesh %s, %d parameters, %d devices", dict(mesh.shape), setup.num_params(),
@@ -145,13 +175,17 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict:
     if text_encoder is not None:
         frozen["text_encoder"] = text_encoder.params
         frozen["null_text"] = text_encoder.null(int(config.data.text_len))
+    elif cached_text is not None:
+        frozen["null_text"] = jax.tree.map(jnp.asarray, cached_text["null"])
     input_shape = autoencoder_lib.input_shape(config, autoencoder)
     if is_main:
         storage.write_atomic(workdir / "config.json",
                              json.dumps(config.to_dict(), indent=2, default=str))
-        if text_encoder is not None:  # which encoder the samplers of this run must use
+        identity = (text_encoder.identity if text_encoder is not None else
+                    cached_text["identity"] if cached_text else None)
+        if identity:  # which encoder the samplers of this run must use
             storage.write_atomic(workdir / text_encoders.IDENTITY_FILE,
-                                 json.dumps(text_encoder.identity, indent=2))
+                                 json.dumps(identity, indent=2))
 
     train_step = distributed.CompiledOnce(steps.jit_train_step(setup, objective), "train_step")
     eval_step = distributed.CompiledOnce(
@@ -168,12 +202,6 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict:
     writer = metrics.MetricWriter(workdir / "tensorboard")
     preempt = Preemption()
 
-    if (text_encoder is not None and not config.model.text_encoder.online
-            and "text_embedding" not in pipeline.features(config.data)):
-        raise ConfigError(
-            f"config.data.name={config.data.name!r} has no cached caption embeddings: write "
-            "them with data_pipelines/encode_text.py, or set "
-            "config.model.text_encoder.online=True to run the encoder in the train step")
     has_validation = "validation" in pipeline.splits(config.data)
     if not has_validation:
         log.warning("%s has no validation split: no eval loss, and samples take their "
