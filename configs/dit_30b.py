@@ -2,8 +2,8 @@
 768 px video at 16 fps through an 8x8x8 autoencoder): 73,728 tokens per clip.
 
     python -m vidit.compile --config configs/dit_30b.py --topology v5p:8x8x8
-Compiled for v5p:8x8x8 (512 chips): FSDP 64 x Ulysses sequence 8, global batch 64; 37.0B
-parameters (adaLN modulation is a third of them). Per-chip memory of the compiled step:
+Compiled for v5p:8x8x8 (512 chips): FSDP 64 x Ulysses sequence 8, global batch 64; 38.8B
+parameters (adaLN modulation is a third of them; captions: cached T5-XXL embeddings). Per-chip memory of the compiled step:
 docs/compile.
 """
 from configs import pod_common

@@ -1,8 +1,8 @@
 """8B video DiT (28 x 4096, 32 heads of 128) on 32x64x64x16 latents: 32768 tokens per clip.
 
     python -m vidit.compile --config configs/dit_8b.py --topology v5p:8x8x8
-Compiled for v5p:8x8x8 (512 chips): FSDP 128 x Ulysses sequence 4, global batch 128; 9.7B
-parameters. Per-chip memory of the compiled step: docs/compile.
+Compiled for v5p:8x8x8 (512 chips): FSDP 128 x Ulysses sequence 4, global batch 128; 10.4B
+parameters (captions: cached T5-XXL embeddings). Per-chip memory of the compiled step: docs/compile.
 """
 from configs import pod_common
 from vidit import config_lib

@@ -13,7 +13,13 @@ def latent_video_config(*, depth, width, heads, latent_clip, batch, mesh, lr=1e-
     c.model.size = "custom"
     c.model.patch = (1, 2, 2)
     c.model.cond = "text"
-    c.model.text_width, c.model.text_depth, c.model.text_heads = 1024, 2, 8
+    # Captions through a frozen T5-XXL-shaped encoder (T5 v1.1 XXL or umT5-XXL: 4096 wide),
+    # 512 tokens, whose embeddings are cached in the dataset (data_pipelines/encode_text.py):
+    # the train step never runs the encoder. path: its Hugging Face folder, for encode_text
+    # and for sampling with a prompt.
+    c.model.text_encoder = dict(kind="t5", path="", online=False, dtype="bfloat16")
+    c.model.text_width = 4096
+    c.model.text_len = c.data.text_len = 512
     c.model.dtype, c.model.param_dtype = "bfloat16", "float32"
     c.model.remat = "full"
     c.model.scan_layers = True  # one compiled layer: compile time independent of depth
@@ -37,7 +43,9 @@ def make_smoke(c):
     """The ':smoke' variant of a pod config: the same code paths on CPU and the embedded data."""
     config_lib.make_smoke(c)
     c.model.attention, c.model.dtype, c.model.remat = "chunked", "float32", "none"
+    c.model.text_encoder = dict(kind="byte", path="", online=False, dtype="")
     c.model.text_width, c.model.text_depth, c.model.text_heads = 64, 1, 2
+    c.model.text_len = c.data.text_len = 40
     c.data.name = "moving_digits"
     c.data.num_frames, c.data.height, c.data.width = 8, 32, 32
     c.data.channels = c.model.channels = 1

@@ -31,10 +31,15 @@ def to_host(tree: Any) -> Any:
 def abstract_batch(config: Any, mesh) -> dict:
     """Shapes, dtypes and shardings of one global training batch as the pipeline delivers it
     (for AOT lowering)."""
-    d = config.data
-    shapes = {"video": ((d.batch_size, d.num_frames, d.height, d.width, d.channels), jnp.float32),
-              "label": ((d.batch_size,), jnp.int32),
-              "text": ((d.batch_size, config.model.text_len), jnp.int32)}
+    d, m = config.data, config.model
+    b, length = d.batch_size, m.text_len
+    shapes = {"video": ((b, d.num_frames, d.height, d.width, d.channels), jnp.float32),
+              "label": ((b,), jnp.int32), "text_mask": ((b, length), jnp.bool_)}
+    te = m.get("text_encoder", {})
+    if m.cond == "text" and te.get("kind", "byte") != "byte" and not te.get("online", False):
+        shapes["text_embedding"] = ((b, length, m.text_width), jnp.float32)  # cached
+    else:
+        shapes["text"] = ((b, length), jnp.int32)
     return {k: jax.ShapeDtypeStruct(shape, dtype,
                                     sharding=sharding.batch_sharding(mesh, len(shape)))
             for k, (shape, dtype) in shapes.items()}

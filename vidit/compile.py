@@ -29,7 +29,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from vidit import batches, checks, cli, diffusion, flops, sharding, steps
+from vidit import batches, checks, cli, diffusion, flops, sharding, steps, text_encoders
 from vidit.errors import ConfigError
 from vidit.train_state import Setup
 
@@ -79,10 +79,22 @@ def compile_step(config: Any, topology: str, num_slices: int = 1):
     if config.data.get("autoencoder"):
         raise ConfigError("vidit.compile compiles a step on cached latents: set "
                           "config.data.autoencoder='' and config.data.channels to the latent's")
+    te = config.model.get("text_encoder", {})
+    if text_encoders.is_frozen(config.model) and te.get("online"):
+        raise ConfigError("vidit.compile compiles a step on cached caption embeddings: set "
+                          "config.model.text_encoder.online=False")
     checks.validate(config, mesh, objective)  # the same start-up checks as a real run
     setup = Setup(config, mesh)
     # A distillation step also takes the frozen teacher, laid out like the params.
     frozen = {"teacher": setup.abstract.params} if objective.needs.target == "teacher" else {}
+    if text_encoders.is_frozen(config.model):  # the empty caption's cached embedding
+        repl = sharding.replicated(mesh)
+        frozen["null_text"] = {
+            "text_embedding": jax.ShapeDtypeStruct(
+                (1, config.model.text_len, config.model.text_width), jax.numpy.float32,
+                sharding=repl),
+            "text_mask": jax.ShapeDtypeStruct((1, config.model.text_len), jax.numpy.bool_,
+                                              sharding=repl)}
     with sharding.use(mesh, config.sharding_rules):
         lowered = steps.jit_train_step(setup, objective).lower(
             setup.abstract, batches.abstract_batch(config, mesh), frozen)
@@ -133,7 +145,21 @@ def compile_report(config: Any, topology: str, mfu: float = 0.4, num_slices: int
         "step_time_s": step_s,
         "tokens_per_s": fwd["tokens"] * d.batch_size / step_s,
         "compile_s": round(compile_s, 1),
+        # The caption path: cross-attention to the text tokens (and the byte encoder when
+        # trained), its share of the model FLOPs, and the text input's bytes per chip.
+        "text": _text_cost(config, fwd, mesh),
     }
+
+
+def _text_cost(config: Any, fwd: dict, mesh) -> dict | None:
+    if config.model.cond != "text":
+        return None
+    batch = batches.abstract_batch(config, mesh)
+    per_chip = sum(_shard_bytes(batch[k]) for k in ("text", "text_embedding", "text_mask")
+                   if k in batch)
+    return {"encoder": config.model.get("text_encoder", {}).get("kind", "byte"),
+            "tokens": int(config.model.text_len), "width": int(config.model.text_width),
+            "flops_fraction": fwd["text"] / fwd["total"], "input_gib_per_chip": per_chip / GIB}
 
 
 def format_report(r: dict) -> str:
@@ -154,6 +180,11 @@ def format_report(r: dict) -> str:
         f"at {r['assumed_mfu']:.0%} MFU: {r['step_time_s']:.2f} s/step, "
         f"{r['tokens_per_s']:.3g} tokens/s (compiled in {r['compile_s']} s)",
     ]
+    if r.get("text"):
+        t = r["text"]
+        lines.append(f"text: {t['encoder']} encoder, {t['tokens']} tokens x {t['width']}; "
+                     f"{t['flops_fraction']:.1%} of the model FLOPs; text input "
+                     f"{t['input_gib_per_chip'] * 1024:.1f} MiB per chip")
     return "\n".join(lines)
 
 

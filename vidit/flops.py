@@ -25,20 +25,21 @@ def forward_flops(model: Any, frames: int, height: int, width: int) -> dict:
     per_token_block = 4 * w * w + 2 * w * hidden  # qkv + out, mlp
     per_sample_block = 6 * w * w  # adaLN modulation from c
     attention = 4 * n * n * w  # 2 n^2 w for q k^T, 2 n^2 w for weights @ v
-    text = 0
+    text = cross = 0
     if model.cond == "text":
         tw, lt = model.text_width, model.text_len
-        per_token_block += 2 * w * w  # cross-attention q and out projections
-        per_sample_block += 2 * tw * w * lt  # cross-attention k, v from text tokens
-        attention += 4 * n * lt * w
-        text = 2 * lt * model.text_depth * (12 * tw * tw) + 2 * tw * w  # encoder + pooled proj
-        text += model.text_depth * 4 * lt * lt * tw
+        # cross-attention per block: q and out projections, k and v from the text tokens,
+        # and the attention itself
+        cross = depth * 2 * (n * 2 * w * w + 2 * tw * w * lt + 2 * n * lt * w)
+        text = 2 * tw * w  # the pooled projection
+        if model.get("text_encoder", {}).get("kind", "byte") == "byte":  # trained with the DiT
+            text += 2 * lt * model.text_depth * (12 * tw * tw) + model.text_depth * 4 * lt * lt * tw
     matmul = 2 * depth * (n * per_token_block + per_sample_block)
     matmul += 2 * n * patch_dim * w * 2  # patch embed in, final projection out
     matmul += 2 * (256 * w + w * w + 2 * w * w)  # timestep MLP, final adaLN
     attention *= depth
-    return {"tokens": n, "matmul": matmul + text, "attention": attention,
-            "total": matmul + text + attention}
+    return {"tokens": n, "matmul": matmul + text + cross, "attention": attention,
+            "text": text + cross, "total": matmul + text + cross + attention}
 
 
 def train_flops_per_step(model: Any, data: Any) -> float:
@@ -65,9 +66,11 @@ def count_params(model: Any) -> int:
     if model.cond == "text":
         tw, lt = model.text_width, model.text_len
         cross = (w * w + w) + (tw * 2 * w + 2 * w) + (w * w + w) + 2 * head_dim
-        total += depth * cross
-        text_block = (tw * 3 * tw + 3 * tw) + (tw * tw + tw) + (tw * 4 * tw + 4 * tw) + (4 * tw * tw + tw)
-        total += 258 * tw + lt * tw + model.text_depth * text_block + tw * w + w
+        total += depth * cross + tw * w + w  # cross-attention, pooled projection
+        if model.get("text_encoder", {}).get("kind", "byte") == "byte":  # the trained encoder
+            text_block = ((tw * 3 * tw + 3 * tw) + (tw * tw + tw) + (tw * 4 * tw + 4 * tw)
+                          + (4 * tw * tw + tw))
+            total += 258 * tw + lt * tw + model.text_depth * text_block
     return total
 
 
