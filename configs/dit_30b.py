@@ -3,8 +3,8 @@
 
     python -m vidit.compile --config configs/dit_30b.py --topology v5p:8x8x8
 Compiled for v5p:8x8x8 (512 chips): FSDP 64 x Ulysses sequence 8, global batch 64; 38.8B
-parameters (adaLN modulation is a third of them; captions: cached T5-XXL embeddings). Per-chip memory of the compiled step:
-docs/compile.
+parameters (adaLN modulation is a third of them); captions as cached T5-XXL embeddings.
+Per-chip memory of the compiled step: docs/compile.
 """
 from configs import pod_common
 from vidit import config_lib

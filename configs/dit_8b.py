@@ -2,7 +2,8 @@
 
     python -m vidit.compile --config configs/dit_8b.py --topology v5p:8x8x8
 Compiled for v5p:8x8x8 (512 chips): FSDP 128 x Ulysses sequence 4, global batch 128; 10.4B
-parameters (captions: cached T5-XXL embeddings). Per-chip memory of the compiled step: docs/compile.
+parameters; captions as cached T5-XXL embeddings. Per-chip memory of the compiled step:
+docs/compile.
 """
 from configs import pod_common
 from vidit import config_lib
