@@ -1,8 +1,8 @@
 """Preemption and failures of a multi-process run (launch/local.py, 2 processes over gloo).
 
-- SIGTERM to one process only: every process stops at the same step, saves it and exits 0, and
-  the resumed run gives the uninterrupted losses.
-- SIGTERM to the launcher reaches every process it started.
+- SIGTERM to one process only, or to the launcher (which passes it to every process it
+  started): every process stops at the same step, saves it and exits 0, and the resumed run
+  gives the uninterrupted losses.
 - SIGKILL while an asynchronous save is being written: the half-written step is ignored on
   restart and the one before it is used.
 """
@@ -71,8 +71,12 @@ def stopped_steps(text):
                                                   text)}
 
 
-def test_sigterm_to_one_process_stops_every_process_at_one_step(data_dir, tmp_path):
-    steps = 30
+def test_sigterm_to_one_process_or_the_launcher_stops_every_process_at_one_step(data_dir,
+                                                                              tmp_path):
+    """SIGTERM to process 1 only, then (resumed) to the launcher: each time both processes stop
+    at one step, save it and exit 0; resumed to the end, the losses are the uninterrupted
+    run's."""
+    steps = 40
     straight = tmp_path / "straight"
     r = subprocess.run(train_command(straight, data_dir, steps), cwd=ROOT, env=env(8),
                        capture_output=True, text=True)
@@ -87,9 +91,21 @@ def test_sigterm_to_one_process_stops_every_process_at_one_step(data_dir, tmp_pa
     text = open(log).read()
     stopped = stopped_steps(text)
     assert len(stopped) == 1 and len(re.findall("stopped at step", text)) == 2, text[-3000:]
-    step = stopped.pop()
-    assert step < steps
-    assert sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit()) == [step]
+    first_stop = stopped.pop()
+    assert first_stop < steps
+    assert sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit()) == [
+        first_stop]
+
+    log = tmp_path / "launcher.log"
+    proc = launch(train_command(workdir, data_dir, steps), log)
+    wait_for(log, rf"\[p1\].*step {first_stop + 3}: train/loss", proc)
+    proc.send_signal(signal.SIGTERM)  # to launch/local.py, which passes it on
+    assert proc.wait(timeout=300) == 0, open(log).read()[-3000:]
+    text = open(log).read()
+    assert "passing it to every process" in text and "killing" not in text
+    stopped = stopped_steps(text)
+    assert len(stopped) == 1 and len(re.findall("stopped at step", text)) == 2, text[-3000:]
+    assert first_stop < stopped.pop() < steps
 
     proc = launch(train_command(workdir, data_dir, steps), tmp_path / "resume.log")
     assert proc.wait(timeout=300) == 0, open(tmp_path / "resume.log").read()[-3000:]
@@ -97,18 +113,6 @@ def test_sigterm_to_one_process_stops_every_process_at_one_step(data_dir, tmp_pa
     assert sorted(got) == sorted(want) == list(range(1, steps + 1))
     # 2 x 4 devices against 1 x 8: the same global batches, summed in another order.
     np.testing.assert_allclose([got[s] for s in want], [want[s] for s in want], rtol=1e-5)
-
-
-def test_sigterm_to_the_launcher_reaches_every_process(data_dir, tmp_path):
-    workdir, log = tmp_path / "run", tmp_path / "run.log"
-    proc = launch(train_command(workdir, data_dir, 500), log)
-    wait_for(log, r"\[p1\].*step 3: train/loss", proc)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=300) == 0, open(log).read()[-3000:]
-    text = open(log).read()
-    assert "passing it to every process" in text and "killing" not in text
-    assert len(stopped_steps(text)) == 1 and len(re.findall("stopped at step", text)) == 2
-    assert [d for d in os.listdir(workdir / "checkpoints") if d.isdigit()]
 
 
 def test_kill_during_an_async_save_falls_back_to_the_previous_step(data_dir, tmp_path):

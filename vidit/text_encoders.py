@@ -1,10 +1,10 @@
 """Text encoders a text-conditioned DiT reads captions through (config.model.text_encoder.kind).
 
-| kind     | what                                              | trained | tokenizer                |
-|----------|---------------------------------------------------|---------|--------------------------|
-| `byte`   | a small encoder over UTF-8 bytes, inside the DiT  | yes     | models/byte_tokenizer.py |
-| `t5`     | T5 v1.1 / umT5 encoder (models/t5.py)             | frozen  | its tokenizer.json       |
-| `minilm` | all-MiniLM-L6-v2, a BERT (models/bert.py)         | frozen  | its tokenizer.json       |
+| kind     | what                                             | trained | tokenizer                |
+|----------|--------------------------------------------------|---------|--------------------------|
+| `byte`   | a small encoder over UTF-8 bytes, inside the DiT | yes     | models/byte_tokenizer.py |
+| `t5`     | T5 v1.1 / umT5 encoder (models/t5.py)            | frozen  | its tokenizer.json       |
+| `minilm` | all-MiniLM-L6-v2, a BERT (models/bert.py)        | frozen  | its tokenizer.json       |
 
 A frozen encoder is a Hugging Face folder (config.json, model.safetensors or its shards,
 tokenizer.json) named by config.model.text_encoder.path, local or gs://; `minilm` defaults to
