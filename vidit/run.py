@@ -5,8 +5,9 @@
     videos = steps.sample(run.setup, objective, run.params, noise, cond, run.frozen(), ...)
 
 One `Run` holds the config, the model structure and shardings (`Setup`), the EMA parameters,
-the checkpoint step, and, for a latent DiT, its frozen autoencoder (the VAE run that
-config.data.autoencoder names, loaded the same way, with its latent statistics). `vidit.sample`,
+the checkpoint step, and the frozen networks it names: a latent DiT's autoencoder (the VAE run
+config.data.autoencoder names, loaded the same way, with its latent statistics) and a frozen
+caption encoder (checked against the one the run was trained with). `vidit.sample`,
 `vidit.evaluate`, `vidit.export`, a distillation's teacher and `encode_latents` all load through
 here, so a missing file or a mismatched tensor is reported the same way everywhere.
 """
