@@ -109,6 +109,30 @@ def carried(element: dict, keys) -> dict:
     return out
 
 
+def add_arguments(parser, default_name: str) -> None:
+    """The flags every derived-dataset command shares (encode_latents, encode_text)."""
+    parser.add_argument("--out", required=True, help="TFDS data_dir to write the dataset in")
+    parser.add_argument("--data_dir", default=None,
+                        help="the source's data_dir (default: vidit's)")
+    parser.add_argument("--name", default=None,
+                        help=f"output dataset name (default: {default_name})")
+    parser.add_argument("--splits", default=None, help="comma-separated (default: all)")
+    parser.add_argument("--batch_size", type=int, default=64, help="global batch per call")
+    parser.add_argument("--builder_kwargs", default="{}",
+                        help="the source builder's arguments, JSON, e.g. '{\"num_train\": 64}'")
+
+
+def start_command() -> tuple:
+    """What such a command does before JAX starts (vidit/cli.py); returns the errors that are
+    bad input (printed as one line, not a traceback)."""
+    from vidit import cli, host_malloc
+    from vidit.errors import ConfigError, LoadError
+    host_malloc.tune()  # before JAX starts its threads (vidit/host_malloc.py)
+    cli.setup()
+    tfds.disable_progress_bar()
+    return (EncodeError, ConfigError, LoadError, ValueError)
+
+
 def _part_name(split: str, batch: int, process: int, processes: int) -> str:
     return f"{split}-{batch:06d}.proc{process:04d}-of-{processes:04d}.npz"
 

@@ -122,26 +122,17 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--autoencoder", required=True, help="VAE run workdir or its export")
     p.add_argument("--dataset", required=True, help="source TFDS dataset name (with 'video')")
-    p.add_argument("--out", required=True, help="TFDS data_dir to write the latent dataset in")
-    p.add_argument("--data_dir", default=None, help="the source's data_dir (default: vidit's)")
-    p.add_argument("--name", default=None, help="output dataset name (default: DATASET_latents)")
-    p.add_argument("--splits", default=None, help="comma-separated (default: all)")
-    p.add_argument("--batch_size", type=int, default=64, help="global batch per encoder call")
     p.add_argument("--num_frames", type=int, default=None,
                    help="clip frames (default: the autoencoder run's data.num_frames)")
-    p.add_argument("--builder_kwargs", default="{}", help="JSON, e.g. '{\"num_train\": 64}'")
+    encode_dataset.add_arguments(p, "DATASET_latents")
     args = p.parse_args(argv)
-    from vidit import cli, host_malloc
-    from vidit.errors import LoadError
-    host_malloc.tune()  # before JAX starts its threads (vidit/host_malloc.py)
-    cli.setup()
-    tfds.disable_progress_bar()
+    bad_input = encode_dataset.start_command()
     try:
         folder = encode(args.autoencoder, args.dataset, args.out, data_dir=args.data_dir,
                         name=args.name, splits=args.splits.split(",") if args.splits else None,
                         batch_size=args.batch_size, num_frames=args.num_frames,
                         builder_kwargs=json.loads(args.builder_kwargs))
-    except (EncodeError, LoadError, ValueError) as e:
+    except bad_input as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     info = read_info(folder)

@@ -134,25 +134,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--encoder_path", default="",
                    help="its Hugging Face folder (minilm: the packaged copy by default)")
     p.add_argument("--dataset", required=True, help="source TFDS dataset name (with 'caption')")
-    p.add_argument("--out", required=True, help="TFDS data_dir to write the dataset in")
-    p.add_argument("--data_dir", default=None, help="the source's data_dir (default: vidit's)")
     p.add_argument("--text_len", type=int, default=40, help="caption tokens (config.data.text_len)")
-    p.add_argument("--name", default=None, help="output dataset name (default: DATASET_ENCODER)")
-    p.add_argument("--splits", default=None, help="comma-separated (default: all)")
-    p.add_argument("--batch_size", type=int, default=64, help="global batch per encoder call")
-    p.add_argument("--builder_kwargs", default="{}", help="JSON, e.g. '{\"num_train\": 64}'")
+    encode_dataset.add_arguments(p, "DATASET_ENCODER")
     args = p.parse_args(argv)
-    from vidit import cli, host_malloc
-    from vidit.errors import ConfigError, LoadError
-    host_malloc.tune()  # before JAX starts its threads (vidit/host_malloc.py)
-    cli.setup()
-    tfds.disable_progress_bar()
+    bad_input = encode_dataset.start_command()
     try:
         folder = encode(args.encoder, args.dataset, args.out, encoder_path=args.encoder_path,
                         data_dir=args.data_dir, text_len=args.text_len, name=args.name,
                         splits=args.splits.split(",") if args.splits else None,
                         batch_size=args.batch_size, builder_kwargs=json.loads(args.builder_kwargs))
-    except (EncodeError, ConfigError, LoadError, ValueError) as e:
+    except bad_input as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     info = read_info(folder)

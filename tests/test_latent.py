@@ -21,21 +21,13 @@ from vidit.errors import ConfigError
 from vidit.models import discriminator, vae
 from vidit.train_state import Setup
 
-
-def _set(c, **overrides):
-    for key, value in overrides.items():
-        node = c
-        *path, last = key.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = value
-    return c
+from tests.helpers import override
 
 
 @pytest.fixture(scope="module")
 def vae_run(data_dir, tmp_path_factory):
     c = vae_moving_digits.get_config("smoke")
-    _set(c, **{"data.data_dir": data_dir, "train.progress": False})
+    override(c, **{"data.data_dir": data_dir, "train.progress": False})
     workdir = str(tmp_path_factory.mktemp("vae_run"))
     summary = train_lib.train(c, workdir)
     return workdir, c, summary
@@ -121,7 +113,7 @@ def test_gan_gradients_are_split():
 
 def test_vae_config_errors(data_dir, tmp_path):
     c = vae_moving_digits.get_config("smoke")
-    _set(c, **{"data.data_dir": data_dir, "data.num_frames": 8})
+    override(c, **{"data.data_dir": data_dir, "data.num_frames": 8})
     with pytest.raises(ConfigError, match="1 \\+ k\\*4"):
         train_lib.train(c, str(tmp_path))
     for variant in ("compression=1x4x4", "compression=4x8x8"):
@@ -216,7 +208,7 @@ def test_encode_resumes_without_duplicates(vae_run, data_dir, tmp_path, monkeypa
 # ------------------------------------------------------------------------ latent DiT training
 def _latent_config(vae_dir, data_dir, latents_dir=None, mode="cached"):
     c = latent_digits.get_config(f"smoke,latents={mode},autoencoder={vae_dir}")
-    _set(c, **{"train.progress": False})
+    override(c, **{"train.progress": False})
     if mode == "cached":
         c.data.data_dir = latents_dir
     else:
@@ -266,7 +258,7 @@ def test_latent_dit_trains_and_samples_decoded_videos(vae_run, latents, data_dir
     vae_dir, _, _ = vae_run
     out, _ = latents
     c = _latent_config(vae_dir, data_dir, out, "cached")
-    _set(c, **{"train.steps": 4, "train.ckpt_every": 4, "sample.num": 4, "sample.steps": 2})
+    override(c, **{"train.steps": 4, "train.ckpt_every": 4, "sample.num": 4, "sample.steps": 2})
     workdir = str(tmp_path / "ldit")
     summary = train_lib.train(c, workdir)
     assert summary["stopped_for"] is None and all(np.isfinite(summary["losses"]))

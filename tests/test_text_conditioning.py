@@ -17,6 +17,8 @@ from vidit import train as train_lib
 from vidit.errors import ConfigError, LoadError
 from vidit.train_state import Setup
 
+from tests.helpers import override
+
 
 def minilm_config(data_dir, **overrides):
     c = moving_digits.get_config("smoke,cond=text")
@@ -25,13 +27,7 @@ def minilm_config(data_dir, **overrides):
     c.model.text_encoder.kind = "minilm"
     c.model.text_encoder.online = True
     c.model.text_width = 384  # the encoder's width
-    for key, value in overrides.items():
-        node = c
-        *path, last = key.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = value
-    return c
+    return override(c, **overrides)
 
 
 def test_minilm_run_trains_samples_exports_and_refuses_another_encoder(data_dir, tmp_path):

@@ -15,6 +15,8 @@ from vidit import train as train_lib
 from vidit.errors import CheckpointError, ConfigError, LoadError
 from vidit.train_state import Setup
 
+from tests.helpers import override
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -23,13 +25,7 @@ def smoke_config(data_dir, **overrides):
     c.data.data_dir = data_dir
     c.train.progress = False
     c.sample.num = 8
-    for key, value in overrides.items():
-        node = c
-        *path, last = key.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = value
-    return c
+    return override(c, **overrides)
 
 
 def first_batch(c):

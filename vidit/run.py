@@ -42,20 +42,23 @@ class Run:
     step: int | None  # the checkpoint's step; None for an export
     autoencoder: Autoencoder | None = None  # a latent DiT's frozen VAE, with its params
     text_encoder: Any = None  # a frozen caption encoder (vidit/text_encoders.py)
+    _frozen: dict | None = dataclasses.field(default=None, repr=False)
 
     @property
     def is_vae(self) -> bool:
         return self.config.model.get("kind", "dit") == "vae"
 
     def frozen(self) -> dict:
-        """The frozen inputs of its jitted functions (vidit/steps.py)."""
-        out = {}
-        if self.autoencoder is not None:
-            out["autoencoder"] = self.autoencoder.params
-        if self.text_encoder is not None:
-            out["text_encoder"] = self.text_encoder.params
-            out["null_text"] = self.text_encoder.null(int(self.config.data.text_len))
-        return out
+        """The frozen inputs of its jitted functions (vidit/steps.py); the empty caption's
+        embedding is computed on the first call only."""
+        if self._frozen is None:
+            self._frozen = {}
+            if self.autoencoder is not None:
+                self._frozen["autoencoder"] = self.autoencoder.params
+            if self.text_encoder is not None:
+                self._frozen["text_encoder"] = self.text_encoder.params
+                self._frozen["null_text"] = self.text_encoder.null(int(self.config.data.text_len))
+        return self._frozen
 
 
 def read_config(path) -> ml_collections.ConfigDict:

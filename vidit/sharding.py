@@ -319,11 +319,3 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
 
 def batch_shards(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
-
-
-def check_batch(global_batch: int, mesh: Mesh) -> None:
-    shards = batch_shards(mesh)
-    if global_batch % shards:
-        raise ConfigError(
-            f"config.data.batch_size={global_batch} does not divide over the batch mesh axes "
-            f"data x fsdp = {shards}; use a multiple of {shards}")
