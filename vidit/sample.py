@@ -49,9 +49,8 @@ def generate(path: str, *, num: int, label=None, prompt=None, steps_: int | None
                          "vidit.sample generates with a DiT")
     objective = diffusion.make_objective(config.objective)
     frozen = run.frozen()
-    # Labels, or the prompt through the run's own text encoder (frozen ones run here).
-    cond = steps.condition(setup, jax.tree.map(jnp.asarray, conditions(config, num, label, prompt)),
-                           frozen)
+    # Labels, or the prompt's tokens (a frozen text encoder runs inside the sampler).
+    cond = jax.tree.map(jnp.asarray, conditions(config, num, label, prompt))
     # A latent DiT samples latents, which the autoencoder's decoder turns into video.
     shape = (num,) + autoencoder.input_shape(config, run.autoencoder)
     noise = jax.random.normal(jax.random.key(seed), shape)

@@ -171,8 +171,11 @@ def eval_step(setup: Setup, objective: Any, params: Any, batch: dict, rng: jax.A
 def sample(setup: Setup, objective: Any, params: Any, noise: jax.Array, cond: dict,
            frozen: dict | None = None, *, steps: int, guidance: float):
     """Videos from noise (a VAE: reconstructions of the clips passed as `noise`, beside them).
-    A latent DiT's latents are decoded to pixels with the autoencoder's decoder."""
+    `cond` holds a batch's conditioning fields (labels, or caption tokens and mask, or cached
+    embeddings); a frozen text encoder runs here, compiled with the sampler. A latent DiT's
+    latents are decoded to pixels with the autoencoder's decoder."""
     frozen = frozen or {}
+    cond = condition(setup, cond, frozen)
     null = null_condition(setup.model(params), cond, frozen) if cond else None
     # merged inside the sampler's loop body: nnx modules are per-trace
     out = objective.sample(bind(setup, params), noise, cond, steps=steps, null_cond=null,

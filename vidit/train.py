@@ -47,7 +47,7 @@ def first_clips(config: Any, num: int, split: str) -> np.ndarray:
 
 def sample_batch(config: Any, num: int, split: str, tokenizer) -> dict:
     """What the periodic samples are conditioned on, as a batch: digits 0..9 in turn, or the
-    first captions of `split` (tokens or cached embeddings; steps.condition reads it)."""
+    first captions of `split` (tokens or cached embeddings; steps.sample conditions on it)."""
     if config.model.cond == "class":
         return {"label": np.arange(num, dtype=np.int32) % config.model.num_classes}
     if config.model.cond == "text":
@@ -235,8 +235,7 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict:
             noise, cond = jnp.asarray(first_clips(config, num, sample_split)), {}
         else:
             noise = jax.random.normal(jax.random.key(config.sample.seed), (num,) + input_shape)
-            batch = jax.tree.map(jnp.asarray, sample_batch(config, num, sample_split, tokenizer))
-            cond = steps.condition(setup, batch, frozen)
+            cond = jax.tree.map(jnp.asarray, sample_batch(config, num, sample_split, tokenizer))
         with sharding.use(mesh, config.sharding_rules):
             videos = np.asarray(batches.to_host(sample_fn(
                 state.ema_params, noise, cond, frozen, steps=int(config.sample.steps),
