@@ -4,7 +4,9 @@ Clips of one handwritten digit bouncing around a black 32x32 canvas, made from
 scikit-learn's bundled 8x8 digits, so tests, tutorials and CPU smoke runs have
 real (if tiny) video data without any download. Each clip has a caption such
 as "a 3 moving up and to the left", so text conditioning has something
-learnable to do.
+learnable to do; `captions="varied"` (a builder argument) phrases them several ways
+("a seven drifting to the left", "the digit 7 moves left", ...), and `captions_for`
+writes evaluation prompts, including paraphrases no dataset contains.
 
 Everything is a pure function of a seed: `make_clip` turns (rng, image, label)
 into a clip, `generate` yields the examples of a split, and the TFDS builder
@@ -84,6 +86,43 @@ def _sample_velocity(rng: np.random.Generator) -> np.ndarray:
             return velocity
 
 
+# Caption styles (builder_kwargs captions=...). 'plain' is one phrasing ("a 3 moving up");
+# 'varied' mixes several phrasings, digit symbols and number words, so a text encoder has to
+# map different sentences to the same clip. 'paraphrase' is never written to a dataset: its
+# phrasings use words no training caption has ("number", "numeral", "going", "heading", ...),
+# to test whether a conditioning generalises beyond the captions it was trained on.
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+CAPTION_TEMPLATES = {
+    "plain": ("a {digit} moving {direction}",),
+    "varied": ("a {digit} moving {direction}",
+               "{a_word} drifting {direction}",
+               "the digit {digit} moves {direction}",
+               "{a_word} sliding {direction}",
+               "the {word} drifts {direction}",
+               "digit {digit} slides {direction}"),
+    "paraphrase": ("number {word} going {direction}",
+                   "the numeral {digit} heading {direction}",
+                   "a handwritten {word} travelling {direction}"),
+}
+TRAIN_CAPTIONS = ("plain", "varied")
+
+
+def caption(label: int, velocity, style: str, rng: np.random.Generator) -> str:
+    """A caption of a clip of digit `label` moving at `velocity` in one of `style`'s phrasings."""
+    templates = CAPTION_TEMPLATES[style]
+    template = templates[int(rng.integers(len(templates)))] if len(templates) > 1 else templates[0]
+    word = NUMBER_WORDS[int(label)]
+    a_word = ("an " if word[0] in "aeiou" else "a ") + word  # "an eight"
+    return template.format(digit=int(label), word=word, a_word=a_word,
+                           direction=_direction_words(*velocity))
+
+
+def captions_for(labels, style: str, seed: int = 0) -> list:
+    """Captions for clips of `labels` with random directions (an evaluation's prompts)."""
+    rng = np.random.default_rng(seed)
+    return [caption(label, _sample_velocity(rng), style, rng) for label in labels]
+
+
 def _trajectory(start: np.ndarray, velocity: np.ndarray, num_frames: int) -> np.ndarray:
     """[num_frames, 2] top-left corners moving at `velocity`, reflecting off the walls."""
     limit = CANVAS - DIGIT
@@ -100,12 +139,14 @@ def _trajectory(start: np.ndarray, velocity: np.ndarray, num_frames: int) -> np.
     return corners
 
 
-def make_clip(rng: np.random.Generator, image: np.ndarray, label: int):
+def make_clip(rng: np.random.Generator, image: np.ndarray, label: int, captions: str = "plain"):
     """Makes one clip of `image` (an 8x8 sklearn digit) moving on a black canvas.
 
     Returns:
       video: uint8 [NUM_FRAMES, CANVAS, CANVAS, 1].
-      caption: e.g. "a 3 moving up and to the left", describing the velocity.
+      caption: e.g. "a 3 moving up and to the left", describing the velocity in one of the
+        phrasings of `captions` (CAPTION_TEMPLATES). The phrasing is drawn after the video,
+        so the same rng gives the same video in every caption style.
     """
     digit = upscale_digit(image)
     velocity = _sample_velocity(rng)
@@ -116,8 +157,7 @@ def make_clip(rng: np.random.Generator, image: np.ndarray, label: int):
     video = np.zeros((NUM_FRAMES, CANVAS, CANVAS, 1), dtype=np.uint8)
     for frame, (y, x) in zip(video, _trajectory(start, velocity, NUM_FRAMES)):
         frame[y:y + DIGIT, x:x + DIGIT, 0] = digit
-    caption = f"a {int(label)} moving {_direction_words(*velocity)}"
-    return video, caption
+    return video, caption(label, velocity, captions, rng)
 
 
 def _source_images(split: str):
@@ -132,7 +172,7 @@ def _source_images(split: str):
     raise ValueError(f"unknown split {split!r}; expected one of {_SPLITS}")
 
 
-def generate(split: str, num: int, seed: int):
+def generate(split: str, num: int, seed: int, captions: str = "plain"):
     """Yields `num` examples {'video', 'label', 'caption'} of `split`.
 
     Clip i depends only on (seed, split, i), so any prefix of the split can be
@@ -143,39 +183,47 @@ def generate(split: str, num: int, seed: int):
     for index in range(num):
         rng = np.random.default_rng((seed, split_id, index))
         source = int(rng.integers(len(images)))
-        video, caption = make_clip(rng, images[source], labels[source])
-        yield {"video": video, "label": int(labels[source]), "caption": caption}
+        video, text = make_clip(rng, images[source], labels[source], captions)
+        yield {"video": video, "label": int(labels[source]), "caption": text}
 
 
 @dataclasses.dataclass(kw_only=True)
 class MovingDigitsConfig(tfds.core.BuilderConfig):
-    """Sizes of the splits and the generation seed."""
+    """Sizes of the splits, the generation seed and the caption style (CAPTION_TEMPLATES)."""
 
     num_train: int = 8192
     num_validation: int = 512
     seed: int = 0
+    captions: str = "plain"
 
 
 _DEFAULT_CONFIG = MovingDigitsConfig(name="default", description="8192 train / 512 validation clips")
 
 
-def _config_for(num_train: int, num_validation: int, seed: int) -> MovingDigitsConfig:
+def _config_for(num_train: int, num_validation: int, seed: int,
+                captions: str = "plain") -> MovingDigitsConfig:
     """The stock config for default sizes, else a custom one whose name keeps its files apart."""
+    if captions not in TRAIN_CAPTIONS:
+        raise ValueError(f"moving_digits captions={captions!r} is unknown; valid: {TRAIN_CAPTIONS} "
+                         "('paraphrase' phrasings are kept out of every dataset for evaluation)")
     default = _DEFAULT_CONFIG
-    if (num_train, num_validation, seed) == (default.num_train, default.num_validation, default.seed):
+    if (num_train, num_validation, seed, captions) == (
+            default.num_train, default.num_validation, default.seed, default.captions):
         return default
+    style = "" if captions == "plain" else f"_captions{captions}"
     return MovingDigitsConfig(
-        name=f"train{num_train}_validation{num_validation}_seed{seed}",
-        description=f"{num_train} train / {num_validation} validation clips, seed {seed}",
-        num_train=num_train, num_validation=num_validation, seed=seed,
+        name=f"train{num_train}_validation{num_validation}_seed{seed}{style}",
+        description=f"{num_train} train / {num_validation} validation clips, seed {seed}, "
+                    f"{captions} captions",
+        num_train=num_train, num_validation=num_validation, seed=seed, captions=captions,
     )
 
 
 class MovingDigits(tfds.core.GeneratorBasedBuilder):
     """TFDS builder for `moving_digits`; nothing to download, written as ArrayRecord.
 
-    Sizes are constructor keyword arguments (so `tfds.builder(NAME, num_train=64,
-    num_validation=16)` works); each size gets its own config and directory.
+    Sizes and the caption style are constructor keyword arguments (so `tfds.builder(NAME,
+    num_train=64, num_validation=16)` works); each gets its own config and directory.
     """
 
     VERSION = tfds.core.Version("1.0.0")
@@ -188,8 +236,9 @@ class MovingDigits(tfds.core.GeneratorBasedBuilder):
 
     def __init__(self, *, num_train: int = _DEFAULT_CONFIG.num_train,
                  num_validation: int = _DEFAULT_CONFIG.num_validation,
-                 seed: int = _DEFAULT_CONFIG.seed, **kwargs):
-        kwargs.setdefault("config", _config_for(num_train, num_validation, seed))
+                 seed: int = _DEFAULT_CONFIG.seed, captions: str = _DEFAULT_CONFIG.captions,
+                 **kwargs):
+        kwargs.setdefault("config", _config_for(num_train, num_validation, seed, captions))
         # Grain worker processes rebuild the builder from a pickled copy of its config; TFDS
         # refuses a copy that shares a stock config's name, so the stock one goes by name.
         if getattr(kwargs["config"], "name", None) == _DEFAULT_CONFIG.name:
@@ -222,7 +271,8 @@ class MovingDigits(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, split: str, num: int):
         # TFDS wants a unique key per example; the clip's index is one.
-        return enumerate(generate(split, num, self.builder_config.seed))
+        config = self.builder_config
+        return enumerate(generate(split, num, config.seed, config.captions))
 
 
 @contextlib.contextmanager

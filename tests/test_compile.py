@@ -61,3 +61,25 @@ def test_libtpu_held_by_another_process_is_named(monkeypatch):
 def test_unknown_chip_is_rejected():
     with pytest.raises(ConfigError, match="not one of"):
         compile_lib.topology_devices("v9x:2x2")
+
+
+def test_frozen_t5_encoder_compiles_on_the_mesh():
+    """--text_encoder: the frozen T5's forward over one global caption batch, bf16, its weights
+    sharded by the same rules; FLOPs and parameters as its config implies."""
+    folder = os.path.join(os.path.dirname(__file__), "fixtures", "text_encoders", "t5_tiny")
+    c = tiny_pod_config("chunked")
+    c.model.text_width, c.model.text_len, c.data.batch_size = 32, 64, 8
+    e = compile_lib.compile_text_encoder(c, "v5p:2x2x1", folder)
+    d, ff, layers, vocab = 32, 48, 2, 64
+    per_layer = 4 * d * d + 3 * d * ff + 2 * d  # q k v o, wi_0 wi_1 wo, two RMSNorm scales
+    assert e["params"] == vocab * d + layers * per_layer + d + 32 * 4  # + final norm, bias table
+    assert e["fits"] and e["dtype"] == "bfloat16"
+    assert e["params_gib_per_chip"] < e["params"] * 2 / 2**30 / 2  # sharded over 4 chips
+    matmuls = 8 * (2 * (e["params"] - vocab * d) * 64 + layers * 4 * 64**2 * 4 * 8)
+    assert e["model_flops_per_batch"] == matmuls
+    assert e["compiled_flops_per_chip"] * 4 >= 0.9 * matmuls
+    c.model.text_width = 4096
+    with pytest.raises(ConfigError, match="32 wide"):
+        compile_lib.compile_text_encoder(c, "v5p:2x2x1", folder)
+    with pytest.raises(ConfigError, match="umt5-xxl"):
+        compile_lib.compile_text_encoder(c, "v5p:2x2x1", "no-such-encoder")

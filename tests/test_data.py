@@ -76,6 +76,27 @@ def test_caption_describes_the_motion():
         assert ("left" in caption) == (dx < 0) and ("right" in caption) == (dx > 0)
 
 
+def test_varied_captions_name_the_digit_and_motion_and_change_no_frame():
+    """captions='varied' phrases the same clip several ways; paraphrases (evaluation prompts)
+    use words no training caption has; the videos equal the plain style's."""
+    plain = list(md.generate("train", 60, seed=0))
+    varied = list(md.generate("train", 60, seed=0, captions="varied"))
+    for a, b in zip(plain, varied):
+        np.testing.assert_array_equal(a["video"], b["video"])
+        assert a["label"] == b["label"]
+        label, words = b["label"], b["caption"].split()
+        assert str(label) in words or md.NUMBER_WORDS[label] in words
+        assert a["caption"].split(" moving ")[1] in b["caption"]  # the same direction words
+    assert len({b["caption"].split()[0] + b["caption"].split()[1] for b in varied}) >= 4
+    training_words = {w for t in md.CAPTION_TEMPLATES["varied"] for w in t.split()}
+    prompts = md.captions_for(np.arange(30) % 10, "paraphrase", seed=0)
+    for label, prompt in zip(np.arange(30) % 10, prompts):
+        assert str(label) in prompt.split() or md.NUMBER_WORDS[label] in prompt.split()
+        assert set(prompt.split()) & ({"number", "numeral", "handwritten"} - training_words)
+    with pytest.raises(ValueError, match="paraphrase"):
+        md.MovingDigits(data_dir="/nonexistent", captions="paraphrase")
+
+
 def _source_indices(frame, upscaled):
     """Indices of the source digits whose upscaled image appears in `frame`."""
     y, x = _bbox_corner(frame)

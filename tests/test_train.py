@@ -315,9 +315,12 @@ def test_sampler_is_deterministic(data_dir):
     assert not np.allclose(np.asarray(a), np.asarray(other))
 
 
-def _cli(*args, timeout=600):
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
+def _cli(*args, timeout=600, cwd=ROOT, pythonpath=True):
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    if pythonpath:
+        env["PYTHONPATH"] = ROOT
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -335,9 +338,12 @@ def test_cli_rejects_unknown_variant(tmp_path):
 
 @pytest.mark.slow
 def test_cli_train_sample_export(data_dir, tmp_path):
+    """From another folder: a config that imports its sibling (quickstart -> moving_digits)
+    still loads (vidit.cli.make_importable)."""
     workdir = str(tmp_path / "run")
-    r = _cli("-m", "vidit.train", "--config", "configs/moving_digits.py:smoke", "--workdir",
-             workdir, f"--config.data.data_dir={data_dir}", "--config.train.progress=False")
+    r = _cli("-m", "vidit.train", "--config", os.path.join(ROOT, "configs/quickstart.py:smoke"),
+             "--workdir", workdir, f"--config.data.data_dir={data_dir}",
+             "--config.train.progress=False", cwd=str(tmp_path), pythonpath=False)
     assert r.returncode == 0, r.stderr[-3000:]
     assert os.path.exists(os.path.join(workdir, "samples", "step_0000006.mp4"))
     r = _cli("-m", "vidit.export", "--workdir", workdir, "--out", str(tmp_path / "exp"))

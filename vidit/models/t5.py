@@ -67,6 +67,17 @@ class T5Config:
                    eps=hf.get("layer_norm_epsilon", 1e-6), per_layer_bias=kind == "umt5", **kw)
 
 
+# The config.json of the XXL encoders video DiTs read captions through (google/t5-v1_1-xxl,
+# google/umt5-xxl), by name: shapes for `vidit.compile --text_encoder`, no weights needed.
+_XXL = dict(d_model=4096, d_kv=64, num_heads=64, d_ff=10240, num_layers=24,
+            feed_forward_proj="gated-gelu", relative_attention_num_buckets=32,
+            relative_attention_max_distance=128, layer_norm_epsilon=1e-6)
+HF_CONFIGS = {
+    "t5-v1_1-xxl": dict(_XXL, model_type="t5", vocab_size=32128),  # Open-Sora 2.0, CogVideoX
+    "umt5-xxl": dict(_XXL, model_type="umt5", vocab_size=256384),  # Wan 2.1
+}
+
+
 def relative_position_bucket(relative_position, num_buckets: int = 32, max_distance: int = 128):
     """Bidirectional T5 buckets of (key - query) positions, int32, same shape."""
     num_buckets //= 2
