@@ -20,7 +20,6 @@ import io
 import json
 import os
 import re
-import sys
 import time
 from typing import Any, Callable
 
@@ -28,7 +27,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from vidit import storage
+from vidit import progress as progress_lib, storage
 
 WORK = "_encode_work"  # under the output folder: per-batch files, settings and the DONE marker
 DATASET_VERSION = "1.0.0"
@@ -227,7 +226,6 @@ def run(job: Job, source, splits: list[str], mesh,
         storage.write_atomic(manifest, json.dumps(settings, indent=2))
 
     rows = Rows(mesh, job.batch_size)
-    from tqdm import tqdm
     parts: dict[str, list[str]] = {}
     for split in splits:
         data = source.as_data_source(split)
@@ -235,8 +233,8 @@ def run(job: Job, source, splits: list[str], mesh,
         num_batches = -(-n // job.batch_size)
         todo = [b for b in range(num_batches)
                 if not (work / _part_name(split, b, me, processes)).exists()]
-        bar = tqdm(total=num_batches, initial=num_batches - len(todo), unit="batch",
-                   desc=f"{job.name} {split}", disable=not progress or me != 0, file=sys.stderr)
+        bar = progress_lib.bar(num_batches, initial=num_batches - len(todo), unit="batch",
+                               desc=f"{job.name} {split}", enabled=progress and me == 0)
         for b in todo:
             index = {r: b * job.batch_size + r for r in rows.mine}
             elements = {r: data[i] for r, i in index.items() if i < n}

@@ -131,7 +131,10 @@ def base_config() -> ml_collections.ConfigDict:
         # Stop (with the last good checkpoint) after this many consecutive skipped updates:
         # a run that only skips has diverged. 0 = never.
         max_skipped_steps=20,
+        # A progress bar on a terminal; elsewhere (CI, SLURM, TPU VM logs) a line every
+        # progress_every_s seconds (vidit/progress.py). False: the metrics line every log_every.
         progress=True,
+        progress_every_s=30.0,
     )
 
     c.sample = dict(

@@ -23,8 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from vidit import (autoencoder as autoencoder_lib, batches, checkpoint, checks, cli, diffusion,
-                   distributed, flops, latent_stats, metrics, run as run_lib, sharding, steps,
-                   storage, teacher as teacher_lib, text_encoders, video_io)
+                   distributed, flops, latent_stats, metrics, progress as progress_lib,
+                   run as run_lib, sharding, steps, storage, teacher as teacher_lib,
+                   text_encoders, video_io)
 from vidit.errors import ConfigError
 from vidit.train_state import Setup
 
@@ -359,9 +360,9 @@ def _stop_reason(config: Any, bad_steps: list, nonfinite_run: int, bad_examples:
 
 
 def _progress(config, start, total):
-    from tqdm import tqdm
-    return tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
-                disable=not config.train.progress or jax.process_index() != 0, file=sys.stderr)
+    return progress_lib.bar(total, initial=start, desc="train", unit="step",
+                            enabled=config.train.progress and jax.process_index() == 0,
+                            every_s=float(config.train.get("progress_every_s", 30.0)))
 
 
 # ---------------------------------------------------------------------------------------------
