@@ -3,11 +3,12 @@
 # Extra arguments go to pytest, e.g. `scripts/test.sh -m "not slow"` to skip end-to-end runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m pip install --quiet --disable-pip-version-check -e ".[test,video,tpu]"
+source scripts/venv.sh  # the project's .venv (created on the first run), or $VIDIT_PYTHON
+"$PYTHON" -m pip install --quiet --disable-pip-version-check -e ".[test,video,tpu]"
 export JAX_PLATFORMS=cpu
 # Two worker processes (pytest-xdist), whole files per worker so module-level compile caches
 # are shared (about 1.7x faster than one process on 2 cores). VIDIT_TEST_WORKERS=0 runs in
 # this process; a later -n in "$@" overrides too. A worker that dies (a native crash) fails the
 # run at once and names its test: pytest-xdist can wait forever for a replacement worker under
 # --dist loadfile (pytest-dev/pytest-xdist#784).
-python3 -m pytest tests -n "${VIDIT_TEST_WORKERS:-2}" --dist loadfile --max-worker-restart=0 "$@"
+"$PYTHON" -m pytest tests -n "${VIDIT_TEST_WORKERS:-2}" --dist loadfile --max-worker-restart=0 "$@"
