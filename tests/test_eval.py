@@ -227,3 +227,10 @@ def test_text_runs_are_scored_on_seen_and_paraphrased_captions():
     c.data.name = "my_videos"
     with pytest.raises(ValueError, match="my_videos"):
         evaluate.prompt_sets(c, labels)
+
+
+def test_frame_agreement_counts_frames_that_keep_their_videos_class():
+    frames = np.array([[3, 3, 3, 3], [5, 5, 2, 2], [1, 7, 7, 7]])
+    assert metrics.frame_agreement(frames, np.array([3, 5, 7])) == pytest.approx(9 / 12)
+    with pytest.raises(ValueError, match="do not match"):
+        metrics.frame_agreement(frames, np.array([3, 5]))

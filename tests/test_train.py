@@ -427,6 +427,7 @@ def test_evaluate_reports_every_step_count(data_dir, tmp_path, monkeypatch):
     assert [r["steps"] for r in report["results"]] == [1, 2]
     for r in report["results"]:
         assert 0.0 <= r["class_accuracy"] <= 1.0 and r["frechet_distance"] >= 0
+        assert 0.0 <= r["frame_agreement"] <= 1.0
         assert 0.0 <= r["precision"] <= 1.0 and 0.0 <= r["recall"] <= 1.0
         assert r["samples_per_s"] > 0
     assert "| 2 |" in evaluate.markdown(report)

@@ -6,9 +6,11 @@
 
 For each step count (and for a text-conditional moving-digits run, for captions in the
 dataset's own phrasing and for paraphrases never seen in training): class accuracy of the samples
-under the project's frame classifier (trained on the same data, cached), Frechet distance to
-validation clips in that classifier's feature space (per-frame features averaged over time, and a temporal variant that adds the mean
-frame-to-frame feature change), precision/recall (k-NN manifolds), and samples/s. Writes
+under the project's frame classifier (trained on the same data, cached), frame agreement (the
+share of frames classified as their sample's class: does a digit keep its identity over time),
+Frechet distance to validation clips in that classifier's feature space (per-frame features
+averaged over time, and a temporal variant that adds the mean frame-to-frame feature change),
+precision/recall (k-NN manifolds), and samples/s. Writes
 `eval.json` and `eval.md` to --out (default: <workdir>/eval).
 """
 from __future__ import annotations
@@ -147,14 +149,16 @@ def evaluate(path: str, *, step_counts, num: int, guidance: float | None = None,
     rows = []
     for n_steps, (cond_name, (cond, examples)) in itertools.product(step_counts, conds.items()):
         videos, rate = generate(run, cond, n_steps, guidance, min(batch, num))
-        pred, _ = classifier.classify_videos(clf, videos)
-        frames = classifier.features(clf, videos)[1]
+        frames, logits = classifier.per_frame(clf, videos)  # [N, T, F], [N, T, K]
+        pred = logits.mean(axis=1).argmax(axis=-1)  # the video's class: mean frame logits
         precision, recall = metrics.precision_recall(real_mean, frames.mean(axis=1))
         rows.append({
             "steps": n_steps,
             "condition": cond_name,
             **({"example_prompts": examples} if examples else {}),
             "class_accuracy": metrics.class_accuracy(pred, labels),
+            # does a sample keep its digit from frame to frame?
+            "frame_agreement": metrics.frame_agreement(logits.argmax(axis=-1), pred),
             "frechet_distance": metrics.frechet_distance(real_mean, frames.mean(axis=1)),
             "frechet_distance_temporal": metrics.frechet_distance(real_temporal,
                                                                   temporal_features(frames)),
@@ -170,10 +174,11 @@ def evaluate(path: str, *, step_counts, num: int, guidance: float | None = None,
 def markdown(report: dict) -> str:
     lines = [f"Evaluation of `{report['workdir']}` (step {report['checkpoint_step']}, "
              f"{report['num']} samples, guidance {report['guidance']})", "",
-             "| steps | conditioned on | class acc. | FD | FD temporal | precision | recall "
-             "| samples/s |", "|---|---|---|---|---|---|---|---|"]
+             "| steps | conditioned on | class acc. | frame agreement | FD | FD temporal "
+             "| precision | recall | samples/s |", "|---|---|---|---|---|---|---|---|---|"]
     for r in report["results"]:
-        lines.append(f"| {r['steps']} | {r.get('condition', 'labels')} | {r['class_accuracy']:.3f} | {r['frechet_distance']:.2f} | "
+        lines.append(f"| {r['steps']} | {r.get('condition', 'labels')} | {r['class_accuracy']:.3f}"
+                     f" | {r['frame_agreement']:.3f} | {r['frechet_distance']:.2f} | "
                      f"{r['frechet_distance_temporal']:.2f} | {r['precision']:.3f} | "
                      f"{r['recall']:.3f} | {r['samples_per_s']:.2f} |")
     return "\n".join(lines) + "\n"

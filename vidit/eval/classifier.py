@@ -250,6 +250,11 @@ def _per_frame(model: FrameClassifier, videos: np.ndarray) -> tuple[np.ndarray, 
     return feats.reshape(n, t, -1), logits.reshape(n, t, -1)
 
 
+def per_frame(model: FrameClassifier, videos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Penultimate-layer features ``[N, T, F]`` and logits ``[N, T, K]`` of every frame."""
+    return _per_frame(model, videos)
+
+
 def video_logits(model: FrameClassifier, videos: np.ndarray) -> np.ndarray:
     """Video logits ``[N, K]``: frame logits averaged over time."""
     return _per_frame(model, videos)[1].mean(axis=1)

@@ -27,6 +27,16 @@ def class_accuracy(pred: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(pred == labels))
 
 
+def frame_agreement(frame_pred: np.ndarray, video_pred: np.ndarray) -> float:
+    """Share of frames [N, T] classified as their video's class [N]: 1.0 when every sample
+    keeps one digit identity across its frames (a temporal consistency check)."""
+    frame_pred, video_pred = np.asarray(frame_pred), np.asarray(video_pred)
+    if frame_pred.ndim != 2 or frame_pred.shape[0] != video_pred.shape[0]:
+        raise ValueError(f"frame predictions {frame_pred.shape} do not match videos "
+                         f"{video_pred.shape}")
+    return float((frame_pred == video_pred[:, None]).mean())
+
+
 def _as_features(feats: np.ndarray, name: str, min_rows: int) -> np.ndarray:
     feats = np.asarray(feats, dtype=np.float64)  # float64: covariances of ~100 dims lose digits in float32
     if feats.ndim != 2:
