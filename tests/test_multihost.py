@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,6 +81,11 @@ def test_two_processes_train_resume_and_resume_on_one(data_dir, tmp_path):
     assert "process 1 of 2" in text and "4 local / 8 global devices" in text
     first = losses(text)
     assert losses(text, "p1") == first  # both hosts see the same global loss
+    # ... and each logs an MFU against its own matmul probe: the same order of magnitude
+    mfu = {p: [float(v) for v in re.findall(rf"\[{p}\].*perf/mfu=([0-9.e+-]+)", text)]
+           for p in ("p0", "p1")}
+    assert mfu["p0"] and mfu["p1"]
+    assert 0.1 < np.median(mfu["p1"]) / np.median(mfu["p0"]) < 10, mfu
     shutil.copytree(two, tmp_path / "one")
 
     status, text = run(train_command(two, data_dir), 2, 4, tmp_path, "two_b")

@@ -117,3 +117,14 @@ def test_encode_text_caches_what_the_online_step_computes(data_dir, tmp_path, mo
     assert summary["stopped_for"] is None
     saved = json.loads((tmp_path / "run" / text_encoders.IDENTITY_FILE).read_text())
     assert saved == info["encoder"]
+
+
+def test_sample_captions_span_batches(data_dir):
+    """The periodic samples take sample.num captions even when that is more than one batch."""
+    c = override(moving_digits.get_config("smoke,cond=text"), **{"data.data_dir": data_dir})
+    assert c.data.batch_size == 8
+    tokenizer = text_encoders.tokenizer_for(c.model)
+    rows = train_lib.sample_batch(c, 12, "validation", tokenizer)
+    assert rows["text"].shape == (12, c.model.text_len) and rows["text_mask"].shape[0] == 12
+    again = train_lib.sample_batch(c, 8, "validation", tokenizer)
+    np.testing.assert_array_equal(rows["text"][:8], again["text"])  # the same first captions

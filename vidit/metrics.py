@@ -48,12 +48,15 @@ def format_metrics(step: int, values: dict) -> str:
 
 
 def measure_matmul_peak(size: int = 2048, repeats: int = 5, dtype=jnp.float32) -> float:
-    """FLOP/s of a large square matmul under XLA on device 0: the "peak" MFU is relative to.
+    """FLOP/s of a large square matmul under XLA on this process's first device: the "peak"
+    MFU is relative to.
 
     On a CPU there is no datasheet peak; the best this machine does on the op that dominates a
     transformer is the honest reference.
     """
-    device = jax.devices()[0]
+    # A local device: in a multi-process run jax.devices()[0] belongs to process 0, and timing
+    # work placed there from another process measured nothing (MFU ~1e-7 on process 1).
+    device = jax.local_devices()[0]
     a = jax.device_put(jnp.ones((size, size), dtype), device)
     b = jax.device_put(jnp.ones((size, size), dtype), device)
     f = jax.jit(jnp.matmul)

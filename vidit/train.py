@@ -55,8 +55,12 @@ def sample_batch(config: Any, num: int, split: str, tokenizer) -> dict:
         from data_pipelines import pipeline
         it = pipeline.make_iterator(config.data, split, seed=0, train=False,
                                     process_index=0, process_count=1, tokenizer=tokenizer)
-        first = next(iter(it))
-        return {k: first[k][:num] for k in ("text", "text_mask", "text_embedding") if k in first}
+        keys, rows = ("text", "text_mask", "text_embedding"), []
+        for batch in it:  # as many batches as `num` captions take
+            rows.append({k: batch[k] for k in keys if k in batch})
+            if sum(len(r["text_mask"]) for r in rows) >= num:
+                break
+        return {k: np.concatenate([r[k] for r in rows])[:num] for k in rows[0]}
     return {}
 
 
