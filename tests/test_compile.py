@@ -78,6 +78,7 @@ def test_frozen_t5_encoder_compiles_on_the_mesh():
     matmuls = 8 * (2 * (e["params"] - vocab * d) * 64 + layers * 4 * 64**2 * 4 * 8)
     assert e["model_flops_per_batch"] == matmuls
     assert e["compiled_flops_per_chip"] * 4 >= 0.9 * matmuls
+    assert e["replication"] == e["compiled_flops_per_chip"] * 4 / matmuls
     c.model.text_width = 4096
     with pytest.raises(ConfigError, match="32 wide"):
         compile_lib.compile_text_encoder(c, "v5p:2x2x1", folder)
