@@ -9,6 +9,9 @@ the few-step objective's jump sampler at --few steps (1: one network call) and o
 objective's Euler sampler at --many steps (50). Both use the same guidance (default 1: one
 network call per step; with --guidance W != 1 every call runs on a doubled batch). Compilation
 is outside the timing; after --warmup calls, the median of --runs calls is reported.
+
+Each sampler's forward-pass MFU: network calls x forward FLOPs (x2 with guidance, a doubled
+batch) per second, over a large f32 matmul's rate measured after that sampler's runs.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vidit import diffusion, sharding, steps  # noqa: E402
+from vidit import diffusion, flops, metrics, sharding, steps  # noqa: E402
 from vidit.train_state import Setup  # noqa: E402
 from vidit import host_malloc  # noqa: E402
 
@@ -97,6 +100,13 @@ def main():
             results[key] = {"objective": name, **time_sampler(
                 fn, params, noise, cond, steps_=steps_, guidance=args.guidance,
                 warmup=args.warmup, runs=args.runs)}
+        # Network calls per sample: one per step (MeanFlow/shortcut jumps and Euler alike).
+        forward = flops.forward_flops(c.model, d.num_frames, d.height, d.width)["total"]
+        calls = steps_ * args.batch * (2 if args.guidance != 1.0 else 1)
+        peak = metrics.measure_matmul_peak()
+        results[key]["forward_flops_per_s"] = calls * forward / results[key]["median_s"]
+        results[key]["matmul_peak_flops_per_s"] = peak
+        results[key]["forward_mfu"] = results[key]["forward_flops_per_s"] / peak
     ratio = results["many"]["median_s"] / results["few"]["median_s"]
     print(json.dumps({
         "model": {"size": c.model.get("size"), "depth": c.model.depth, "width": c.model.width,

@@ -3,9 +3,14 @@
     python benchmarks/train_step.py                       # DiT-S, 4x32x32x4, patch 1x2x2, batch 2
     python benchmarks/train_step.py --size B --batch 4 --attention dense
     python benchmarks/train_step.py --config configs/moving_digits.py
+    python benchmarks/train_step.py --depth 6 --width 384 --heads 6 --mlp 1536 --cond text \
+        --text_tokens 16 --text_width 4096   # cross-attention to cached T5-width embeddings
 
 MFU = model FLOPs per second / the measured rate of a large f32 matmul on the same machine in
 the same run (there is no datasheet peak for a CPU). FLOPs count 2 per multiply-accumulate.
+This machine's speed drifts (up to 2x between runs), so the timed steps and the matmul probe
+alternate --alternations times; each alternation gives an MFU and the JSON reports their
+median and spread.
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vidit import config_lib, diffusion, flops, metrics, sharding, steps  # noqa: E402
+from vidit import batches, config_lib, diffusion, flops, metrics, sharding, steps  # noqa: E402
 from vidit.train_state import Setup  # noqa: E402
 from vidit import host_malloc  # noqa: E402
 
@@ -43,7 +48,18 @@ def benchmark_config(args):
         c.data.channels = c.model.channels = args.channels
         c.data.batch_size = args.batch
         c.model.patch = tuple(int(p) for p in args.patch.split(","))
-        c.model.cond = "class"
+        c.model.cond = args.cond
+        if args.depth:
+            c.model.depth = args.depth
+        if args.width:
+            c.model.width = args.width
+        if args.heads:
+            c.model.heads = args.heads
+        if args.mlp:
+            c.model.mlp_ratio = args.mlp / c.model.width
+        if args.cond == "text":  # cached embeddings of a frozen encoder, projected in the DiT
+            c.model.text_encoder.kind = "t5"
+            c.model.text_len, c.model.text_width = args.text_tokens, args.text_width
     if args.attention:
         c.model.attention = args.attention
     if args.dtype:
@@ -69,7 +85,16 @@ def main():
     p.add_argument("--attention", default="")
     p.add_argument("--remat", default="")
     p.add_argument("--scan_layers", default="", choices=["", "true", "false"])
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--depth", type=int, default=0, help="blocks (overrides --size)")
+    p.add_argument("--width", type=int, default=0)
+    p.add_argument("--heads", type=int, default=0)
+    p.add_argument("--mlp", type=int, default=0, help="MLP hidden width")
+    p.add_argument("--cond", default="class", choices=["class", "text"])
+    p.add_argument("--text_tokens", type=int, default=16)
+    p.add_argument("--text_width", type=int, default=4096)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per alternation")
+    p.add_argument("--alternations", type=int, default=5,
+                   help="rounds of (timed steps, matmul probe); MFU is their median")
     p.add_argument("--profile", default="", help="write a JAX profiler trace to this folder")
     args = p.parse_args()
 
@@ -80,40 +105,51 @@ def main():
     state = setup.init()
     rng = np.random.default_rng(0)
     d = c.data
-    batch = {
-        "video": jnp.asarray(rng.uniform(-1, 1, (d.batch_size, d.num_frames, d.height, d.width,
-                                                 d.channels)).astype(np.float32)),
-        "label": jnp.asarray(rng.integers(0, 10, (d.batch_size,)).astype(np.int32)),
-        "text": jnp.ones((d.batch_size, c.model.text_len), jnp.int32),
-    }
+    batch, frozen = {}, {}
+    for key, spec in batches.abstract_batch(c, mesh).items():
+        if spec.dtype == jnp.bool_:
+            batch[key] = jnp.ones(spec.shape, bool)
+        elif key == "label":
+            batch[key] = jnp.asarray(rng.integers(0, 10, spec.shape).astype(np.int32))
+        elif key == "text":
+            batch[key] = jnp.ones(spec.shape, jnp.int32)
+        else:
+            batch[key] = jnp.asarray(rng.uniform(-1, 1, spec.shape).astype(np.float32))
+    if "text_embedding" in batch:  # the empty caption's embedding, for guidance dropout
+        frozen["null_text"] = {"text_embedding": batch["text_embedding"][:1],
+                               "text_mask": batch["text_mask"][:1]}
     step = steps.jit_train_step(setup, objective)
     t0 = time.perf_counter()
     with sharding.use(mesh, c.sharding_rules):
-        compiled = step.lower(state, batch).compile()
+        compiled = step.lower(state, batch, frozen).compile()
     compile_s = time.perf_counter() - t0
-    state, m = compiled(state, batch)  # warm-up
+    state, m = compiled(state, batch, frozen)  # warm-up
     jax.block_until_ready(m)
 
-    peak = metrics.measure_matmul_peak()
     if args.profile:
         jax.profiler.start_trace(args.profile)
-    times = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        state, m = compiled(state, batch)
-        jax.block_until_ready(m)
-        times.append(time.perf_counter() - t0)
+    times, peaks, rounds = [], [], []
+    for _ in range(args.alternations):
+        these = []
+        for _ in range(args.steps):
+            t0 = time.perf_counter()
+            state, m = compiled(state, batch, frozen)
+            jax.block_until_ready(m)
+            these.append(time.perf_counter() - t0)
+        peaks.append(metrics.measure_matmul_peak())
+        times += these
+        rounds.append((float(np.median(these)), peaks[-1]))
     if args.profile:
         jax.profiler.stop_trace()
-    peak_after = metrics.measure_matmul_peak()
 
     f = flops.forward_flops(c.model, d.num_frames, d.height, d.width)
     step_flops = flops.train_flops_per_step(c.model, d)
     step_time = float(np.median(times))
-    peak = max(peak, peak_after)  # the better of two measurements bracketing the timed steps
+    mfus = [step_flops / t / pk for t, pk in rounds]
     result = {
         "model": {"size": c.model.get("size"), "depth": c.model.depth, "width": c.model.width,
-                  "heads": c.model.heads, "params": setup.num_params(),
+                  "heads": c.model.heads, "mlp": int(c.model.width * c.model.mlp_ratio),
+                  "params": setup.num_params(),
                   "patch": list(c.model.patch), "attention": c.model.attention,
                   "dtype": c.model.dtype, "remat": c.model.remat},
         "input": [d.batch_size, d.num_frames, d.height, d.width, d.channels],
@@ -126,8 +162,13 @@ def main():
         "step_times_s": [round(t, 4) for t in times],
         "tokens_per_s": f["tokens"] * d.batch_size / step_time,
         "model_flops_per_s": step_flops / step_time,
-        "matmul_peak_flops_per_s": peak,
-        "mfu": step_flops / step_time / peak,
+        "matmul_peak_flops_per_s": float(np.median(peaks)),
+        "matmul_peaks_flops_per_s": peaks,
+        # One MFU per alternation (its steps' median time over its own matmul probe).
+        "mfu": float(np.median(mfus)),
+        "mfu_per_alternation": [round(x, 4) for x in mfus],
+        "mfu_spread": [round(min(mfus), 4), round(max(mfus), 4)],
+        "cond": c.model.cond, "text_tokens": c.model.text_len if c.model.cond == "text" else 0,
         "loss_finite": bool(m["finite"]),
         "devices": str(jax.devices()[0].platform),
     }

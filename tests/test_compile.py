@@ -84,3 +84,39 @@ def test_frozen_t5_encoder_compiles_on_the_mesh():
         compile_lib.compile_text_encoder(c, "v5p:2x2x1", folder)
     with pytest.raises(ConfigError, match="umt5-xxl"):
         compile_lib.compile_text_encoder(c, "v5p:2x2x1", "no-such-encoder")
+
+
+def test_layout_search_ranks_fitting_layouts_by_roofline_mfu(monkeypatch):
+    """--search: every tensor x sequence split, then other remat policies and batches for the
+    best two; refused and non-fitting layouts rank last; the batch grows to one clip per batch
+    shard. (The compiler is replaced by a table here; the real one runs in docs/compile.)"""
+    seen = []
+
+    def fake_report(c, topology, num_slices=1):
+        t, s, remat, b = c.mesh.tensor, c.mesh.sequence, c.model.remat, c.data.batch_size
+        seen.append((t, s, remat, b))
+        assert b % (16 // (t * s)) == 0  # divides over data x fsdp
+        if s == 4:
+            raise ConfigError("heads do not divide over sequence=4")
+        mfu = {1: 0.3, 2: 0.5}[s] + (0.1 if remat == "none" else 0) + (0.05 if t == 2 else 0)
+        fits = not (t == 1 and s == 1)  # pretend the unsplit layout runs out of memory
+        return {"mesh": {"tensor": t, "sequence": s}, "fits": fits,
+                "per_chip_gib": {"total": 10.0}, "tokens_per_clip": 64,
+                "roofline": {"step_s": 1.0, "mfu": mfu, "mfu_overlapped": mfu + 0.1,
+                             "bound": "compute", "compute_s": 1.0, "hbm_s": 0.1,
+                             "ici_s": 0.1, "dcn_s": 0.0, "top_collective": "all-gather"}}
+
+    monkeypatch.setattr(compile_lib, "compile_report", fake_report)
+    monkeypatch.setattr(compile_lib, "topology_devices", lambda name, n=1: list(range(16)))
+    c = tiny_pod_config("chunked")
+    c.data.batch_size = 2
+    rows = compile_lib.search_layouts(c, "v5p:2x2x4", max_split=4, log=lambda line: None)
+    best = rows[0]
+    assert (best["tensor"], best["sequence"], best["remat"]) == (2, 2, "none")
+    assert best["mfu"] == pytest.approx(0.65)
+    assert best["global_batch"] >= 4  # 16 chips / (2 x 2) = 4 batch shards
+    assert any("error" in r and "sequence=4" in r["error"] for r in rows)
+    assert not rows[-1].get("fits")
+    assert len([s for s in seen if s[2] == c.model.remat]) >= 9  # the whole 3 x 3 grid
+    assert {"full", "dots_saveable", "none"} <= {s[2] for s in seen}
+    assert "refused" in compile_lib._search_line(rows[-1]) or not rows[-1]["fits"]

@@ -7,6 +7,7 @@
         --config.mesh.dcn_data=2        # two v5p-128 slices joined over DCN (multi-slice)
     python -m vidit.compile --config configs/dit_8b.py --topology v5p:8x8x8 \
         --text_encoder t5-v1_1-xxl      # also the frozen caption encoder, on the same mesh
+    python -m vidit.compile --config configs/dit_8b.py --topology v5p:8x8x8 --search
 
 Needs libtpu (`pip install -e ".[tpu]"`), not a TPU: `jax.experimental.topologies` describes
 the slice's chips, the mesh is built over them from config.mesh, and the same jitted train step
@@ -15,6 +16,13 @@ batch, then compiled by the TPU compiler. The report gives per-chip memory (para
 optimizer state and EMA from their shardings; XLA's argument, temporary and total figures),
 whether it fits the chip's HBM, compiled FLOPs per step, and the step time and tokens/s that
 the chip's peak gives at a stated MFU. Exit status 2 if it does not fit.
+
+It also reads the compiled program itself (vidit/hlo_cost.py): per chip, the FLOPs and HBM bytes
+with every loop body counted at its trip count (XLA's cost analysis counts a scanned block
+once), and the bytes each collective kind sends over ICI and DCN; from those and the chip table
+(CHIPS), a roofline step time, max(compute, HBM) + collectives, and the MFU it implies.
+`--search` compiles every tensor x sequence split of the slice, then the best two under other
+remat policies and batch sizes, and names the layout with the best estimated MFU.
 
 `--num_slices K` describes K copies of the slice joined over the data-centre network (DCN): the
 devices then carry `slice_index`, config.mesh.dcn_* must multiply to K, and the mesh is built
@@ -36,17 +44,26 @@ from typing import Any
 import jax
 import numpy as np
 
-from vidit import batches, checks, cli, diffusion, flops, sharding, steps, text_encoders
+from vidit import batches, checks, cli, diffusion, flops, hlo_cost, sharding, steps, text_encoders
 from vidit.errors import ConfigError
 from vidit.train_state import Setup
 
-# Per chip, dense bf16 (Google Cloud TPU documentation).
+# Per chip, from the Google Cloud TPU documentation's system-architecture pages (v4, v5e, v5p,
+# v6e): dense bf16 peak, HBM capacity and bandwidth, bidirectional ICI bandwidth, ICI torus
+# dimensions, and DCN bandwidth where the page gives one per chip (v5p: 50 Gbps; v5e: 6.4 Tbps
+# per 256-chip pod). None: not published per chip; the roofline then leaves that term out and
+# says so.
 CHIPS = {
-    "v4": {"peak_tflops": 275, "hbm_gib": 32},
-    "v5e": {"peak_tflops": 197, "hbm_gib": 16},
-    "v5litepod": {"peak_tflops": 197, "hbm_gib": 16},
-    "v5p": {"peak_tflops": 459, "hbm_gib": 95},
-    "v6e": {"peak_tflops": 918, "hbm_gib": 32},
+    "v4": {"peak_tflops": 275, "hbm_gib": 32, "hbm_gbps": 1200, "ici_gbps": None,
+           "torus_dims": 3, "dcn_gbps": None},
+    "v5e": {"peak_tflops": 197, "hbm_gib": 16, "hbm_gbps": 819, "ici_gbps": 400,
+            "torus_dims": 2, "dcn_gbps": 25},
+    "v5litepod": {"peak_tflops": 197, "hbm_gib": 16, "hbm_gbps": 819, "ici_gbps": 400,
+                  "torus_dims": 2, "dcn_gbps": 25},
+    "v5p": {"peak_tflops": 459, "hbm_gib": 95, "hbm_gbps": 2765, "ici_gbps": 1200,
+            "torus_dims": 3, "dcn_gbps": 50},
+    "v6e": {"peak_tflops": 918, "hbm_gib": 32, "hbm_gbps": 1638, "ici_gbps": 800,
+            "torus_dims": 2, "dcn_gbps": None},
 }
 GIB = 2**30
 
@@ -128,6 +145,9 @@ def compile_report(config: Any, topology: str, mfu: float = 0.4, num_slices: int
     slices = len(sharding.device_slices(list(mesh.devices.flat), config.mesh.get("num_slices", 0)))
     ici, dcn = sharding.hybrid_mesh_shape(config.mesh, chips, slices)
     step_s = model_flops / (chips * chip["peak_tflops"] * 1e12 * mfu)
+    # The HLO's device ids index the mesh's devices in order; their slice decides ICI or DCN.
+    device_slices = [getattr(dev, "slice_index", 0) or 0 for dev in mesh.devices.flat]
+    hlo = hlo_cost.analyze(compiled.as_text(), device_slices)
     return {
         "topology": topology, "chips": chips, "mesh": dict(mesh.shape),
         "num_slices": slices, "mesh_ici": ici, "mesh_dcn": dcn,
@@ -145,9 +165,13 @@ def compile_report(config: Any, topology: str, mfu: float = 0.4, num_slices: int
         },
         "hbm_gib": chip["hbm_gib"],
         "fits": total <= chip["hbm_gib"] * GIB,
-        # XLA counts a loop body once: with scan_layers this is about one layer's share.
+        # XLA's cost analysis counts a loop body once: with scan_layers, about one layer.
         "compiled_flops_per_chip": float(cost.get("flops", float("nan"))),
         "model_flops_per_step": model_flops,
+        # What each chip runs, every loop at its trip count (vidit.hlo_cost), and the step
+        # time that implies for this chip.
+        "hlo": hlo.as_dict(),
+        "roofline": roofline(hlo, chip, model_flops / chips),
         "assumed_mfu": mfu,
         "step_time_s": step_s,
         "tokens_per_s": fwd["tokens"] * d.batch_size / step_s,
@@ -155,6 +179,38 @@ def compile_report(config: Any, topology: str, mfu: float = 0.4, num_slices: int
         # The caption path: cross-attention to the text tokens (and the byte encoder when
         # trained), its share of the model FLOPs, and the text input's bytes per chip.
         "text": _text_cost(config, fwd, mesh),
+    }
+
+
+def roofline(hlo: hlo_cost.HloCost, chip: dict, model_flops_per_chip: float) -> dict:
+    """Step time from the compiled program on one chip: max(FLOPs at peak, HBM bytes at HBM
+    bandwidth) plus the collectives at link bandwidth (no overlap assumed: an upper bound; the
+    overlapped bound, max of all terms, is reported beside it), and the MFU that implies.
+
+    A collective over one mesh axis is taken to use the ICI links of one torus dimension (both
+    directions): the chip's bidirectional ICI bandwidth / torus dimensions / 2 per byte sent;
+    groups spanning several dimensions get more, so this errs slow."""
+    compute_s = hlo.flops / (chip["peak_tflops"] * 1e12)
+    memory_s = hlo.hbm_bytes / (chip["hbm_gbps"] * 1e9)
+    ici_rate = (chip["ici_gbps"] * 1e9 / chip["torus_dims"] / 2) if chip["ici_gbps"] else None
+    dcn_rate = chip["dcn_gbps"] * 1e9 / 8 if chip["dcn_gbps"] else None
+    ici_s = hlo.ici_bytes / ici_rate if ici_rate else (0.0 if not hlo.ici_bytes else None)
+    dcn_s = hlo.dcn_bytes / dcn_rate if dcn_rate else (0.0 if not hlo.dcn_bytes else None)
+    known = [t for t in (ici_s, dcn_s) if t is not None]
+    step_s = max(compute_s, memory_s) + sum(known)
+    overlapped_s = max([compute_s, memory_s] + known)
+    terms = {"compute": compute_s, "hbm": memory_s, "ici": ici_s or 0.0, "dcn": dcn_s or 0.0}
+    return {
+        "compute_s": compute_s, "hbm_s": memory_s, "ici_s": ici_s, "dcn_s": dcn_s,
+        "step_s": step_s, "step_s_overlapped": overlapped_s,
+        "mfu": model_flops_per_chip / (step_s * chip["peak_tflops"] * 1e12),
+        "mfu_overlapped": model_flops_per_chip / (overlapped_s * chip["peak_tflops"] * 1e12),
+        "bound": max(terms, key=terms.get),
+        "top_collective": max(hlo.collective_bytes, key=hlo.collective_bytes.get)
+        if hlo.collective_bytes else None,
+        "unpriced": [k for k, t in (("ici", ici_s), ("dcn", dcn_s)) if t is None],
+        "hardware_flops_ratio": hlo.flops / model_flops_per_chip if model_flops_per_chip else None,
+        "opaque_kernels": hlo.custom_calls,
     }
 
 
@@ -252,6 +308,24 @@ def format_report(r: dict) -> str:
         f"at {r['assumed_mfu']:.0%} MFU: {r['step_time_s']:.2f} s/step, "
         f"{r['tokens_per_s']:.3g} tokens/s (compiled in {r['compile_s']} s)",
     ]
+    if r.get("roofline"):
+        h, f = r["hlo"], r["roofline"]
+        coll = ", ".join(f"{k} {v / GIB:.2f}" for k, v in sorted(h["collective_bytes"].items()))
+        lines += [
+            f"per chip, loops at their trip counts: {h['flops']:.3e} FLOPs "
+            f"({f['hardware_flops_ratio']:.2f}x the model FLOPs: remat recomputation and "
+            f"element-wise work), {h['hbm_bytes'] / GIB:.1f} GiB HBM traffic; sent over ICI "
+            f"{h['ici_bytes'] / GIB:.2f} GiB, DCN {h['dcn_bytes'] / GIB:.2f} GiB "
+            f"({coll or 'no collectives'})",
+            f"roofline: compute {f['compute_s']:.2f} s, HBM {f['hbm_s']:.2f} s, ICI "
+            f"{_seconds(f['ici_s'])}, DCN {_seconds(f['dcn_s'])} -> {f['step_s']:.2f} s/step "
+            f"serial ({f['mfu']:.0%} MFU), {f['step_s_overlapped']:.2f} s overlapped "
+            f"({f['mfu_overlapped']:.0%} MFU); bound by {f['bound']}"
+            + (f"; {f['opaque_kernels']} Pallas kernel calls not counted" if
+               f["opaque_kernels"] else "")
+            + (f"; no published {'/'.join(f['unpriced'])} bandwidth for this chip" if
+               f["unpriced"] else ""),
+        ]
     if r.get("text"):
         t = r["text"]
         lines.append(f"text: {t['encoder']} encoder, {t['tokens']} tokens x {t['width']}; "
@@ -270,11 +344,92 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
+def _seconds(t):
+    return "n/a" if t is None else f"{t:.2f} s"
+
+
+def search_layouts(config: Any, topology: str, num_slices: int = 1,
+                   remats=("full", "dots_saveable", "none"), batch_scales=(1, 2),
+                   max_split: int = 8, log=print) -> list[dict]:
+    """Compiles the config under each (tensor, sequence) split of the slice (fsdp takes the
+    rest; the global batch grows to one clip per batch shard where needed), then the best two
+    under other remat policies and batch sizes; returns one row per layout, best estimated
+    (serial roofline) MFU first among those that fit."""
+    import copy
+    chips = len(topology_devices(topology, num_slices))
+
+    def attempt(tensor, sequence, remat, scale):
+        c = copy.deepcopy(config)
+        c.mesh.data, c.mesh.fsdp, c.mesh.tensor, c.mesh.sequence = 1, -1, tensor, sequence
+        c.model.remat = remat
+        # The batch splits over data x fsdp (the chips left after tensor and sequence): at
+        # least one clip per batch shard.
+        shards = chips // (tensor * sequence)
+        batch = max(int(config.data.batch_size * scale), shards)
+        c.data.batch_size = -(-batch // shards) * shards
+        row = {"tensor": tensor, "sequence": sequence, "remat": remat,
+               "global_batch": c.data.batch_size}
+        try:
+            r = compile_report(c, topology, num_slices=num_slices)
+        except (ConfigError, ValueError) as e:  # a split the model or the checks refuse
+            return row | {"error": str(e).splitlines()[0][:160]}
+        except Exception as e:  # noqa: BLE001 - the compiler's own refusal (e.g. out of memory)
+            return row | {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
+        f = r["roofline"]
+        return row | {"mesh": r["mesh"], "fits": r["fits"],
+                      "total_gib": r["per_chip_gib"]["total"], "step_s": f["step_s"],
+                      "mfu": f["mfu"], "mfu_overlapped": f["mfu_overlapped"],
+                      "bound": f["bound"], "compute_s": f["compute_s"], "hbm_s": f["hbm_s"],
+                      "ici_s": f["ici_s"], "dcn_s": f["dcn_s"],
+                      "top_collective": f["top_collective"],
+                      "tokens_per_s": r["tokens_per_clip"] * c.data.batch_size / f["step_s"]}
+
+    def key(row):
+        return row.get("mfu", -1) if row.get("fits") else -1
+
+    splits = [2**i for i in range(int(math.log2(max_split)) + 1)]
+    rows = []
+    for tensor in splits:
+        for sequence in splits:
+            rows.append(attempt(tensor, sequence, config.model.remat, 1))
+            log(_search_line(rows[-1]))
+    best = sorted(rows, key=key, reverse=True)[:2]
+    for b in best:
+        for remat in remats:
+            for scale in batch_scales:
+                if (remat, scale) != (config.model.remat, 1) and "error" not in b:
+                    rows.append(attempt(b["tensor"], b["sequence"], remat, scale))
+                    log(_search_line(rows[-1]))
+    return sorted(rows, key=key, reverse=True)
+
+
+def _search_line(row: dict) -> str:
+    head = (f"tensor {row['tensor']} x sequence {row['sequence']}, remat {row['remat']}, "
+            f"batch {row['global_batch']}: ")
+    if "error" in row:
+        return head + "refused: " + row["error"]
+    return head + (f"{row['total_gib']:.1f} GiB/chip {'fits' if row['fits'] else 'DOES NOT FIT'}"
+                   f", {row['step_s']:.2f} s/step, MFU {row['mfu']:.0%} serial / "
+                   f"{row['mfu_overlapped']:.0%} overlapped, bound by {row['bound']}")
+
+
 def main(argv):
     from absl import flags
     del argv
     cli.setup(compilation_cache=False, multi_host=False)
     f = flags.FLAGS
+    if f.search:
+        rows = search_layouts(f.config, f.topology, f.num_slices, log=lambda line: print(
+            line, file=sys.stderr, flush=True))
+        best = next((r for r in rows if r.get("fits")), None)
+        if f.json:
+            print(json.dumps({"topology": f.topology, "best": best, "layouts": rows}, indent=2))
+        elif best:
+            print("best layout: " + _search_line(best))
+        if best is None:
+            print("no layout fits", file=sys.stderr)
+            sys.exit(2)
+        return
     report = compile_report(f.config, f.topology, f.mfu, f.num_slices)
     if f.text_encoder:
         report["text_encoder"] = compile_text_encoder(f.config, f.topology, f.text_encoder,
@@ -295,6 +450,9 @@ def define_flags():
                          "config.mesh.dcn_* must multiply to it")
     flags.DEFINE_float("mfu", 0.4, "MFU assumed for the step-time estimate")
     flags.DEFINE_bool("json", False, "print the report as JSON")
+    flags.DEFINE_bool("search", False, "compile every tensor x sequence split of the slice "
+                      "(fsdp takes the rest), then the best two with other remat policies and "
+                      "twice the batch; name the layout with the best roofline MFU")
     flags.DEFINE_string("text_encoder", None, "also compile this frozen T5 encoder on the mesh: "
                         "t5-v1_1-xxl, umt5-xxl, or a Hugging Face folder")
     flags.mark_flags_as_required(["config"])
