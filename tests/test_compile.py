@@ -99,7 +99,8 @@ def test_layout_search_ranks_fitting_layouts_by_roofline_mfu(monkeypatch):
         if s == 4:
             raise ConfigError("heads do not divide over sequence=4")
         mfu = {1: 0.3, 2: 0.5}[s] + (0.1 if remat == "none" else 0) + (0.05 if t == 2 else 0)
-        fits = not (t == 1 and s == 1)  # pretend the unsplit layout runs out of memory
+        # Pretend the unsplit layout, and remat 'none' above 4 clips, run out of memory.
+        fits = not (t == 1 and s == 1) and not (remat == "none" and b > 4)
         return {"mesh": {"tensor": t, "sequence": s}, "fits": fits,
                 "per_chip_gib": {"total": 10.0}, "tokens_per_clip": 64,
                 "roofline": {"step_s": 1.0, "mfu": mfu, "mfu_overlapped": mfu + 0.1,
@@ -120,3 +121,6 @@ def test_layout_search_ranks_fitting_layouts_by_roofline_mfu(monkeypatch):
     assert len([s for s in seen if s[2] == c.model.remat]) >= 9  # the whole 3 x 3 grid
     assert {"full", "dots_saveable", "none"} <= {s[2] for s in seen}
     assert "refused" in compile_lib._search_line(rows[-1]) or not rows[-1]["fits"]
+    # A remat policy that runs out of memory is retried at half the batch until it fits.
+    i = seen.index((2, 2, "none", 8))
+    assert seen[i + 1] == (2, 2, "none", 4)

@@ -353,20 +353,20 @@ def search_layouts(config: Any, topology: str, num_slices: int = 1,
                    max_split: int = 8, log=print) -> list[dict]:
     """Compiles the config under each (tensor, sequence) split of the slice (fsdp takes the
     rest; the global batch grows to one clip per batch shard where needed), then the best two
-    under other remat policies and batch sizes; returns one row per layout, best estimated
-    (serial roofline) MFU first among those that fit."""
+    under other remat policies and with their batch scaled by batch_scales, halving a batch
+    that does not fit until it does; returns one row per layout, best estimated (serial
+    roofline) MFU first among those that fit."""
     import copy
     chips = len(topology_devices(topology, num_slices))
 
-    def attempt(tensor, sequence, remat, scale):
+    def attempt(tensor, sequence, remat, batch):
         c = copy.deepcopy(config)
         c.mesh.data, c.mesh.fsdp, c.mesh.tensor, c.mesh.sequence = 1, -1, tensor, sequence
         c.model.remat = remat
         # The batch splits over data x fsdp (the chips left after tensor and sequence): at
         # least one clip per batch shard.
         shards = chips // (tensor * sequence)
-        batch = max(int(config.data.batch_size * scale), shards)
-        c.data.batch_size = -(-batch // shards) * shards
+        c.data.batch_size = -(-max(batch, shards) // shards) * shards
         row = {"tensor": tensor, "sequence": sequence, "remat": remat,
                "global_batch": c.data.batch_size}
         try:
@@ -391,15 +391,27 @@ def search_layouts(config: Any, topology: str, num_slices: int = 1,
     rows = []
     for tensor in splits:
         for sequence in splits:
-            rows.append(attempt(tensor, sequence, config.model.remat, 1))
+            rows.append(attempt(tensor, sequence, config.model.remat, config.data.batch_size))
             log(_search_line(rows[-1]))
     best = sorted(rows, key=key, reverse=True)[:2]
     for b in best:
+        if "error" in b:
+            continue
+        shards = chips // (b["tensor"] * b["sequence"])
         for remat in remats:
             for scale in batch_scales:
-                if (remat, scale) != (config.model.remat, 1) and "error" not in b:
-                    rows.append(attempt(b["tensor"], b["sequence"], remat, scale))
+                if (remat, scale) == (config.model.remat, 1):
+                    continue
+                batch = int(b["global_batch"] * scale)
+                while True:  # halve the batch until it fits (or one clip per batch shard)
+                    rows.append(attempt(b["tensor"], b["sequence"], remat, batch))
                     log(_search_line(rows[-1]))
+                    if rows[-1].get("fits") or batch // 2 < shards or not (
+                            "fits" in rows[-1] or "RESOURCE_EXHAUSTED" in rows[-1]["error"]):
+                        break
+                    batch //= 2
+                if scale > 1 and not rows[-1].get("fits"):
+                    break  # a larger batch will not fit either
     return sorted(rows, key=key, reverse=True)
 
 

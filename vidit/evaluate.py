@@ -42,10 +42,16 @@ def pixel_data(config, ae=None):
     return d
 
 
-def classifier_for(data_cfg) -> classifier.FrameClassifier:
-    """The frame classifier for this pixel data (trained once per data layout, then cached)."""
+CLASSIFIER_STEPS = 3000  # the scoring classifier of every number in docs/
+
+
+def classifier_for(data_cfg, steps: int = CLASSIFIER_STEPS) -> classifier.FrameClassifier:
+    """The frame classifier for this pixel data (trained once per data layout, then cached).
+    Fewer `steps` train a quicker, slightly weaker one, cached apart (the quickstart's check)."""
     d = data_cfg
     key = f"{d.name}_{d.height}x{d.width}x{d.channels}_f{d.num_frames}"
+    if steps != CLASSIFIER_STEPS:
+        key += f"_steps{steps}"
     # A dataset built with other builder arguments (a smoke run's 64 clips) gets its own
     # classifier; the caption style changes no frame, so it shares one.
     kwargs = {k: v for k, v in dict(d.get("builder_kwargs") or {}).items() if k != "captions"}
@@ -53,7 +59,7 @@ def classifier_for(data_cfg) -> classifier.FrameClassifier:
         key += "_" + "_".join(f"{k}{v}" for k, v in sorted(kwargs.items()))
     cache = os.path.join(os.environ.get("VIDIT_CACHE", os.path.expanduser("~/.cache/vidit")),
                          "classifiers", key)
-    return classifier.get_or_train_classifier(cache, d)
+    return classifier.get_or_train_classifier(cache, d, steps=steps)
 
 
 def real_clips(data_cfg, num: int) -> tuple[np.ndarray, np.ndarray]:
@@ -135,14 +141,15 @@ def prompt_sets(config, labels: np.ndarray) -> dict:
 
 
 def evaluate(path: str, *, step_counts, num: int, guidance: float | None = None,
-             batch: int = 50, checkpoint_step: int | None = None) -> dict:
+             batch: int = 50, checkpoint_step: int | None = None,
+             classifier_steps: int = CLASSIFIER_STEPS) -> dict:
     run = run_lib.load(path, step=checkpoint_step)
     config = run.config
     labels = np.arange(num) % config.model.num_classes
     conds = prompt_sets(config, labels)
     guidance = float(config.sample.guidance if guidance is None else guidance)
     data_cfg = pixel_data(config, run.autoencoder)
-    clf = classifier_for(data_cfg)
+    clf = classifier_for(data_cfg, classifier_steps)
     real, _ = real_clips(data_cfg, num)
     real_frames = classifier.features(clf, real)[1]
     real_mean, real_temporal = real_frames.mean(axis=1), temporal_features(real_frames)
@@ -168,7 +175,8 @@ def evaluate(path: str, *, step_counts, num: int, guidance: float | None = None,
         })
         print(json.dumps(rows[-1]), flush=True)
     return {"workdir": str(path), "checkpoint_step": run.step, "num": num, "guidance": guidance,
-            "objective": config.objective.name, "results": rows}
+            "objective": config.objective.name, "classifier_steps": classifier_steps,
+            "results": rows}
 
 
 def markdown(report: dict) -> str:
@@ -192,7 +200,8 @@ def main(argv):
     try:
         report = evaluate(f.workdir, step_counts=[int(s) for s in f.steps.split(",")],
                           num=f.num, guidance=f.guidance, batch=f.batch,
-                          checkpoint_step=f.checkpoint_step)
+                          checkpoint_step=f.checkpoint_step,
+                          classifier_steps=f.classifier_steps)
     except (LoadError, CheckpointError, ValueError) as e:
         sys.exit(f"error: {e}")
     out = storage.path(f.out or storage.path(f.workdir) / "eval")
@@ -210,6 +219,8 @@ def define_flags():
     flags.DEFINE_integer("batch", 50, "Sampling batch size.")
     flags.DEFINE_integer("checkpoint_step", None, "Checkpoint to score (default: the newest).")
     flags.DEFINE_string("out", None, "Output folder (default: <workdir>/eval).")
+    flags.DEFINE_integer("classifier_steps", CLASSIFIER_STEPS, "Training steps of the scoring "
+                         "frame classifier; fewer give a quick check (cached apart)")
     flags.mark_flags_as_required(["workdir"])
 
 

@@ -76,6 +76,8 @@ class HloCost:
 
     def as_dict(self) -> dict:
         return {"flops": self.flops, "transcendentals": self.transcendentals,
+                # loops whose trip count could not be read (counted once, as XLA would)
+                "unknown_trip_counts": sum(trips is None for _, trips, _ in self.loops),
                 "hbm_bytes": self.hbm_bytes, "custom_calls": self.custom_calls,
                 "collective_bytes": dict(self.collective_bytes), "ici_bytes": self.ici_bytes,
                 "dcn_bytes": self.dcn_bytes}
