@@ -32,7 +32,7 @@ grep -q "externally-managed-environment" "$work/pip.log" || { cat "$work/pip.log
 echo "the simulated system Python refuses pip install (PEP 668): ok"
 if [ "${1:-}" = "--venv-only" ]; then  # the scripts' environment step alone, in a bare folder
     mkdir -p "$work/bare/scripts" && cp "$repo/scripts/venv.sh" "$work/bare/scripts/"
-    (cd "$work/bare" && PATH="$system/bin:$PATH" bash -c \
+    (cd "$work/bare" && env -u VIDIT_PYTHON PATH="$system/bin:$PATH" bash -c \
         'source scripts/venv.sh && "$PYTHON" -m pip install --quiet --dry-run --no-deps six')
     echo "scripts/venv.sh under that Python: .venv created, pip installs into it: ok"
     exit 0
@@ -42,7 +42,7 @@ git clone --quiet "$repo" "$work/vidit"
 cd "$work/vidit"
 start=$(date +%s)
 # As on a fresh machine: no pip cache, and vidit's dataset, classifier and XLA caches empty.
-PATH="$system/bin:$PATH" WORKDIR="$work/run" PIP_NO_CACHE_DIR=1 \
+env -u VIDIT_PYTHON PATH="$system/bin:$PATH" WORKDIR="$work/run" PIP_NO_CACHE_DIR=1 \
     VIDIT_DATA_DIR="$work/cache/datasets" VIDIT_CACHE="$work/cache" \
     VIDIT_XLA_CACHE="$work/cache/xla" scripts/quickstart.sh
 echo "quickstart from a fresh clone under a PEP 668 Python: $(( $(date +%s) - start )) s"

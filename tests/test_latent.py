@@ -273,7 +273,7 @@ def test_latent_dit_trains_and_samples_decoded_videos(vae_run, latents, data_dir
     from vidit import evaluate
     from vidit.eval import classifier
     seen = []
-    monkeypatch.setattr(evaluate, "classifier_for", lambda d: seen.append(d) or
+    monkeypatch.setattr(evaluate, "classifier_for", lambda d, steps: seen.append(d) or
                         classifier.FrameClassifier(rngs=nnx.Rngs(0)))
     report = evaluate.evaluate(workdir, step_counts=[2], num=4, batch=4)
     assert seen[0].name == "moving_digits" and seen[0].num_frames == 9

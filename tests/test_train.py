@@ -421,10 +421,13 @@ def test_evaluate_reports_every_step_count(data_dir, tmp_path, monkeypatch):
     c = smoke_config(data_dir, **{"train.steps": 2, "train.ckpt_every": 2})
     workdir = str(tmp_path / "run")
     train_lib.train(c, workdir, stop_at=2)
-    monkeypatch.setattr(evaluate, "classifier_for",
-                        lambda data_cfg: classifier.FrameClassifier(rngs=nnx.Rngs(0)))
-    report = evaluate.evaluate(workdir, step_counts=[1, 2], num=12, batch=8)
+    asked = []
+    monkeypatch.setattr(evaluate, "classifier_for", lambda data_cfg, steps: asked.append(
+        steps) or classifier.FrameClassifier(rngs=nnx.Rngs(0)))
+    report = evaluate.evaluate(workdir, step_counts=[1, 2], num=12, batch=8,
+                               classifier_steps=600)
     assert [r["steps"] for r in report["results"]] == [1, 2]
+    assert asked == [600] and report["classifier_steps"] == 600  # the quickstart's quick check
     for r in report["results"]:
         assert 0.0 <= r["class_accuracy"] <= 1.0 and r["frechet_distance"] >= 0
         assert 0.0 <= r["frame_agreement"] <= 1.0
