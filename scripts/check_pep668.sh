@@ -18,18 +18,27 @@ system="$work/system-python"
 mkdir -p "$system/bin" "$system/lib/$pyver/site-packages"
 cp "$real" "$system/bin/python3"  # its own prefix: the standard library below, not the original
 for entry in "$stdlib"/*; do
-    [ "$(basename "$entry")" = site-packages ] || ln -s "$entry" "$system/lib/$pyver/"
+    case "$(basename "$entry")" in
+        site-packages|EXTERNALLY-MANAGED) ;;  # its own (never written through a link)
+        *) ln -s "$entry" "$system/lib/$pyver/" ;;
+    esac
 done
-ln -s "$stdlib/site-packages/pip" "$system/lib/$pyver/site-packages/pip"
+pip_dir="$("$base" -c 'import os, pip; print(os.path.dirname(pip.__file__))' 2>/dev/null || true)"
+[ -n "$pip_dir" ] && ln -s "$pip_dir" "$system/lib/$pyver/site-packages/pip"
 printf '[externally-managed]\nError=this Python is managed by the system (simulated by %s)\n' \
     "$0" > "$system/lib/$pyver/EXTERNALLY-MANAGED"
 
-if "$system/bin/python3" -m pip install --quiet --dry-run --no-deps six >"$work/pip.log" 2>&1; then
-    echo "FAIL: the simulated system Python accepted pip install" >&2
-    exit 1
+if [ -n "$pip_dir" ]; then
+    if "$system/bin/python3" -m pip install --quiet --dry-run --no-deps six >"$work/pip.log" 2>&1
+    then
+        echo "FAIL: the simulated system Python accepted pip install" >&2
+        exit 1
+    fi
+    grep -q "externally-managed-environment" "$work/pip.log" || { cat "$work/pip.log" >&2; exit 1; }
+    echo "the simulated system Python refuses pip install (PEP 668): ok"
+else  # a system Python without pip (Debian's python3 without python3-pip) cannot install either
+    echo "the simulated system Python has no pip; it refuses pip install (PEP 668): ok"
 fi
-grep -q "externally-managed-environment" "$work/pip.log" || { cat "$work/pip.log" >&2; exit 1; }
-echo "the simulated system Python refuses pip install (PEP 668): ok"
 if [ "${1:-}" = "--venv-only" ]; then  # the scripts' environment step alone, in a bare folder
     mkdir -p "$work/bare/scripts" && cp "$repo/scripts/venv.sh" "$work/bare/scripts/"
     (cd "$work/bare" && env -u VIDIT_PYTHON PATH="$system/bin:$PATH" bash -c \
