@@ -49,23 +49,17 @@ def benchmark_config(args):
         c.data.batch_size = args.batch
         c.model.patch = tuple(int(p) for p in args.patch.split(","))
         c.model.cond = args.cond
-        if args.depth:
-            c.model.depth = args.depth
-        if args.width:
-            c.model.width = args.width
-        if args.heads:
-            c.model.heads = args.heads
+        for key in ("depth", "width", "heads"):  # each overrides --size when given
+            if getattr(args, key):
+                c.model[key] = getattr(args, key)
         if args.mlp:
             c.model.mlp_ratio = args.mlp / c.model.width
         if args.cond == "text":  # cached embeddings of a frozen encoder, projected in the DiT
             c.model.text_encoder.kind = "t5"
             c.model.text_len, c.model.text_width = args.text_tokens, args.text_width
-    if args.attention:
-        c.model.attention = args.attention
-    if args.dtype:
-        c.model.dtype = args.dtype
-    if args.remat:
-        c.model.remat = args.remat
+    for key in ("attention", "dtype", "remat"):
+        if getattr(args, key):
+            c.model[key] = getattr(args, key)
     if args.scan_layers:
         c.model.scan_layers = args.scan_layers == "true"
     c.mesh = dict(data=1, fsdp=1, tensor=1, sequence=1)
