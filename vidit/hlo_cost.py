@@ -323,12 +323,10 @@ def _collective_bytes(kind: str, ins: Instr, defs: dict, group: int) -> float:
         return 0.0
     operand = sum(shape_bytes(defs[n].shape) for n in ins.operands if n in defs)
     result = shape_bytes(ins.shape)
-    if kind.startswith("collective-permute") or kind.startswith("all-gather"):
-        # -start ops return (operand, result, ...) tuples: count the first array of each side.
-        arrays = shape_arrays(ins.shape)
-        if ins.opcode.endswith("-start") and arrays:
-            result = math.prod(arrays[-1 if kind.startswith("all-gather") else 0][1]) * \
-                DTYPE_BYTES[arrays[0][0]]
+    arrays = shape_arrays(ins.shape)
+    if ins.opcode == "all-gather-start" and arrays:  # returns (operand, result)
+        dtype, dims, _ = arrays[-1]
+        result = math.prod(dims) * DTYPE_BYTES[dtype]
     frac = (group - 1) / group
     if kind.startswith("all-gather"):
         return frac * result
