@@ -42,15 +42,13 @@ def pixel_data(config, ae=None):
     return d
 
 
-CLASSIFIER_STEPS = 3000  # the scoring classifier of every number in docs/
-
-
-def classifier_for(data_cfg, steps: int = CLASSIFIER_STEPS) -> classifier.FrameClassifier:
+def classifier_for(data_cfg,
+                   steps: int = classifier.DEFAULT_STEPS) -> classifier.FrameClassifier:
     """The frame classifier for this pixel data (trained once per data layout, then cached).
     Fewer `steps` train a quicker, slightly weaker one, cached apart (the quickstart's check)."""
     d = data_cfg
     key = f"{d.name}_{d.height}x{d.width}x{d.channels}_f{d.num_frames}"
-    if steps != CLASSIFIER_STEPS:
+    if steps != classifier.DEFAULT_STEPS:
         key += f"_steps{steps}"
     # A dataset built with other builder arguments (a smoke run's 64 clips) gets its own
     # classifier; the caption style changes no frame, so it shares one.
@@ -142,7 +140,7 @@ def prompt_sets(config, labels: np.ndarray) -> dict:
 
 def evaluate(path: str, *, step_counts, num: int, guidance: float | None = None,
              batch: int = 50, checkpoint_step: int | None = None,
-             classifier_steps: int = CLASSIFIER_STEPS) -> dict:
+             classifier_steps: int = classifier.DEFAULT_STEPS) -> dict:
     run = run_lib.load(path, step=checkpoint_step)
     config = run.config
     labels = np.arange(num) % config.model.num_classes
@@ -219,8 +217,8 @@ def define_flags():
     flags.DEFINE_integer("batch", 50, "Sampling batch size.")
     flags.DEFINE_integer("checkpoint_step", None, "Checkpoint to score (default: the newest).")
     flags.DEFINE_string("out", None, "Output folder (default: <workdir>/eval).")
-    flags.DEFINE_integer("classifier_steps", CLASSIFIER_STEPS, "Training steps of the scoring "
-                         "frame classifier; fewer give a quick check (cached apart)")
+    flags.DEFINE_integer("classifier_steps", classifier.DEFAULT_STEPS, "Training steps of the "
+                         "scoring frame classifier; fewer give a quick check (cached apart)")
     flags.mark_flags_as_required(["workdir"])
 
 

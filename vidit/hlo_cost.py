@@ -13,7 +13,8 @@ times its caller's multiplicity) and each instruction's cost is weighted by it:
   custom calls XLA cannot see into: splash attention's are counted from their operand shapes
   (ATTENTION_KERNELS); any other is counted in `custom_calls` and adds no FLOPs.
 - HBM bytes: each top-level instruction (a fusion, a copy, a collective: not the ops inside a
-  fusion, which stay on chip) reads its operands and writes its result once.
+  fusion, which stay on chip) reads its operands and writes its result once. Custom calls are
+  left out (buffer allocations, and Pallas kernels whose own traffic is not visible here).
 - Collectives: per kind, the bytes each chip sends, for ring algorithms over a group of g chips:
   all-gather (g-1)/g of the result, reduce-scatter (g-1)/g of the operand, all-reduce twice
   that of its operand, all-to-all (g-1)/g, collective-permute all of it; split into ICI and DCN
@@ -72,7 +73,7 @@ class HloCost:
     collective_bytes: dict = dataclasses.field(default_factory=lambda: defaultdict(float))
     ici_bytes: float = 0.0
     dcn_bytes: float = 0.0
-    loops: list = dataclasses.field(default_factory=list)  # (body, trip count, multiplicity)
+    loops: list = dataclasses.field(default_factory=list)  # (body, trip count, caller)
 
     def as_dict(self) -> dict:
         return {"flops": self.flops, "transcendentals": self.transcendentals,
@@ -237,14 +238,14 @@ def _conv_flops(ins: Instr, defs: dict) -> float:
     window = _attr(ins.attrs, "window") or "{}"
     spatial = [c for c in lhs_l if c.isdigit()]
     sizes = _ints(re.search(r"size=([\dx]+)", window).group(1)) if "size=" in window else []
-    def field(key, default):
+    def window_field(key, default):
         m = re.search(key + r"=([\d_x]+)", window)
         if not m:
             return [default] * len(spatial)
         return [tuple(int(v) for v in p.split("_")) if "_" in p else int(p)
                 for p in m.group(1).split("x")]
-    pads, strides = field("pad", (0, 0)), field("stride", 1)
-    lhs_dil, rhs_dil = field("lhs_dilate", 1), field("rhs_dilate", 1)
+    pads, strides = window_field("pad", (0, 0)), window_field("stride", 1)
+    lhs_dil, rhs_dil = window_field("lhs_dilate", 1), window_field("rhs_dilate", 1)
     valid = 1
     for k, d in enumerate(spatial):
         size_in = lhs_dims[lhs_l.index(d)]

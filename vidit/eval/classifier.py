@@ -363,13 +363,16 @@ def _load_clips(data_cfg: Any, split: str, num: int, seed: int, train: bool):
     return _pipeline_clips(data_cfg, split, num, seed, train)
 
 
+DEFAULT_STEPS = 3000  # the scoring classifier behind every number in docs/
+
+
 def get_or_train_classifier(
     cache_dir: str | os.PathLike,
     data_cfg: Any = None,
     *,
     num_train: int = 2000,
     num_val: int = 500,
-    steps: int = 3000,
+    steps: int = DEFAULT_STEPS,
     batch_size: int = 64,
     lr: float = 2e-3,
     seed: int = 0,
