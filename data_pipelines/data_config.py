@@ -16,6 +16,10 @@ def defaults() -> ml_collections.ConfigDict:
         width=32,
         channels=1,
         batch_size=16,  # global: summed over all processes
+        # Shape buckets, 'FxHxW[:batch[:weight]]' comma-separated (data_pipelines/buckets.py):
+        # each record trains at the bucket of its stored shape, each global batch is one
+        # bucket, drawn by weight. '' = one bucket, num_frames x height x width at batch_size.
+        buckets="",
         text_len=40,  # caption tokens (the byte tokenizer's BOS + bytes + padding)
         num_workers=0,  # 0: preprocess in this process; > 0: Grain worker processes
         builder_kwargs={},  # passed to the TFDS builder (moving_digits: num_train, ...)

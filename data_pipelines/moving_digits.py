@@ -23,6 +23,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from data_pipelines import buckets
 from vidit import storage
 
 NAME = "moving_digits"
@@ -123,11 +124,12 @@ def captions_for(labels, style: str, seed: int = 0) -> list:
     return [caption(label, _sample_velocity(rng), style, rng) for label in labels]
 
 
-def _trajectory(start: np.ndarray, velocity: np.ndarray, num_frames: int) -> np.ndarray:
+def _trajectory(start: np.ndarray, velocity: np.ndarray, num_frames: int,
+                canvas: tuple[int, int] = (CANVAS, CANVAS)) -> np.ndarray:
     """[num_frames, 2] top-left corners moving at `velocity`, reflecting off the walls."""
-    limit = CANVAS - DIGIT
     corners = np.empty((num_frames, 2), dtype=np.int64)
     for axis in range(2):  # the axes bounce independently
+        limit = canvas[axis] - DIGIT
         position, speed = int(start[axis]), int(velocity[axis])
         for t in range(num_frames):
             corners[t, axis] = position
@@ -139,11 +141,12 @@ def _trajectory(start: np.ndarray, velocity: np.ndarray, num_frames: int) -> np.
     return corners
 
 
-def make_clip(rng: np.random.Generator, image: np.ndarray, label: int, captions: str = "plain"):
+def make_clip(rng: np.random.Generator, image: np.ndarray, label: int, captions: str = "plain",
+              shape: tuple[int, int, int] = (NUM_FRAMES, CANVAS, CANVAS)):
     """Makes one clip of `image` (an 8x8 sklearn digit) moving on a black canvas.
 
     Returns:
-      video: uint8 [NUM_FRAMES, CANVAS, CANVAS, 1].
+      video: uint8 [frames, height, width, 1] of `shape` (default [NUM_FRAMES, CANVAS, CANVAS]).
       caption: e.g. "a 3 moving up and to the left", describing the velocity in one of the
         phrasings of `captions` (CAPTION_TEMPLATES). The phrasing is drawn after the video,
         so the same rng gives the same video in every caption style.
@@ -153,9 +156,10 @@ def make_clip(rng: np.random.Generator, image: np.ndarray, label: int, captions:
     # Start at least one step away from every wall, so the first move is never
     # a bounce and the caption describes the motion actually seen first.
     speed = np.abs(velocity)
-    start = rng.integers(speed, CANVAS - DIGIT - speed + 1)
-    video = np.zeros((NUM_FRAMES, CANVAS, CANVAS, 1), dtype=np.uint8)
-    for frame, (y, x) in zip(video, _trajectory(start, velocity, NUM_FRAMES)):
+    frames, height, width = shape
+    start = rng.integers(speed, np.array([height, width]) - DIGIT - speed + 1)
+    video = np.zeros((frames, height, width, 1), dtype=np.uint8)
+    for frame, (y, x) in zip(video, _trajectory(start, velocity, frames, (height, width))):
         frame[y:y + DIGIT, x:x + DIGIT, 0] = digit
     return video, caption(label, velocity, captions, rng)
 
@@ -172,7 +176,26 @@ def _source_images(split: str):
     raise ValueError(f"unknown split {split!r}; expected one of {_SPLITS}")
 
 
-def generate(split: str, num: int, seed: int, captions: str = "plain"):
+# Clip shapes of the 'mixed' builder config: (frames, (height, width)) drawn per clip. A 1-frame
+# clip is an image; the canvases are square, wide and tall.
+MIXED_FRAMES = ((1, 0.25), (4, 0.15), (8, 0.2), (16, 0.4))  # (frames, probability)
+MIXED_CANVASES = ((32, 32), (32, 48), (48, 32))
+SHAPES = ("square", "mixed")
+# Buckets for the mixed set (config.data.buckets), batch sizes keeping tokens per batch level
+# with 8 frames of 32x32 at batch 8.
+MIXED_BUCKETS = ("8x32x32:8, 8x32x48:6, 8x48x32:6, 4x32x32:16, 4x32x48:10, 4x48x32:10, "
+                 "1x32x32:64, 1x32x48:40, 1x48x32:40")
+
+
+def clip_shape(rng: np.random.Generator, shapes: str) -> tuple[int, int, int]:
+    """(frames, height, width) of the next clip: the stock square clip, or a 'mixed' draw."""
+    if shapes == "square":
+        return (NUM_FRAMES, CANVAS, CANVAS)
+    frames = MIXED_FRAMES[rng.choice(len(MIXED_FRAMES), p=[p for _, p in MIXED_FRAMES])][0]
+    return (int(frames),) + MIXED_CANVASES[int(rng.integers(len(MIXED_CANVASES)))]
+
+
+def generate(split: str, num: int, seed: int, captions: str = "plain", shapes: str = "square"):
     """Yields `num` examples {'video', 'label', 'caption'} of `split`.
 
     Clip i depends only on (seed, split, i), so any prefix of the split can be
@@ -183,39 +206,47 @@ def generate(split: str, num: int, seed: int, captions: str = "plain"):
     for index in range(num):
         rng = np.random.default_rng((seed, split_id, index))
         source = int(rng.integers(len(images)))
-        video, text = make_clip(rng, images[source], labels[source], captions)
+        shape = clip_shape(rng, shapes)
+        video, text = make_clip(rng, images[source], labels[source], captions, shape)
         yield {"video": video, "label": int(labels[source]), "caption": text}
 
 
 @dataclasses.dataclass(kw_only=True)
 class MovingDigitsConfig(tfds.core.BuilderConfig):
-    """Sizes of the splits, the generation seed and the caption style (CAPTION_TEMPLATES)."""
+    """Sizes of the splits, the generation seed, the caption style (CAPTION_TEMPLATES) and the
+    clip shapes ('square': 16 x 32 x 32; 'mixed': MIXED_FRAMES x MIXED_CANVASES)."""
 
     num_train: int = 8192
     num_validation: int = 512
     seed: int = 0
     captions: str = "plain"
+    shapes: str = "square"
 
 
 _DEFAULT_CONFIG = MovingDigitsConfig(name="default", description="8192 train / 512 validation clips")
 
 
 def _config_for(num_train: int, num_validation: int, seed: int,
-                captions: str = "plain") -> MovingDigitsConfig:
+                captions: str = "plain", shapes: str = "square") -> MovingDigitsConfig:
     """The stock config for default sizes, else a custom one whose name keeps its files apart."""
+    if shapes not in SHAPES:
+        raise ValueError(f"moving_digits shapes={shapes!r} is unknown; valid: {SHAPES}")
     if captions not in TRAIN_CAPTIONS:
         raise ValueError(f"moving_digits captions={captions!r} is unknown; valid: {TRAIN_CAPTIONS} "
                          "('paraphrase' phrasings are kept out of every dataset for evaluation)")
     default = _DEFAULT_CONFIG
-    if (num_train, num_validation, seed, captions) == (
-            default.num_train, default.num_validation, default.seed, default.captions):
+    if (num_train, num_validation, seed, captions, shapes) == (
+            default.num_train, default.num_validation, default.seed, default.captions,
+            default.shapes):
         return default
     style = "" if captions == "plain" else f"_captions{captions}"
+    style += "" if shapes == "square" else f"_shapes{shapes}"
     return MovingDigitsConfig(
         name=f"train{num_train}_validation{num_validation}_seed{seed}{style}",
         description=f"{num_train} train / {num_validation} validation clips, seed {seed}, "
-                    f"{captions} captions",
+                    f"{captions} captions, {shapes} shapes",
         num_train=num_train, num_validation=num_validation, seed=seed, captions=captions,
+        shapes=shapes,
     )
 
 
@@ -237,8 +268,9 @@ class MovingDigits(tfds.core.GeneratorBasedBuilder):
     def __init__(self, *, num_train: int = _DEFAULT_CONFIG.num_train,
                  num_validation: int = _DEFAULT_CONFIG.num_validation,
                  seed: int = _DEFAULT_CONFIG.seed, captions: str = _DEFAULT_CONFIG.captions,
-                 **kwargs):
-        kwargs.setdefault("config", _config_for(num_train, num_validation, seed, captions))
+                 shapes: str = _DEFAULT_CONFIG.shapes, **kwargs):
+        kwargs.setdefault("config", _config_for(num_train, num_validation, seed, captions,
+                                                shapes))
         # Grain worker processes rebuild the builder from a pickled copy of its config; TFDS
         # refuses a copy that shares a stock config's name, so the stock one goes by name.
         if getattr(kwargs["config"], "name", None) == _DEFAULT_CONFIG.name:
@@ -248,6 +280,7 @@ class MovingDigits(tfds.core.GeneratorBasedBuilder):
         super().__init__(**kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
+        square = self.builder_config.shapes == "square"
         return tfds.core.DatasetInfo(
             builder=self,
             description=__doc__,
@@ -255,8 +288,8 @@ class MovingDigits(tfds.core.GeneratorBasedBuilder):
                 # A plain zlib tensor: TFDS's image/video codecs need TensorFlow
                 # to encode, and a mostly black clip compresses well anyway.
                 "video": tfds.features.Tensor(
-                    shape=(NUM_FRAMES, CANVAS, CANVAS, 1), dtype=np.uint8, encoding="zlib"
-                ),
+                    shape=(NUM_FRAMES, CANVAS, CANVAS, 1) if square else (None, None, None, 1),
+                    dtype=np.uint8, encoding="zlib"),
                 "label": tfds.features.ClassLabel(num_classes=10),
                 "caption": tfds.features.Text(),
             }),
@@ -272,7 +305,7 @@ class MovingDigits(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, split: str, num: int):
         # TFDS wants a unique key per example; the clip's index is one.
         config = self.builder_config
-        return enumerate(generate(split, num, config.seed, config.captions))
+        return enumerate(generate(split, num, config.seed, config.captions, config.shapes))
 
 
 @contextlib.contextmanager
@@ -292,7 +325,8 @@ def load_builder(data_dir=None, **kwargs) -> MovingDigits:
 
     Args:
       data_dir: TFDS data root; None means `default_data_dir()`.
-      **kwargs: `num_train`, `num_validation`, `seed` (see `MovingDigitsConfig`).
+      **kwargs: `num_train`, `num_validation`, `seed`, `captions`, `shapes` (see
+        `MovingDigitsConfig`).
     """
     data_dir = data_dir or default_data_dir()
     builder = MovingDigits(data_dir=data_dir, **kwargs)
@@ -310,7 +344,11 @@ def load_builder(data_dir=None, **kwargs) -> MovingDigits:
             # ArrayRecord writes local files only: a bucket's copy is built locally, then
             # uploaded (vidit/storage.py); readers read it from the bucket.
             with storage.staged(data_dir) as local_dir:
-                MovingDigits(data_dir=local_dir, **kwargs).download_and_prepare()
+                local = MovingDigits(data_dir=local_dir, **kwargs)
+                local.download_and_prepare()
+                if config.shapes != "square":  # the shape index buckets read (buckets.py)
+                    for split in local.info.splits:
+                        buckets.record_shapes(local, split)
             builder = MovingDigits(data_dir=data_dir, **kwargs)
             print(f"Built {NAME} in {builder.data_dir}", flush=True)
     return builder

@@ -3,10 +3,14 @@
 The pipeline is a chain of random-access `grain.MapDataset`s, so every batch is
 a pure function of (seed, step, row):
 
-  source -> shuffle(seed) -> repeat (train) -> preprocess(rng of the global index)
-         -> this process's rows of each global batch -> batch -> iterator
+  records of each bucket -> shuffle(seed) -> repeat (train) -> preprocess(rng of the position)
+         -> step s: the bucket it draws, this process's rows of its global batch -> iterator
 
-The global batch at a step does not depend on how many processes read it, and
+Without config.data.buckets there is one bucket (data.num_frames x height x width) holding
+every record; with them, each record trains in the bucket of its stored shape, and each step's
+global batch is one bucket's shape (data_pipelines/buckets.py).
+
+The global batch at a step (its bucket too) does not depend on how many processes read it, and
 each iterator's state is just the next step, which Grain checkpoints (alone via
 `get_state`/`set_state`, or inside Orbax via `grain.checkpoint.CheckpointSave`
 and `CheckpointRestore`, which keep one file per process). A run restarted on a
@@ -20,13 +24,14 @@ import dataclasses
 import functools
 import logging
 import os
+import threading
 
 import grain
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import flags
 
-from data_pipelines import data_config, moving_digits
+from data_pipelines import buckets as bucket_lib, data_config, moving_digits
 from vidit.models import byte_tokenizer
 
 log = logging.getLogger("vidit")
@@ -145,15 +150,15 @@ def _caption(element: dict, length: int, tokenizer=None) -> dict:
 MAX_REPLACEMENTS = 16
 
 
-def _read_example(record: int, rng: np.random.Generator, *, source, spec: ClipSpec, train: bool,
-                  where: str, tokenizer=None) -> dict:
-    """The preprocessed example of `record`. A record that cannot be decoded or does not fit
-    the clip spec (too short, wrong channels, ...) is logged by index and replaced by the next
-    record that works; 'bad' counts the replaced records (the trainer sums it and stops past
-    config.data.max_bad_fraction)."""
-    n = len(source)
+def _read_example(position: int, rng: np.random.Generator, *, records: np.ndarray, source,
+                  spec: ClipSpec, train: bool, where: str, tokenizer=None) -> dict:
+    """The preprocessed example of record `records[position]`. A record that cannot be decoded
+    or does not fit the clip spec (too short, wrong channels, ...) is logged by index and
+    replaced by the next record of `records` (its bucket) that works; 'bad' counts the replaced
+    records (the trainer sums it and stops past config.data.max_bad_fraction)."""
+    n = len(records)
     for k in range(MAX_REPLACEMENTS):
-        index = (int(record) + k) % n
+        index = int(records[(int(position) + k) % n])
         try:
             example = _preprocess(source[index], rng, spec=spec, train=train,
                                   tokenizer=tokenizer)
@@ -163,56 +168,59 @@ def _read_example(record: int, rng: np.random.Generator, *, source, spec: ClipSp
             continue
         example["bad"] = np.int32(k)
         return example
-    raise ValueError(f"{where}: records {int(record) % n} to {index} all failed to read or "
-                     "preprocess (see the warnings); check the dataset and config.data")
+    raise ValueError(f"{where}: records {int(records[int(position) % n])} to {index} all failed "
+                     "to read or preprocess (see the warnings); check the dataset and config.data")
 
 
 # --------------------------------------------------------------------------- #
-# Multi-host slicing.
+# Global batches of one bucket each, and this process's rows of them.
 # --------------------------------------------------------------------------- #
 
-class ProcessRowsMapDataset(grain.MapDataset):
-    """This process's rows of every global batch, in order.
+class BucketBatchesMapDataset(grain.MapDataset):
+    """Element s is this process's rows of global batch s, all of one bucket.
 
-    Element k is global element (k // b) * B + p * b + k % b, where B is the
-    global batch, b = B / process_count and p the process index, so batching
-    this by b gives rows [p*b, (p+1)*b) of global batch k // b. Unlike
-    `ds[p::P]`, the global batches do not depend on the number of processes.
-    Only whole global batches are kept.
+    `streams[k]` is bucket k's example stream (shuffled, repeated when training); the schedule
+    says which bucket step s draws and where its rows start in that stream (buckets.Schedule).
+    Process p of P reads rows [p*b, (p+1)*b) of the bucket's global batch B, b = B / P, so the
+    global batches do not depend on the number of processes.
     """
 
-    _MUTATES_ELEMENT_SPEC = False  # only reorders elements (informs Grain's statistics)
+    _MUTATES_ELEMENT_SPEC = True  # examples -> batches
 
-    def __init__(self, parent: grain.MapDataset, *, global_batch: int,
+    def __init__(self, streams, schedule: bucket_lib.Schedule, buckets, *,
                  process_index: int, process_count: int):
-        super().__init__(parent)
-        self._global_batch = global_batch
-        self._local_batch = global_batch // process_count
-        self._offset = process_index * self._local_batch
-        self._length = len(parent) // global_batch * self._local_batch
+        super().__init__(list(streams))
+        self._streams, self._schedule = list(streams), schedule
+        self._local = [b.batch_size // process_count for b in buckets]
+        self._process_index = process_index
+        self._lock = threading.Lock()  # Grain's read threads share the schedule's caches
 
     def __len__(self) -> int:
-        return self._length
-
-    def _parent_index(self, index: int) -> int:
-        step, row = divmod(index, self._local_batch)
-        return step * self._global_batch + self._offset + row
+        return len(self._schedule)
 
     def __getitem__(self, index):
         if isinstance(index, slice):
             return self.slice(index)
         with self._stats.record_self_time():
-            parent_index = self._parent_index(index)
-        return self._parent[parent_index]
+            with self._lock:
+                bucket, offset = self._schedule.locate(index)
+            local = self._local[bucket]
+            first = offset + self._process_index * local
+        rows = [self._streams[bucket][first + r] for r in range(local)]
+        with self._stats.record_self_time():
+            return {k: np.stack([row[k] for row in rows]) for k in rows[0]}
 
-    def _getitems(self, indices):
-        with self._stats.record_self_time(num_elements=len(indices)):
-            parent_indices = [self._parent_index(index) for index in indices]
-        return self._parent._getitems(parent_indices)  # pylint: disable=protected-access
+    def __getstate__(self):  # pickled for Grain's worker processes: locks do not pickle
+        state = self.__dict__.copy()
+        state.pop("_lock")
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def __str__(self) -> str:
-        return (f"ProcessRowsMapDataset(global_batch={self._global_batch}, "
-                f"local_batch={self._local_batch}, offset={self._offset})")
+        return f"BucketBatchesMapDataset(buckets={len(self._streams)})"
 
 
 # --------------------------------------------------------------------------- #
@@ -248,7 +256,7 @@ def features(data_cfg) -> list[str]:
     return sorted(load_builder(cfg).info.features)
 
 
-def _data_source(data_cfg, split: str, spec: ClipSpec):
+def _data_source(data_cfg, split: str, specs: list[ClipSpec]):
     """Random-access source for `split`, after checking the split and the clip length."""
     builder = load_builder(data_cfg)
     base_split = split.split("[")[0]  # allow TFDS slicing such as "train[:10%]"
@@ -259,8 +267,34 @@ def _data_source(data_cfg, split: str, spec: ClipSpec):
         return builder.as_data_source(split)
     stored_length = builder.info.features["video"].shape[0]
     if stored_length is not None:  # variable-length clips are checked per element
-        check_span(spec, stored_length)
+        for spec in specs:
+            check_span(spec, stored_length)
     return builder.as_data_source(split)
+
+
+def _bucket_members(data_cfg, split: str, source, buckets) -> list[np.ndarray]:
+    """The record indices of `split` in each bucket (all records when there is one bucket)."""
+    if len(buckets) == 1:
+        return [np.arange(len(source))]
+    if "[" in split:
+        raise ValueError(f"split={split!r}: a sliced split cannot be read in buckets "
+                         "(config.data.buckets); use the whole split")
+    # A latent dataset's index holds the pixel shapes its latents were encoded from.
+    shapes = bucket_lib.record_shapes(load_builder(data_cfg), split, source)
+    assigned = bucket_lib.assign_all(shapes, buckets, int(data_cfg.frame_stride))
+    members = [np.flatnonzero(assigned == k) for k in range(len(buckets))]
+    dropped = int(np.count_nonzero(assigned < 0))
+    log.info("%s/%s in buckets: %s%s", data_cfg.name, split,
+             bucket_lib.describe(buckets, [len(m) for m in members]),
+             f"; {dropped} records shorter than every bucket left out" if dropped else "")
+    for b, records in zip(buckets, members):
+        if not len(records) and b.weight > 0:
+            log.warning("%s/%s: no record falls in bucket %s: it is never drawn",
+                        data_cfg.name, split, b.name)
+    if not any(len(m) for m in members):
+        raise ValueError(f"{data_cfg.name}/{split}: no record fits any bucket of "
+                         f"config.data.buckets={data_cfg.buckets!r}")
+    return members
 
 
 def _process_index_and_count(process_index, process_count):
@@ -306,10 +340,12 @@ def make_iterator(data_cfg, split: str, *, seed: int, train: bool,
 
     Returns:
       A checkpointable `grain.DatasetIterator` of dicts with numpy arrays
-      `video` float32 [b, num_frames, height, width, channels] in [-1, 1],
+      `video` float32 [b, num_frames, height, width, channels] in [-1, 1] (with
+      config.data.buckets: each batch one bucket's frames, height, width and batch size),
       `label` int32 [b] (-1 where the dataset has no labels), `text` int32 [b, text_len]
       caption tokens with `text_mask` bool [b, text_len], and `bad` int32 [b] (records replaced
-      because they could not be read, see _read_example), b = batch_size / process_count.
+      because they could not be read, see _read_example), b = batch_size / process_count
+      (the bucket's batch size with buckets).
       A latent dataset (data_pipelines/encode_latents.py) gives `latent` float32
       [b, T', H', W', C] instead of `video`; a dataset with cached caption embeddings
       (data_pipelines/encode_text.py) gives `text_embedding` [b, text_len, D] instead of `text`.
@@ -317,26 +353,42 @@ def make_iterator(data_cfg, split: str, *, seed: int, train: bool,
     cfg = data_config.defaults()
     cfg.update(data_cfg)
     process_index, process_count = _process_index_and_count(process_index, process_count)
-    if cfg.batch_size % process_count:
-        raise ValueError(f"data.batch_size={cfg.batch_size} does not divide by "
-                         f"process_count={process_count}")
-    spec = clip_spec(cfg)
-    # Independent streams for the order and the augmentations, both from `seed`.
-    shuffle_seed, augment_seed = (int(s) for s in np.random.SeedSequence(seed).generate_state(2))
-
-    source = _data_source(cfg, split, spec)
-    # Record indices, shuffled: the same order as shuffling the source itself, with the record
-    # index at hand to name and replace a bad record.
-    ds = grain.MapDataset.range(len(source)).shuffle(seed=shuffle_seed)
-    if train:
-        ds = ds.repeat()  # reshuffled every epoch
-    # After `repeat`, the index random_map seeds from is the global element index.
-    ds = ds.random_map(functools.partial(_read_example, source=source, spec=spec, train=train,
-                                         where=f"{cfg.name}/{split}", tokenizer=tokenizer),
-                       seed=augment_seed)
-    ds = ProcessRowsMapDataset(ds, global_batch=cfg.batch_size,
-                               process_index=process_index, process_count=process_count)
-    ds = ds.batch(cfg.batch_size // process_count, drop_remainder=True)
+    buckets = bucket_lib.from_config(cfg)
+    for b in buckets:
+        if b.batch_size % process_count:
+            what = (f"bucket {b.name}'s batch size {b.batch_size} (config.data.buckets)"
+                    if len(buckets) > 1 else f"data.batch_size={b.batch_size}")
+            raise ValueError(f"{what} does not divide by process_count={process_count}")
+    base_spec = clip_spec(cfg)
+    specs = [dataclasses.replace(base_spec, num_frames=b.frames, height=b.height,
+                                 width=b.width) for b in buckets]
+    source = _data_source(cfg, split, specs)
+    members = _bucket_members(cfg, split, source, buckets)
+    where = f"{cfg.name}/{split}"
+    # Independent streams for the order and the augmentations, both from `seed`; bucket 0 keeps
+    # the seeds of a run without buckets, so such a run reads exactly what it always read.
+    streams = []
+    for k, (records, spec) in enumerate(zip(members, specs)):
+        if not len(records):
+            continue
+        shuffle_seed, augment_seed = (int(s) for s in np.random.SeedSequence(
+            seed if k == 0 else (seed, k)).generate_state(2))
+        # Positions in the bucket's record list, shuffled; each read names its record, so a
+        # bad one can be reported and replaced.
+        stream = grain.MapDataset.range(len(records)).shuffle(seed=shuffle_seed)
+        if train:
+            stream = stream.repeat()  # reshuffled every epoch
+        # After `repeat`, the index random_map seeds from is the stream's global position.
+        streams.append(stream.random_map(
+            functools.partial(_read_example, records=records, source=source, spec=spec,
+                              train=train, where=where, tokenizer=tokenizer),
+            seed=augment_seed))
+    live = [b for b, records in zip(buckets, members) if len(records)]
+    schedule = bucket_lib.Schedule(live, [len(m) for m in members if len(m)],
+                                   seed=int(np.random.SeedSequence([seed, 0xB0C])
+                                            .generate_state(1)[0]), train=train)
+    ds = BucketBatchesMapDataset(streams, schedule, live, process_index=process_index,
+                                 process_count=process_count)
     iter_ds = ds.to_iter_dataset(_read_options())
     if cfg.num_workers > 0:
         _ensure_flags_parsed()
