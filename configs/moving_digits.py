@@ -4,6 +4,7 @@
     python -m vidit.train --config configs/moving_digits.py:smoke --workdir /tmp/smoke
 
 Variants (after ':', comma-separated): smoke (tiny model, a few steps), size=<digits|tiny|mini|S|...>
+shapes=mixed (clips at native sizes in buckets: images, 4/8/16 frames, square/wide/tall),
 (digits, the default: 4 blocks x 128 wide), cond=<class|text|none>,
 objective=<flow|vp|meanflow|shortcut|distill> (vp: the DiT paper's diffusion, v-prediction with
 zero-terminal-SNR, DDIM sampling; meanflow: one-step average-velocity model, sample with
@@ -24,9 +25,16 @@ fractions) are not tuned.
 """
 from vidit import config_lib, diffusion
 
+# Buckets of the 'mixed' moving digits (every frame count and canvas it draws, 16-frame clips
+# training as 8); batch sizes follow config.data's: tokens per batch stay level with
+# data.num_frames x height x width at data.batch_size (data_pipelines/buckets.py).
+MIXED_BUCKETS = ("8x32x32, 8x32x48, 8x48x32, 4x32x32, 4x32x48, 4x48x32, "
+                 "1x32x32, 1x32x48, 1x48x32")
+
 
 def get_config(arg=None):
-    arg = config_lib.parse_arg(arg, smoke=False, size="digits", cond="class", objective="flow")
+    arg = config_lib.parse_arg(arg, smoke=False, size="digits", cond="class", objective="flow",
+                               shapes="square")
     c = config_lib.base_config()
     c.data.num_frames = 8
     c.data.height = c.data.width = 32
@@ -97,4 +105,8 @@ def get_config(arg=None):
 
     if arg.smoke:
         config_lib.make_smoke(c)
+    if arg.shapes == "mixed":  # images and 4/8-frame clips, square, 3:2 and 2:3 (buckets.py)
+        c.data.builder_kwargs = {**c.data.builder_kwargs, "shapes": "mixed"}
+        c.data.buckets = MIXED_BUCKETS
+        c.model.patch = (1, 4, 4)  # a 1-frame image has no pair of frames to patch together
     return c

@@ -8,7 +8,8 @@ weight. `config.data.buckets` lists them as one string, comma-separated entries
 
 An omitted (or 0) batch keeps the tokens of a batch level with the run's reference shape
 (data.num_frames x height x width at data.batch_size), rounded down to a multiple of
-`multiple` (the batch shards); an omitted weight is 1. The empty string is the single bucket
+data.bucket_batch_multiple (at least one multiple); an omitted weight is 1. The rounding does not
+depend on the mesh, so a run resumed on another host count reads the same batches. The empty string is the single bucket
 (data.num_frames, data.height, data.width) at data.batch_size.
 
 Which bucket a stored clip belongs to is a pure function of its stored shape (`assign`): the
@@ -88,10 +89,11 @@ def parse(text: str, *, frames: int, height: int, width: int, batch_size: int,
     return buckets
 
 
-def from_config(data_cfg, multiple: int = 1) -> list[Bucket]:
+def from_config(data_cfg) -> list[Bucket]:
     return parse(str(data_cfg.get("buckets", "")), frames=int(data_cfg.num_frames),
                  height=int(data_cfg.height), width=int(data_cfg.width),
-                 batch_size=int(data_cfg.batch_size), multiple=multiple)
+                 batch_size=int(data_cfg.batch_size),
+                 multiple=int(data_cfg.get("bucket_batch_multiple", 8)))
 
 
 def assign(shape, buckets: list[Bucket], frame_stride: int = 1) -> int:

@@ -20,6 +20,10 @@ def defaults() -> ml_collections.ConfigDict:
         # each record trains at the bucket of its stored shape, each global batch is one
         # bucket, drawn by weight. '' = one bucket, num_frames x height x width at batch_size.
         buckets="",
+        # A bucket without a batch size gets tokens per batch level with num_frames x height x
+        # width at batch_size, rounded down to a multiple of this (keep it a multiple of the
+        # mesh's data x fsdp shards: the start-up check says when it is not).
+        bucket_batch_multiple=8,
         text_len=40,  # caption tokens (the byte tokenizer's BOS + bytes + padding)
         num_workers=0,  # 0: preprocess in this process; > 0: Grain worker processes
         builder_kwargs={},  # passed to the TFDS builder (moving_digits: num_train, ...)

@@ -181,10 +181,6 @@ def _source_images(split: str):
 MIXED_FRAMES = ((1, 0.25), (4, 0.15), (8, 0.2), (16, 0.4))  # (frames, probability)
 MIXED_CANVASES = ((32, 32), (32, 48), (48, 32))
 SHAPES = ("square", "mixed")
-# Buckets for the mixed set (config.data.buckets), batch sizes keeping tokens per batch level
-# with 8 frames of 32x32 at batch 8.
-MIXED_BUCKETS = ("8x32x32:8, 8x32x48:6, 8x48x32:6, 4x32x32:16, 4x32x48:10, 4x48x32:10, "
-                 "1x32x32:64, 1x32x48:40, 1x48x32:40")
 
 
 def clip_shape(rng: np.random.Generator, shapes: str) -> tuple[int, int, int]:

@@ -10,3 +10,21 @@ def override(config, **dotted):
             node = node[part]
         node[last] = value
     return config
+
+
+def event_scalars(files) -> dict:
+    """{tag: {step: value}} of every scalar in TensorBoard event files (read in order: a resumed
+    run adds a file, and the later file wins for a step logged twice)."""
+    import struct
+    from tensorboardX.proto import event_pb2
+    out = {}
+    for file in files:
+        data = file.read_bytes()
+        pos = 0
+        while pos < len(data):  # TFRecord framing: length, its crc, the record, its crc
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4
+            for value in event.summary.value:
+                out.setdefault(value.tag, {})[event.step] = value.simple_value
+    return out

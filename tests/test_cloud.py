@@ -6,7 +6,6 @@ run, and a dataset built into the bucket is read back by the Grain pipeline.
 """
 import os
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import pytest
 from etils import epath
 
 from data_pipelines import data_config, moving_digits, pipeline
+from tests import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {"num_train": 64, "num_validation": 16}
@@ -41,19 +41,8 @@ def fresh(path: epath.Path) -> epath.Path:
 def scalars(logdir, tag: str) -> dict:
     """{step: value} of one scalar from every TensorBoard event file in `logdir` (a resumed run
     adds a file; the later file wins for a step logged twice)."""
-    from tensorboardX.proto import event_pb2
-    out = {}
-    for file in sorted(fresh(epath.Path(logdir)).glob("events.out.tfevents.*")):
-        data = file.read_bytes()
-        pos = 0
-        while pos < len(data):  # TFRecord framing: length, its crc, the record, its crc
-            (length,) = struct.unpack("<Q", data[pos:pos + 8])
-            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
-            pos += 12 + length + 4
-            for value in event.summary.value:
-                if value.tag == tag:
-                    out[event.step] = value.simple_value
-    return out
+    files = sorted(fresh(epath.Path(logdir)).glob("events.out.tfevents.*"))
+    return helpers.event_scalars(files).get(tag, {})
 
 
 def train_args(workdir, data_dir, steps=8):

@@ -85,10 +85,13 @@ class Autoencoder:
         return jnp.clip(self.module(params).decode(self.denormalize(z)), -1.0, 1.0)
 
 
-def input_shape(config: Any, autoencoder: Autoencoder | None = None) -> tuple[int, int, int, int]:
-    """(frames, height, width, channels) of one model input: the pixel clip, or with an
+def input_shape(config: Any, autoencoder: Autoencoder | None = None,
+                clip: tuple[int, int, int] | None = None) -> tuple[int, int, int, int]:
+    """(frames, height, width, channels) of one model input: the pixel clip (default
+    config.data's num_frames x height x width; a bucket's shape, a sampler's size), or with an
     autoencoder its latent."""
     d = config.data
+    frames, height, width = clip or (int(d.num_frames), int(d.height), int(d.width))
     if autoencoder is None:
-        return (int(d.num_frames), int(d.height), int(d.width), int(d.channels))
-    return autoencoder.latent_shape(int(d.num_frames), int(d.height), int(d.width))
+        return (int(frames), int(height), int(width), int(d.channels))
+    return autoencoder.latent_shape(int(frames), int(height), int(width))

@@ -11,26 +11,49 @@ from typing import Any
 
 import jax
 
+from data_pipelines import buckets as bucket_lib
 from vidit import autoencoder as autoencoder_lib, diffusion, flops, sharding, text_encoders
 from vidit.errors import ConfigError
 from vidit.models import attention, context_parallel
 
 
-def check_batch(config: Any, mesh) -> None:
-    """The global batch divides over the batch mesh axes, the processes and the micro-batches."""
-    batch, shards = int(config.data.batch_size), sharding.batch_shards(mesh)
+def check_batch(config: Any, mesh, batch: int | None = None, what: str = "") -> None:
+    """A global batch (default config.data.batch_size) divides over the batch mesh axes, the
+    processes and the micro-batches; `what` names it in the error (a bucket)."""
+    batch = int(config.data.batch_size) if batch is None else batch
+    shards = sharding.batch_shards(mesh)
+    what = what or f"config.data.batch_size={batch}"
     if batch % shards:
         raise ConfigError(
-            f"config.data.batch_size={batch} does not divide over the batch mesh axes "
-            f"data x fsdp = {shards}; use a multiple of {shards}")
+            f"{what} does not divide over the batch mesh axes data x fsdp = {shards}; use a "
+            f"multiple of {shards}")
     if batch % jax.process_count():
-        raise ConfigError(f"config.data.batch_size={batch} does not divide over "
-                          f"{jax.process_count()} processes")
+        raise ConfigError(f"{what} does not divide over {jax.process_count()} processes")
     accum = config.optim.grad_accum
     if accum < 1 or batch % (accum * shards):
         raise ConfigError(
-            f"config.optim.grad_accum={accum}: each micro-batch (batch_size / grad_accum) must "
-            f"still divide over the {shards} batch shards")
+            f"config.optim.grad_accum={accum}: each micro-batch of {what} (batch / grad_accum) "
+            f"must still divide over the {shards} batch shards")
+
+
+def buckets(config: Any) -> list:
+    """config.data's buckets (data_pipelines/buckets.py); a bad bucket list is a ConfigError."""
+    try:
+        return bucket_lib.from_config(config.data)
+    except bucket_lib.BucketError as e:
+        raise ConfigError(str(e)) from None
+
+
+def input_shapes(config: Any, autoencoder: Any = None) -> dict:
+    """{bucket: model input shape (frames, height, width, channels)} of every bucket: the
+    pixel clip, or with an autoencoder its latent."""
+    out = {}
+    for b in buckets(config):
+        try:
+            out[b] = autoencoder_lib.input_shape(config, autoencoder, b.shape)
+        except ConfigError as e:
+            raise ConfigError(f"bucket {b.name} (config.data.buckets): {e}") from None
+    return out
 
 
 def validate(config: Any, mesh, objective: Any = None, autoencoder: Any = None,
@@ -39,7 +62,12 @@ def validate(config: Any, mesh, objective: Any = None, autoencoder: Any = None,
     `objective` defaults to the one config.objective builds, `autoencoder` is a latent DiT's,
     `text_width` the output width of a frozen caption encoder."""
     objective = objective or diffusion.make_objective(config.objective)
-    check_batch(config, mesh)
+    several = len(buckets(config)) > 1
+    for b in buckets(config):
+        check_batch(config, mesh, b.batch_size,
+                    f"bucket {b.name}'s batch {b.batch_size} (config.data.buckets; omitted "
+                    "batch sizes are multiples of config.data.bucket_batch_multiple)"
+                    if several else "")
     if config.train.nonfinite not in ("skip", "stop"):
         raise ConfigError(
             f"config.train.nonfinite='{config.train.nonfinite}' is not one of ['skip', 'stop']")
@@ -89,8 +117,18 @@ def validate(config: Any, mesh, objective: Any = None, autoencoder: Any = None,
             f"config.model.attention='{config.model.attention}' runs on "
             f"{'/'.join(backend.platforms)} only and this mesh is {platform}; use 'chunked' "
             "(any device) or 'xla'")
-    tokens = flops.tokens(config.model, frames, height, width)
-    context_parallel.check_layout(config.model, dict(mesh.shape), tokens)
+    for b, (frames, height, width, _) in input_shapes(config, autoencoder).items():
+        where = f"bucket {b.name} (config.data.buckets): " if several else ""
+        patch = tuple(config.model.patch)
+        if frames % patch[0] or height % patch[1] or width % patch[2]:
+            raise ConfigError(
+                f"{where}the model input (frames, height, width) = {(frames, height, width)} "
+                f"does not divide by config.model.patch = {patch}")
+        try:
+            context_parallel.check_layout(config.model, dict(mesh.shape),
+                                          flops.tokens(config.model, frames, height, width))
+        except ConfigError as e:
+            raise ConfigError(f"{where}{e}") from None
 
 
 def _validate_vae(config: Any, objective: Any) -> None:
@@ -110,12 +148,16 @@ def _validate_vae(config: Any, objective: Any) -> None:
         raise ConfigError(
             f"config.model.channels={m.channels} differs from config.data.channels={d.channels}")
     st, sh, sw = (int(f) for f in m.compression)
-    if (d.num_frames - 1) % st:
-        raise ConfigError(
-            f"config.data.num_frames={d.num_frames}: a VAE with temporal compression {st} needs "
-            f"1 + k*{st} frames ({', '.join(str(1 + k * st) for k in range(1, 5))}, ...)")
-    if d.height % sh or d.width % sw:
-        raise ConfigError(
-            f"config.data.height x width = {d.height}x{d.width} does not divide by the spatial "
-            f"compression {sh}x{sw} (config.model.compression)")
-    objective.check(config)
+    several = len(buckets(config)) > 1
+    for b in buckets(config):
+        where = (f"bucket {b.name} (config.data.buckets)" if several else
+                 f"config.data.num_frames={b.frames}")
+        if (b.frames - 1) % st:
+            raise ConfigError(
+                f"{where}: a VAE with temporal compression {st} needs 1 + k*{st} frames "
+                f"({', '.join(str(1 + k * st) for k in range(0, 5))}, ...)")
+        if b.height % sh or b.width % sw:
+            where = (f"bucket {b.name} (config.data.buckets)" if several else
+                     f"config.data.height x width = {b.height}x{b.width}")
+            raise ConfigError(f"{where} does not divide by the spatial compression {sh}x{sw} "
+                              "(config.model.compression)")

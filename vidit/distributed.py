@@ -78,15 +78,19 @@ class CompiledOnce:
 
     Processes compile at different speeds, and a CPU collective (gloo) gives up if a peer is
     more than 30 s late; so no process enters the program's first collective before all have
-    compiled it. One compiled executable per set of static keyword arguments.
+    compiled it. One compiled executable per set of static keyword arguments and argument
+    shapes (a run with shape buckets compiles each bucket's step on its first use).
     """
 
     def __init__(self, jitted, name: str):
         self.jitted, self.name, self.compiled = jitted, name, {}
 
     def __call__(self, *args, **static):
-        key = tuple(sorted(static.items()))
+        import jax
+        shapes = tuple((getattr(a, "shape", None), str(getattr(a, "dtype", type(a))))
+                       for a in jax.tree.leaves(args))
+        key = tuple(sorted(static.items())) + (shapes,)
         if key not in self.compiled:
             self.compiled[key] = self.jitted.lower(*args, **static).compile()
-            barrier(f"compiled {self.name} {key}")
+            barrier(f"compiled {self.name} {key[:-1]} #{len(self.compiled)}")
         return self.compiled[key](*args)

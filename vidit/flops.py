@@ -95,11 +95,13 @@ def conv_flops(fn, *args) -> float:
     return walk(jax.make_jaxpr(fn)(*args).jaxpr)
 
 
-def train_cost(config: Any, input_shape: tuple[int, int, int, int]) -> tuple[float, int]:
+def train_cost(config: Any, input_shape: tuple[int, int, int, int],
+               batch: int | None = None) -> tuple[float, int]:
     """(model FLOPs of one optimizer step over the global batch, tokens per step) for a run's
     config; input_shape is one model input (frames, height, width, channels): the pixel clip,
-    or a latent DiT's latent. A VAE's 'tokens' are its latent positions."""
-    b = int(config.data.batch_size)
+    or a latent DiT's latent; batch defaults to config.data.batch_size (a bucket has its own).
+    A VAE's 'tokens' are its latent positions."""
+    b = int(config.data.batch_size if batch is None else batch)
     if config.model.get("kind", "dit") == "vae":
         import jax
         import jax.numpy as jnp

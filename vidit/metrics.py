@@ -1,8 +1,11 @@
 """Metrics to TensorBoard event files and stdout, and the machine's measured matmul peak."""
 from __future__ import annotations
 
+import collections
 import logging
 import os
+import queue
+import threading
 import time
 
 import jax
@@ -37,6 +40,52 @@ class MetricWriter:
     def close(self) -> None:
         if self.enabled:
             self.writer.close()
+
+
+class StepTimes:
+    """The device time of each step, by bucket, measured without blocking the training loop.
+
+    A thread waits for each step's output in dispatch order; a step's time runs from when the
+    previous step finished, or from its own dispatch if that came later (the device was idle:
+    waiting for data, or compiling this shape), to when it finished. So compilation and host
+    stalls are not counted, and with steps queued back to back the times sum to the wall time.
+    """
+
+    def __init__(self):
+        self._queue: queue.Queue = queue.Queue()
+        self._times = collections.defaultdict(list)
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="step-times")
+        self._thread.start()
+
+    def add(self, key, output) -> None:
+        """Call right after dispatching a step, with any array the step returns."""
+        self._queue.put((key, output, time.perf_counter()))
+
+    def _run(self):
+        previous = None
+        while (item := self._queue.get()) is not None:
+            key, output, dispatched = item
+            try:
+                jax.block_until_ready(output)
+            except Exception:  # pylint: disable=broad-except  (the loop reports step errors)
+                previous = None
+                continue
+            done = time.perf_counter()
+            start = dispatched if previous is None else max(previous, dispatched)
+            previous = done
+            with self._lock:
+                self._times[key].append(done - start)
+
+    def take(self) -> dict:
+        """{key: [seconds per step]} measured since the last call (steps still running wait)."""
+        with self._lock:
+            times, self._times = dict(self._times), collections.defaultdict(list)
+        return times
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=60)
 
 
 def format_metrics(step: int, values: dict) -> str:

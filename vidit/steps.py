@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from vidit import sharding
+from vidit import autoencoder as autoencoder_lib, flops, sharding
 from vidit.train_state import Setup, TrainState, ema_update
 
 
@@ -58,6 +58,18 @@ def drop_condition(cond: dict, null: dict, rng, prob: float) -> dict:
     drop = jax.random.bernoulli(rng, prob, (batch,))
     return jax.tree.map(
         lambda a, b: jnp.where(drop.reshape((-1,) + (1,) * (a.ndim - 1)), b, a), cond, null)
+
+
+def at_size(setup: Setup, objective: Any, shape) -> Any:
+    """The objective for model inputs of `shape` [B, T, H, W, C] (a bucket's, a sample's):
+    objectives whose time shift follows the token count (flow's shift_with_tokens) get the
+    shift for these tokens; the shift as configured holds at config.data's clip size."""
+    if not hasattr(objective, "at_tokens"):
+        return objective
+    model = setup.config.model
+    reference = autoencoder_lib.input_shape(setup.config, setup.autoencoder)
+    return objective.at_tokens(flops.tokens(model, *shape[1:4]),
+                               flops.tokens(model, *reference[:3]))
 
 
 def _split_micro(batch: dict, n: int) -> dict:
@@ -112,8 +124,9 @@ def train_step(setup: Setup, objective: Any, state: TrainState, batch: dict,
             extra["disc_fn"] = lambda x, c, frozen=False: setup.model(params).discriminate(
                 x, c, frozen=frozen)
         x0 = setup.model_input(micro, frozen.get("autoencoder"))
-        loss, _ = objective.loss(bind(setup, params), x0, cond, loss_rng,
-                                 null_cond=null_condition(model, cond, frozen) or None, **extra)
+        loss, _ = at_size(setup, objective, x0.shape).loss(
+            bind(setup, params), x0, cond, loss_rng,
+            null_cond=null_condition(model, cond, frozen) or None, **extra)
         return loss
 
     grad_fn = jax.value_and_grad(loss_fn)
@@ -164,7 +177,7 @@ def eval_step(setup: Setup, objective: Any, params: Any, batch: dict, rng: jax.A
     Open-Sora); the VAE's: L1, PSNR, SSIM."""
     config, frozen = setup.config, frozen or {}
     x0 = setup.model_input(batch, frozen.get("autoencoder"))
-    return objective.eval_metrics(bind(setup, params), x0, condition(setup, batch, frozen),
+    return at_size(setup, objective, x0.shape).eval_metrics(bind(setup, params), x0, condition(setup, batch, frozen),
                                   rng, int(config.train.eval_times))
 
 
@@ -178,8 +191,9 @@ def sample(setup: Setup, objective: Any, params: Any, noise: jax.Array, cond: di
     cond = condition(setup, cond, frozen)
     null = null_condition(setup.model(params), cond, frozen) if cond else None
     # merged inside the sampler's loop body: nnx modules are per-trace
-    out = objective.sample(bind(setup, params), noise, cond, steps=steps, null_cond=null,
-                           guidance=guidance if cond else 1.0)
+    out = at_size(setup, objective, noise.shape).sample(
+        bind(setup, params), noise, cond, steps=steps, null_cond=null,
+        guidance=guidance if cond else 1.0)
     if setup.autoencoder is not None:
         out = setup.autoencoder.decode(frozen["autoencoder"], out)
     return out

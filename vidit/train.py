@@ -39,7 +39,9 @@ def first_clips(config: Any, num: int, split: str) -> np.ndarray:
     it = pipeline.make_iterator(config.data, split, seed=0, train=False,
                                 process_index=0, process_count=1)
     clips = []
-    for batch in it:
+    for batch in it:  # with buckets: the first batch's shape only
+        if clips and batch["video"].shape[1:] != clips[0].shape[1:]:
+            continue
         clips.append(batch["video"])
         if sum(len(c) for c in clips) >= num:
             break
@@ -200,11 +202,24 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict:
                 static_argnames=("steps", "guidance")), "sample")
 
     total = int(config.train.steps)
-    step_flops, tokens_per_step = flops.train_cost(config, input_shape)
+    several = len(checks.buckets(config)) > 1
+    costs = {}  # bucket name -> (model FLOPs, tokens, global batch) of one step
+
+    def bucket_of(local: dict) -> str:
+        """The batch's bucket ('8x32x48', its clip or latent shape), costed on first sight."""
+        x = local["latent"] if "latent" in local else local["video"]
+        name = "x".join(str(n) for n in x.shape[1:4])
+        if name not in costs:
+            shape = (x.shape[1:] if "latent" in local or autoencoder is None else
+                     autoencoder_lib.input_shape(config, autoencoder, x.shape[1:4]))
+            batch = x.shape[0] * jax.process_count()
+            costs[name] = flops.train_cost(config, shape, batch) + (batch,)
+        return name
     # Simulated CPU devices share one host's cores: the peak is per host there, per chip elsewhere.
     on_cpu = jax.devices()[0].platform == "cpu"
     peak = metrics.measure_matmul_peak() * (jax.process_count() if on_cpu else jax.device_count())
     writer = metrics.MetricWriter(workdir / "tensorboard")
+    step_times = metrics.StepTimes()  # per bucket, off the loop's thread
     preempt = Preemption()
 
     has_validation = "validation" in pipeline.splits(config.data)
@@ -225,6 +240,9 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict:
             with sharding.use(mesh, config.sharding_rules):
                 outs.append(eval_step(params, batches.global_batch(local, mesh),
                                       jax.random.key(1000 + i), frozen))
+        if not outs:
+            log.warning("no whole validation batch (of any bucket): no eval loss")
+            return None
         outs = batches.to_host(outs)
         values = {f"eval/{k}": float(np.mean([o[k] for o in outs])) for k in outs[0]}
         writer.scalars(step, values)
@@ -256,7 +274,8 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict:
 
     history, eval_loss, skipped, nonfinite_run = [], None, 0, 0
     bad_examples, examples = 0, 0
-    pending: list = []  # (step, device metrics) fetched at log time, so the loop never blocks
+    pending: list = []  # (step, bucket, device metrics) fetched at log time: no blocking
+    done_flops = done_tokens = 0.0
     last_time, last_step = time.perf_counter(), start_step
     progress = _progress(config, start_step, total)
     step = start_step
@@ -264,33 +283,47 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict:
     try:
         while step < total:
             local = next(train_iter)
+            bucket = bucket_of(local)
             with sharding.use(mesh, config.sharding_rules):
                 state, step_metrics = train_step(state, batches.global_batch(local, mesh),
                                                  frozen)
+            step_times.add(bucket, step_metrics["loss"])
             step += 1
-            pending.append((step, step_metrics))
+            pending.append((step, bucket, step_metrics))
             progress.update(1)
             interrupt = preempt.reached(step) or step == stop_at
 
             if step % config.train.log_every == 0 or step == total or interrupt:
-                fetched = batches.to_host([m for _, m in pending])
+                fetched = batches.to_host([m for _, _, m in pending])
                 now = time.perf_counter()
-                rate = (step - last_step) / max(now - last_time, 1e-9)
+                elapsed = max(now - last_time, 1e-9)
+                rate = (step - last_step) / elapsed
                 last_time, last_step = now, step
-                bad = [s for (s, _), m in zip(pending, fetched) if not m["finite"]]
+                interval_flops = sum(costs[b][0] for _, b, _ in pending)
+                interval_tokens = sum(costs[b][1] for _, b, _ in pending)
+                done_flops += interval_flops
+                done_tokens += interval_tokens
+                bad = [s for (s, _, _), m in zip(pending, fetched) if not m["finite"]]
                 for m in fetched:  # the current run of consecutive skipped updates
                     nonfinite_run = 0 if m["finite"] else nonfinite_run + 1
                 skipped += len(bad)
                 bad_examples += int(sum(m["bad_examples"] for m in fetched))
-                examples += len(fetched) * int(config.data.batch_size)
+                examples += sum(costs[b][2] for _, b, _ in pending)
                 pending = []
                 last = fetched[-1]
                 history.extend(float(m["loss"]) for m in fetched)
                 values = {"train/loss": last["loss"], "train/grad_norm": last["grad_norm"],
                           "train/lr": last["lr"], "perf/steps_per_s": rate,
-                          "perf/tokens_per_s": rate * tokens_per_step,
-                          "perf/mfu": rate * step_flops / peak, "train/skipped_steps": skipped,
-                          "data/bad_examples": bad_examples}
+                          "perf/tokens_per_s": interval_tokens / elapsed,
+                          "perf/mfu": interval_flops / elapsed / peak,
+                          "train/skipped_steps": skipped, "data/bad_examples": bad_examples}
+                times_by_bucket = step_times.take()
+                if several:  # each bucket's own step time (device time: compiles excluded)
+                    for name, times in sorted(times_by_bucket.items()):
+                        seconds = float(np.median(times))
+                        values[f"perf/{name}/step_s"] = seconds
+                        values[f"perf/{name}/tokens_per_s"] = costs[name][1] / seconds
+                        values[f"perf/{name}/mfu"] = costs[name][0] / seconds / peak
                 writer.scalars(step, values)
                 progress.set_postfix(loss=f"{float(last['loss']):.4f}", refresh=False)
                 if not config.train.progress:
@@ -326,6 +359,7 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict:
                                    state.ema_params, mesh, step)
     finally:  # an error anywhere still finishes the saves in flight before it is raised
         progress.close()
+        step_times.close()
         ckpt.close()
         writer.close()
     if stopped_for:
@@ -335,6 +369,10 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict:
                "stopped_for": stopped_for, "failed": failed, "bad_examples": bad_examples}
     if stopped_for is None and is_main:  # what sweeps (vidit/sweep.py) read back
         tail = history[-max(1, len(history) // 10):]
+        # Per step as measured in this invocation (buckets differ), else the config's shape.
+        steps_done = max(step - start_step, 1)
+        step_flops, tokens_per_step = ((done_flops / steps_done, done_tokens / steps_done)
+                                       if several else flops.train_cost(config, input_shape))
         storage.write_atomic(workdir / "summary.json", json.dumps({
             "step": step, "final_train_loss": float(np.mean(tail)) if tail else None,
             "eval_loss": eval_loss, "params": setup.num_params(),

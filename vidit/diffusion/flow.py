@@ -55,6 +55,10 @@ class FlowObjective(Objective):
     logit_mean: float = 0.0  # logit-normal: t = sigmoid(n), n ~ N(logit_mean, logit_std)
     logit_std: float = 1.0
     shift: float = 1.0  # a in t' = a t / (1 + (a - 1) t); 1 = no shift
+    # The shift is `shift` at config.data's clip size and grows with sqrt(tokens) elsewhere
+    # (SD3's resolution-dependent shift, Esser et al. 2024 sec. 5.3.2): a bucket or a sample at
+    # 4x the tokens trains/samples at 2x the shift. vidit/steps.py applies it per input shape.
+    shift_with_tokens: bool = True
     sampler: str = "euler"  # 'euler' | 'heun'
 
     name: ClassVar[str] = "flow"
@@ -66,6 +70,14 @@ class FlowObjective(Objective):
             raise ValueError(f"unknown flow sampler {self.sampler!r}; valid: {list(FLOW_SAMPLERS)}")
         if not self.logit_std > 0 or not self.shift > 0:
             raise ValueError("logit_std and shift must be positive")
+
+    def at_tokens(self, tokens: int, reference_tokens: int) -> "FlowObjective":
+        """This objective for inputs of `tokens` tokens when `shift` holds at
+        `reference_tokens` (see shift_with_tokens)."""
+        if not self.shift_with_tokens or tokens == reference_tokens:
+            return self
+        return dataclasses.replace(
+            self, shift=self.shift * shift_for_tokens(tokens, reference_tokens))
 
     def sample_t(self, rng: jax.Array, batch_size: int) -> jax.Array:
         """Training times [B], float32, drawn then shifted."""
