@@ -172,3 +172,74 @@ def test_training_in_buckets_resumes_exactly_and_reports_each_bucket(tmp_path):
     per_bucket = {t.split("/")[1] for t in tags if t.endswith("/mfu") and t.count("/") == 2}
     seen = {"x".join(str(n) for n in s[1:4]) for s in shapes}
     assert per_bucket and per_bucket <= seen, (per_bucket, seen)
+
+
+# --------------------------------------------------------------------------- #
+# Sampling at any size, the token-count shift, image-to-video.
+# --------------------------------------------------------------------------- #
+
+def test_flow_shift_follows_token_count():
+    from vidit import diffusion
+    flow = diffusion.make_objective({"name": "flow", "shift": 1.5})
+    assert flow.at_tokens(1024, 256).shift == pytest.approx(3.0)  # 4x tokens: 2x the shift
+    assert flow.at_tokens(256, 256) is flow
+    fixed = diffusion.make_objective({"name": "flow", "shift": 1.5, "shift_with_tokens": False})
+    assert fixed.at_tokens(1024, 256).shift == 1.5
+
+
+@pytest.fixture(scope="module")
+def i2v_run(tmp_path_factory):
+    """A smoke run of an image-to-video model (model.first_frame), 6 steps."""
+    from configs import moving_digits as config_file
+    from vidit import train as train_lib
+    root = tmp_path_factory.mktemp("i2v")
+    c = config_file.get_config("smoke")
+    c.data.data_dir = str(root / "tfds")
+    c.train.progress = False
+    c.sample.num = 0
+    c.model.first_frame = True
+    c.train.first_frame_prob = 0.5
+    c.optim.lr = 1e-2  # a few steps move the zero-initialised output layer
+    train_lib.train(c, str(root / "run"))
+    return str(root / "run"), c
+
+
+def test_image_to_video_starts_from_the_given_frame(i2v_run, tmp_path):
+    import imageio.v3 as iio
+    from vidit import sample as sample_lib
+    workdir, c = i2v_run
+    picture = np.zeros((32, 32), np.uint8)
+    picture[8:24, 12:20] = 255  # a bar: the given first frame
+    iio.imwrite(tmp_path / "first.png", picture)
+    videos, _ = sample_lib.generate(workdir, num=2, label=3, steps_=2,
+                                    image=str(tmp_path / "first.png"))
+    want = picture.astype(np.float32)[None, :, :, None] / 127.5 - 1.0
+    np.testing.assert_array_equal(videos[:, 0], np.broadcast_to(want, videos[:, 0].shape))
+    assert not np.allclose(videos[:, 1], videos[:, 0])  # later frames are generated
+    # The condition reaches the network: with the mask on its output depends on the frame's
+    # pixels, with it off it does not.
+    from vidit import run as run_lib
+    run = run_lib.load(workdir)
+    model = run.setup.model(run.params)
+    x = np.random.default_rng(0).normal(size=(2, 8, 32, 32, 1)).astype(np.float32)
+    t, label = np.full(2, 0.5, np.float32), np.array([3, 3], np.int32)
+    frames = [np.zeros_like(x), np.ones_like(x)]
+
+    def out(frame, given):
+        return np.asarray(model(x, t, {"label": label, "first_frame": frame,
+                                       "first_frame_mask": np.full(2, given)}))
+
+    assert np.abs(out(frames[0], True) - out(frames[1], True)).max() > 1e-4
+    np.testing.assert_array_equal(out(frames[0], False), out(frames[1], False))
+    with pytest.raises(ValueError, match="could not be read"):
+        sample_lib.generate(workdir, num=1, label=3, steps_=1, image=str(tmp_path / "none.png"))
+
+
+def test_sample_at_untrained_sizes_and_bad_sizes(i2v_run):
+    from vidit import sample as sample_lib
+    workdir, _ = i2v_run
+    videos, _ = sample_lib.generate(workdir, num=2, label=1, steps_=2, frames=4, height=32,
+                                    width=48)
+    assert videos.shape == (2, 4, 32, 48, 1) and np.isfinite(videos).all()
+    with pytest.raises(ValueError, match="patch"):
+        sample_lib.generate(workdir, num=1, label=1, steps_=1, frames=3)

@@ -37,7 +37,7 @@ STRUCTURAL = ("model", "objective.name", "seed")
 # Config keys added after runs had been saved, with the value that rebuilds what those runs
 # trained: a saved config without one is read as having it (resume, export, teachers).
 ADDED_KEYS = {"model.time_scale": layers.DIT_TIME_SCALE, "model.disc_width": 0,
-              "model.disc_layers": 3,
+              "model.disc_layers": 3, "model.first_frame": False,
               "model.text_encoder": {"kind": "byte", "path": "", "online": False, "dtype": ""}}
 
 

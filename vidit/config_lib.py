@@ -97,6 +97,10 @@ def base_config() -> ml_collections.ConfigDict:
         # MeanFlow's adversarial term (objective.adversarial_weight); 0: none, no parameters.
         disc_width=0,
         disc_layers=3,
+        # Image-to-video: the model also sees a clean first frame (the clip's first latent
+        # frame) and its mask as extra input channels, as Wan 2.1 I2V does; trained on a share
+        # train.first_frame_prob of the examples, sampled with `vidit.sample --image`.
+        first_frame=False,
     )
 
     # Only the chosen objective's fields: a field of another objective is a config error.
@@ -120,6 +124,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train = dict(
         steps=1000,
         cond_drop_prob=0.1,
+        first_frame_prob=0.5,  # with model.first_frame: examples given their first frame
         log_every=10,
         eval_every=250,
         eval_batches=2,

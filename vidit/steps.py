@@ -112,7 +112,12 @@ def train_step(setup: Setup, objective: Any, state: TrainState, batch: dict,
     def loss_fn(params, micro, rng):
         drop_rng, loss_rng = jax.random.split(rng)
         model = setup.model(params)
+        x0 = setup.model_input(micro, frozen.get("autoencoder"))
         cond = condition(setup, micro, frozen)
+        if config.model.get("first_frame", False):  # image-to-video: some examples get frame 0
+            given = jax.random.bernoulli(jax.random.fold_in(rng, 7),
+                                         config.train.first_frame_prob, (x0.shape[0],))
+            cond.update(first_frame=x0, first_frame_mask=given)
         cond = drop_condition(cond, null_condition(model, cond, frozen), drop_rng,
                               config.train.cond_drop_prob)
         extra = {}
@@ -123,7 +128,6 @@ def train_step(setup: Setup, objective: Any, state: TrainState, batch: dict,
         if needs.discriminator:  # the DiT's discriminator (model.disc_width)
             extra["disc_fn"] = lambda x, c, frozen=False: setup.model(params).discriminate(
                 x, c, frozen=frozen)
-        x0 = setup.model_input(micro, frozen.get("autoencoder"))
         loss, _ = at_size(setup, objective, x0.shape).loss(
             bind(setup, params), x0, cond, loss_rng,
             null_cond=null_condition(model, cond, frozen) or None, **extra)
@@ -185,15 +189,26 @@ def sample(setup: Setup, objective: Any, params: Any, noise: jax.Array, cond: di
            frozen: dict | None = None, *, steps: int, guidance: float):
     """Videos from noise (a VAE: reconstructions of the clips passed as `noise`, beside them).
     `cond` holds a batch's conditioning fields (labels, or caption tokens and mask, or cached
-    embeddings); a frozen text encoder runs here, compiled with the sampler. A latent DiT's
+    embeddings; with model.first_frame, 'first_frame': pixel frames [B, F, H, W, C] whose frame
+    0 starts every sample); a frozen text encoder runs here, compiled with the sampler. A latent DiT's
     latents are decoded to pixels with the autoencoder's decoder."""
     frozen = frozen or {}
+    image = cond.get("first_frame")  # image-to-video: pixel frames [B, F, H, W, C], frame 0 used
     cond = condition(setup, cond, frozen)
-    null = null_condition(setup.model(params), cond, frozen) if cond else None
+    guided = bool(cond)
+    if image is not None:
+        # The given frame in the model's input space: pixels, or a latent DiT's normalised
+        # latent of it as a 1-frame clip (the causal VAE's first-frame path).
+        first = setup.model_input({"video": image[:, :1]}, frozen.get("autoencoder"))
+        cond.update(first_frame=jnp.zeros(noise.shape, noise.dtype).at[:, :1].set(first),
+                    first_frame_mask=jnp.ones((noise.shape[0],), bool))
+    null = null_condition(setup.model(params), cond, frozen) if guided else None
     # merged inside the sampler's loop body: nnx modules are per-trace
     out = at_size(setup, objective, noise.shape).sample(
         bind(setup, params), noise, cond, steps=steps, null_cond=null,
-        guidance=guidance if cond else 1.0)
+        guidance=guidance if guided else 1.0)
+    if image is not None:  # the given frame is the first frame, exactly
+        out = out.at[:, :1].set(first.astype(out.dtype))
     if setup.autoencoder is not None:
         out = setup.autoencoder.decode(frozen["autoencoder"], out)
     return out

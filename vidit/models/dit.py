@@ -29,6 +29,9 @@ REMAT_POLICIES = {
     "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 COND_KINDS = ("class", "text", "none")
+# The image-to-video condition (config.model.first_frame): 'first_frame' [B, T, H, W, C] whose
+# frame 0 is the clean first frame, 'first_frame_mask' [B] bool where it is given.
+FIRST_FRAME_KEYS = ("first_frame", "first_frame_mask")
 
 # Logical names of the activations that flow between blocks.
 TOKENS = ("activation_batch", "activation_length", "activation_embed")
@@ -151,7 +154,10 @@ class VideoDiT(nnx.Module):
         self.patch = tuple(cfg.patch)
         self.channels = cfg.channels
         patch_dim = math.prod(self.patch) * cfg.channels
-        self.patch_embed = Dense((patch_dim,), (cfg.width,), ("patch", "embed"), **kw)
+        # Image-to-video: the clean first frame and its mask enter as extra channels.
+        self.first_frame = bool(cfg.get("first_frame", False))
+        in_dim = math.prod(self.patch) * (2 * cfg.channels + 1) if self.first_frame else patch_dim
+        self.patch_embed = Dense((in_dim,), (cfg.width,), ("patch", "embed"), **kw)
         time_scale = cfg.time_scale  # older saved configs get 1000 (checkpoint.ADDED_KEYS)
         self.t_embed = layers.TimestepEmbedder(cfg.width, **kw, time_scale=time_scale)
         # MeanFlow/shortcut models also see the interval h = t - r; zero output at init, so a
@@ -185,7 +191,20 @@ class VideoDiT(nnx.Module):
             out["label"] = jnp.full_like(cond["label"], self.cfg.num_classes)
         if "text" in cond:  # BOS followed by padding: the empty caption
             out["text"] = jnp.zeros_like(cond["text"]).at[:, 0].set(1)
+        for key in FIRST_FRAME_KEYS:  # guidance is on the label or caption, never the image
+            if key in cond:
+                out[key] = cond[key]
         return out
+
+    def _with_first_frame(self, x, cond):
+        """x [B, T, H, W, C] -> [B, T, H, W, 2C + 1]: x, the given first frame (zeros where
+        none is given, and on every later frame) and the mask marking it."""
+        b, t = x.shape[:2]
+        given = cond.get("first_frame_mask", jnp.zeros((b,), bool))
+        mask = ((jnp.arange(t) == 0)[None, :] & given[:, None]).astype(x.dtype)
+        mask = jnp.broadcast_to(mask[:, :, None, None, None], x.shape[:4] + (1,))
+        frame = cond.get("first_frame", jnp.zeros_like(x)).astype(x.dtype) * mask
+        return jnp.concatenate([x, frame, mask], axis=-1)
 
     def _condition(self, t, cond, h=None):
         c = self.t_embed(t)
@@ -211,7 +230,9 @@ class VideoDiT(nnx.Module):
     # -- forward --------------------------------------------------------------------------------
     def __call__(self, x, t, cond: dict | None = None, h=None):
         cond = cond or {}
-        tokens, grid = layers.patchify(x.astype(self.dtype), self.patch)
+        x = x.astype(self.dtype)
+        tokens, grid = layers.patchify(self._with_first_frame(x, cond) if self.first_frame else x,
+                                       self.patch)
         c, text, text_mask = self._condition(t, cond, h)
         h = sharding.constrain(self.patch_embed(tokens), TOKENS)
         rope = layers.rope_angles(grid, self.cfg.width // self.cfg.heads, self.cfg.rope_theta)
