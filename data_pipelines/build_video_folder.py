@@ -2,6 +2,16 @@
 
     python -m data_pipelines.build_video_folder --videos DIR [--captions FILE] --data_dir OUT \\
         --frames N --fps F --size S [--stride K] [--name NAME] [--val_fraction X] [--overwrite]
+    python -m data_pipelines.build_video_folder --videos DIR --data_dir OUT --fps F \\
+        --buckets "16x144x256,16x256x144,16x192x192,1x144x256,1x256x144,1x192x192"
+
+With --buckets (FRAMESxHEIGHTxWIDTH, comma-separated, as config.data.buckets) clips keep their
+aspect ratio: each file goes to the bucket of its size and length (data_pipelines/buckets.py:
+nearest aspect ratio, then the most frames it can fill), is scaled to cover the bucket's size and
+centre-cropped only by the remainder, and cut into windows of the bucket's frames; images
+(.png .jpg .jpeg .webp) become 1-frame clips. Each example then also has `bucket` ('16x144x256'),
+and a shape index (buckets.SHAPES_FILE) is written beside the files. Without --buckets every clip
+is square (below), and images are reported as skipped.
 
 Every video file under DIR (.mp4 .webm .mov .avi .mkv .m4v, searched recursively) is decoded with
 PyAV one frame at a time, resampled to F frames per second (each output instant shows the latest
@@ -51,6 +61,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from data_pipelines import buckets
 from vidit import storage
 
 try:
@@ -61,6 +72,7 @@ except ImportError:  # tqdm is a dependency of vidit, but the builder works with
         return items
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mov", ".avi", ".mkv", ".m4v")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 DEFAULT_NAME = "video_folder"
 VERSION = "1.0.0"
 REPORT = "skipped.json"
@@ -77,16 +89,24 @@ class VideoError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class ClipSpec:
-    """What one clip is: `frames` frames at `fps`, `size` x `size`, windows `stride` apart."""
+    """What one clip is: `frames` frames at `fps`, `size` x `size`, windows `stride` apart; with
+    `buckets`, each file's bucket gives the frames, height and width (and windows move `stride`
+    frames, 0 = the bucket's frames)."""
 
     frames: int
     fps: Fraction
     size: int
     stride: int
+    buckets: tuple = ()  # buckets.Bucket
 
     def __post_init__(self):
-        for field in ("frames", "size", "stride"):
+        # With buckets, frames and size come from each file's bucket, and stride 0 means the
+        # bucket's frames.
+        checked = ("stride",) if self.buckets else ("frames", "size", "stride")
+        for field in checked:
             value = getattr(self, field)
+            if self.buckets and value == 0:
+                continue
             if not isinstance(value, (int, np.integer)) or value < 1:
                 raise BuildError(f"--{field} must be an integer >= 1, got {value!r}")
         if not self.fps > 0:
@@ -109,7 +129,8 @@ def as_fraction(fps: float | str | Fraction) -> Fraction:
 # --------------------------------------------------------------------------- #
 
 def list_videos(folder: str) -> list[str]:
-    """Relative POSIX paths of the video files under `folder` (recursive, sorted, no hidden)."""
+    """Relative POSIX paths of the video and image files under `folder` (recursive, sorted, no
+    hidden)."""
     if not os.path.isdir(folder):
         what = "is not a folder" if os.path.exists(folder) else "does not exist"
         raise BuildError(f"--videos {folder!r} {what}")
@@ -117,11 +138,12 @@ def list_videos(folder: str) -> list[str]:
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for file in files:
-            if not file.startswith(".") and file.lower().endswith(VIDEO_EXTENSIONS):
+            if not file.startswith(".") and file.lower().endswith(VIDEO_EXTENSIONS +
+                                                                 IMAGE_EXTENSIONS):
                 found.append(os.path.relpath(os.path.join(root, file), folder).replace(os.sep, "/"))
     if not found:
-        raise BuildError(f"no video files ({' '.join(VIDEO_EXTENSIONS)}) found under "
-                         f"--videos {folder!r}")
+        raise BuildError(f"no video or image files ({' '.join(VIDEO_EXTENSIONS)} "
+                         f"{' '.join(IMAGE_EXTENSIONS)}) found under --videos {folder!r}")
     return sorted(found)
 
 
@@ -206,17 +228,70 @@ def read_captions(path: str, folder: str, sources: list[str]) -> tuple[dict[str,
 # Decoding: frames at a fixed rate, then clips.
 # --------------------------------------------------------------------------- #
 
-def _to_square(frame, size: int) -> np.ndarray:
-    """An av.VideoFrame -> uint8 [size, size, 3]: short side scaled to `size`, centre crop."""
-    width, height = frame.width, frame.height
-    scale = size / min(width, height)
-    out_w, out_h = max(size, round(width * scale)), max(size, round(height * scale))
+def _cover(width: int, height: int, out_h: int, out_w: int) -> tuple[int, int, float]:
+    """(scaled width, scaled height, scale) of a width x height picture scaled to just cover
+    out_h x out_w, keeping its aspect ratio."""
+    scale = max(out_h / height, out_w / width)
+    return max(out_w, round(width * scale)), max(out_h, round(height * scale)), scale
+
+
+def _to_size(frame, out_h: int, out_w: int) -> np.ndarray:
+    """An av.VideoFrame -> uint8 [out_h, out_w, 3]: scaled to cover, the remainder centre-cropped
+    (a square size: short side scaled to it)."""
+    scaled_w, scaled_h, scale = _cover(frame.width, frame.height, out_h, out_w)
     # Area averaging when shrinking (no aliasing), bicubic when enlarging.
     interpolation = "AREA" if scale < 1 else "BICUBIC"
-    rgb = frame.reformat(width=out_w, height=out_h, format="rgb24",
+    rgb = frame.reformat(width=scaled_w, height=scaled_h, format="rgb24",
                          interpolation=interpolation).to_ndarray()
-    top, left = (out_h - size) // 2, (out_w - size) // 2
-    return np.ascontiguousarray(rgb[top:top + size, left:left + size])
+    top, left = (scaled_h - out_h) // 2, (scaled_w - out_w) // 2
+    return np.ascontiguousarray(rgb[top:top + out_h, left:left + out_w])
+
+
+def read_image(path: str, out_h: int, out_w: int) -> np.ndarray:
+    """An image file -> uint8 [1, out_h, out_w, 3], scaled and cropped as `_to_size`."""
+    from PIL import Image  # deferred: only building needs Pillow (imageio's dependency)
+    if os.path.getsize(path) == 0:
+        raise VideoError("empty file (0 bytes)")
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            scaled_w, scaled_h, scale = _cover(image.width, image.height, out_h, out_w)
+            image = image.resize((scaled_w, scaled_h), Image.BOX if scale < 1 else Image.BICUBIC)
+    except (OSError, ValueError) as e:
+        raise VideoError(f"not a readable image: {e}") from e
+    rgb = np.asarray(image)
+    top, left = (scaled_h - out_h) // 2, (scaled_w - out_w) // 2
+    return np.ascontiguousarray(rgb[top:top + out_h, left:left + out_w])[None]
+
+
+def probe(path: str, fps: Fraction) -> tuple[int, int, float]:
+    """(height, width, frames at `fps` the header promises, inf if it says nothing) of a video
+    or image file, from its header alone."""
+    if path.lower().endswith(IMAGE_EXTENSIONS):
+        from PIL import Image
+        try:
+            with Image.open(path) as image:
+                return image.height, image.width, 1
+        except (OSError, ValueError) as e:
+            raise VideoError(f"not a readable image: {e}") from e
+    import av
+    if os.path.getsize(path) == 0:
+        raise VideoError("empty file (0 bytes)")
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise VideoError(f"no video stream (format {container.format.name})")
+            stream = container.streams.video[0]
+            promised = _expected_length(stream)
+            size = (stream.codec_context.height, stream.codec_context.width)
+    except VideoError:
+        raise
+    except Exception as e:  # PyAV raises many types for files it cannot parse
+        raise VideoError(f"not a readable video: {getattr(e, 'strerror', None) or e}") from e
+    if not promised:
+        return size + (float("inf"),)
+    what, value, _ = promised
+    return size + (value if what == "frames" else value * float(fps),)
 
 
 def _expected_length(stream) -> tuple[str, float, float] | None:
@@ -238,9 +313,10 @@ def _expected_length(stream) -> tuple[str, float, float] | None:
     return None
 
 
-def resampled_frames(path: str, fps: Fraction, size: int,
+def resampled_frames(path: str, fps: Fraction, size: int | tuple[int, int],
                      wanted=None) -> Iterator[np.ndarray | None]:
-    """Yields the frames of the video at `path` at `fps`, as uint8 [size, size, 3], streaming.
+    """Yields the frames of the video at `path` at `fps`, as uint8 [size, size, 3] (or
+    [height, width, 3] for a size (height, width)), streaming.
 
     Output frame k shows the latest source frame whose time is at or before k / fps (times
     relative to the first frame; the last source frame lasts one frame period). `wanted(k)` False
@@ -250,6 +326,7 @@ def resampled_frames(path: str, fps: Fraction, size: int,
     """
     import av  # deferred: only building needs PyAV
 
+    out_h, out_w = (size, size) if isinstance(size, int) else size
     if os.path.getsize(path) == 0:
         raise VideoError("empty file (0 bytes)")
     try:
@@ -277,7 +354,7 @@ def resampled_frames(path: str, fps: Fraction, size: int,
                 array = None
             else:
                 if converted is None or converted[0] is not frame:
-                    converted = (frame, _to_square(frame, size))
+                    converted = (frame, _to_size(frame, out_h, out_w))
                 array = converted[1]
             index += 1
             return array
@@ -310,31 +387,53 @@ def resampled_frames(path: str, fps: Fraction, size: int,
                                  "header promises")
 
 
+def clip_shape(path: str, spec: ClipSpec) -> tuple[int, int, int]:
+    """(frames, height, width) of the clips of the file at `path`: the spec's square clip, or
+    with buckets the bucket of the file's size and promised length."""
+    is_image = path.lower().endswith(IMAGE_EXTENSIONS)
+    if not spec.buckets:
+        if is_image:
+            raise VideoError("an image: build with --buckets to ingest images as 1-frame clips")
+        return spec.frames, spec.size, spec.size
+    height, width, frames = probe(path, spec.fps)
+    k = buckets.assign((min(frames, 1 << 30), height, width), list(spec.buckets))
+    if k < 0:
+        raise VideoError(f"too short: about {frames:.4g} frames at {float(spec.fps):g} fps, "
+                         "fewer than every bucket's")
+    return spec.buckets[k].shape
+
+
 def iter_clips(path: str, spec: ClipSpec) -> Iterator[tuple[int, np.ndarray]]:
-    """Yields (start_frame, uint8 [frames, size, size, 3]) windows of the video at `path`.
+    """Yields (start_frame, uint8 [frames, height, width, 3]) windows of the file at `path`
+    (its `clip_shape`; an image is one 1-frame clip).
 
     Raises VideoError "too short" when not even one window fits (and other problems as
     `resampled_frames`, after yielding the clips before them).
     """
+    frames, height, width = clip_shape(path, spec)
+    if path.lower().endswith(IMAGE_EXTENSIONS):
+        yield 0, read_image(path, height, width)
+        return
+    stride = spec.stride or frames
     buffer: list[np.ndarray] = []  # frames next_start, next_start + 1, ...
     next_start, total, clips = 0, 0, 0
 
     def wanted(k):  # frames before the next window (stride > frames) are never resized
         return k >= next_start
 
-    for frame in resampled_frames(path, spec.fps, spec.size, wanted):
+    for frame in resampled_frames(path, spec.fps, (height, width), wanted):
         total += 1
         if frame is None:
             continue
         buffer.append(frame)
-        if len(buffer) == spec.frames:
+        if len(buffer) == frames:
             yield next_start, np.stack(buffer)
             clips += 1
-            next_start += spec.stride
-            buffer = buffer[spec.stride:]
+            next_start += stride
+            buffer = buffer[stride:]
     if not clips:
         raise VideoError(f"too short: {total} frames at {float(spec.fps):g} fps, "
-                         f"fewer than one clip of {spec.frames}")
+                         f"fewer than one clip of {frames}")
 
 
 # --------------------------------------------------------------------------- #
@@ -412,19 +511,26 @@ class VideoFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _info(self) -> tfds.core.DatasetInfo:
         spec = self._spec
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=(f"Clips of {spec.frames} frames at {float(spec.fps):g} fps, "
-                         f"{spec.size}x{spec.size} RGB, from the videos in {self._videos}."),
-            features=tfds.features.FeaturesDict({
-                # A zlib tensor like moving_digits: TFDS's video codec needs TensorFlow.
-                "video": tfds.features.Tensor(shape=(spec.frames, spec.size, spec.size, 3),
-                                              dtype=np.uint8, encoding="zlib"),
-                "caption": tfds.features.Text(),
-                "source": tfds.features.Text(),
-                "start_frame": tfds.features.Scalar(dtype=np.int64),
-            }),
-        )
+        if spec.buckets:
+            what = ", ".join(b.name for b in spec.buckets)
+            description = (f"Clips at {float(spec.fps):g} fps in the buckets {what} (frames x "
+                           f"height x width, RGB), from the videos and images in {self._videos}.")
+            shape = (None, None, None, 3)
+        else:
+            description = (f"Clips of {spec.frames} frames at {float(spec.fps):g} fps, "
+                           f"{spec.size}x{spec.size} RGB, from the videos in {self._videos}.")
+            shape = (spec.frames, spec.size, spec.size, 3)
+        features = {
+            # A zlib tensor like moving_digits: TFDS's video codec needs TensorFlow.
+            "video": tfds.features.Tensor(shape=shape, dtype=np.uint8, encoding="zlib"),
+            "caption": tfds.features.Text(),
+            "source": tfds.features.Text(),
+            "start_frame": tfds.features.Scalar(dtype=np.int64),
+        }
+        if spec.buckets:
+            features["bucket"] = tfds.features.Text()  # '16x144x256'
+        return tfds.core.DatasetInfo(builder=self, description=description,
+                                     features=tfds.features.FeaturesDict(features))
 
     def _split_generators(self, dl_manager):
         del dl_manager  # everything is local
@@ -439,9 +545,11 @@ class VideoFolder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             kept = 0
             try:
                 for start, video in iter_clips(os.path.join(self._videos, source), self._spec):
-                    yield f"{source}@{start}", {
-                        "video": video, "caption": self._captions.get(source, ""),
-                        "source": source, "start_frame": start}
+                    example = {"video": video, "caption": self._captions.get(source, ""),
+                               "source": source, "start_frame": start}
+                    if self._spec.buckets:
+                        example["bucket"] = "x".join(str(n) for n in video.shape[:3])
+                    yield f"{source}@{start}", example
                     kept += 1
             except Exception as e:  # any decoder failure is one file's problem, not the build's
                 reason = str(e) if isinstance(e, VideoError) else (
@@ -468,16 +576,31 @@ def builder_class(name: str) -> type[VideoFolder]:
                 skip_registration=True)
 
 
-def build(videos: str, data_dir: str, *, frames: int, fps, size: int, stride: int | None = None,
-          captions: str | None = None, name: str = DEFAULT_NAME, val_fraction: float = 0.1,
-          overwrite: bool = False, show_progress: bool = True) -> tuple[VideoFolder, Report]:
+def parse_buckets(text: str | None) -> tuple:
+    """--buckets 'FxHxW,...' -> buckets.Bucket tuple (batch sizes and weights are the trainer's
+    business and ignored here)."""
+    if not text:
+        return ()
+    try:
+        return tuple(buckets.parse(text, frames=1, height=1, width=1, batch_size=1))
+    except buckets.BucketError as e:
+        raise BuildError(str(e).replace("config.data.buckets", "--buckets")) from None
+
+
+def build(videos: str, data_dir: str, *, frames: int = 0, fps, size: int = 0,
+          stride: int | None = None, captions: str | None = None, name: str = DEFAULT_NAME,
+          val_fraction: float = 0.1, overwrite: bool = False, show_progress: bool = True,
+          buckets_: str | None = None) -> tuple[VideoFolder, Report]:
     """Builds the dataset; returns the prepared builder and the report (also in skipped.json).
+    `buckets_` ('FxHxW,...') keeps aspect ratios and ingests images (module docstring).
 
     A split that gets no clip (no file hashed into it, or all of its files skipped) is left out
     of the dataset; if no split gets one, BuildError says so, with the report.
     """
+    bucket_list = parse_buckets(buckets_)
     spec = ClipSpec(frames=frames, fps=as_fraction(fps), size=size,
-                    stride=frames if stride is None else stride)
+                    stride=(0 if bucket_list else frames) if stride is None else stride,
+                    buckets=bucket_list)
     if not 0.0 <= val_fraction <= 1.0:
         raise BuildError(f"--val_fraction must lie in [0, 1], got {val_fraction}")
     cls = builder_class(name)
@@ -492,6 +615,7 @@ def build(videos: str, data_dir: str, *, frames: int, fps, size: int, stride: in
     report = Report(unmatched_captions=unmatched, settings={
         "videos": videos, "captions": captions, "frames": spec.frames, "fps": float(spec.fps),
         "size": spec.size, "stride": spec.stride, "val_fraction": val_fraction,
+        "buckets": [b.name for b in bucket_list],
         "files_found": len(sources)})
 
     def make(root):
@@ -527,6 +651,9 @@ def build(videos: str, data_dir: str, *, frames: int, fps, size: int, stride: in
                                  f"{videos} was skipped\n{report.text()}")
         with open(os.path.join(builder.data_dir, REPORT), "w") as f:
             json.dump(report.to_json(), f, indent=2)
+        if bucket_list:  # each record's shape, read by the pipeline's buckets
+            for split in files:
+                buckets.record_shapes(builder, split)
     return make(dest), report
 
 
@@ -538,9 +665,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder of video files (searched recursively)")
     parser.add_argument("--captions", help="CSV or JSONL file with 'path' and 'caption' fields")
     parser.add_argument("--data_dir", required=True, help="TFDS data root to write into")
-    parser.add_argument("--frames", type=int, required=True, help="frames per clip")
+    parser.add_argument("--frames", type=int, default=0, help="frames per clip (no --buckets)")
     parser.add_argument("--fps", type=float, required=True, help="frame rate of the clips")
-    parser.add_argument("--size", type=int, required=True, help="clip height and width")
+    parser.add_argument("--size", type=int, default=0, help="clip height and width (no --buckets)")
+    parser.add_argument("--buckets", help="'FxHxW,...': keep aspect ratios, each file in its "
+                        "nearest bucket; images become 1-frame clips")
     parser.add_argument("--stride", type=int,
                         help="frames between the starts of windows (default: --frames)")
     parser.add_argument("--name", default=DEFAULT_NAME,
@@ -556,15 +685,16 @@ def main(argv: list[str] | None = None) -> int:
         builder, report = build(args.videos, args.data_dir, frames=args.frames, fps=args.fps,
                                 size=args.size, stride=args.stride, captions=args.captions,
                                 name=args.name, val_fraction=args.val_fraction,
-                                overwrite=args.overwrite)
+                                overwrite=args.overwrite, buckets_=args.buckets)
     except BuildError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(report.text())
+    shape = (f"--config.data.buckets='{args.buckets}'" if args.buckets else
+             f"--config.data.height={args.size} --config.data.width={args.size}")
     print(f"wrote {builder.data_dir} (report: {REPORT} there); train with "
           f"--config.data.name={builder.name} --config.data.data_dir={args.data_dir} "
-          f"--config.data.channels=3 --config.model.channels=3 --config.data.height={args.size} "
-          f"--config.data.width={args.size}")
+          f"--config.data.channels=3 --config.model.channels=3 {shape}")
     return 0
 
 

@@ -289,7 +289,7 @@ def test_no_usable_file_is_an_error(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--videos", "{missing}"], "does not exist"),
-    (["--videos", "{empty}"], "no video files"),
+    (["--videos", "{empty}"], "no video or image files"),
     (["--frames", "0"], "--frames must be an integer >= 1"),
     (["--fps", "0"], "--fps must be > 0"),
     (["--stride", "0"], "--stride must be an integer >= 1"),
@@ -321,3 +321,81 @@ def test_existing_dataset_needs_overwrite(built, videos, capsys):
             "--size", "16", "--name", "tiny_videos"]
     assert bvf.main(argv) == 2
     assert "already exists; pass --overwrite" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- #
+# Aspect-ratio buckets and images.
+# --------------------------------------------------------------------------- #
+
+def _write_sized(path, width, height, num=24, rate=12):
+    """Grey frames with a white band along the left and right edges (6% of the width each):
+    a square centre crop of a wide frame loses both bands."""
+    band = max(2, round(0.06 * width))
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=rate)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for _ in range(num):
+            image = np.full((height, width, 3), 90, np.uint8)
+            image[:, :band] = image[:, -band:] = 255
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def test_buckets_keep_aspect_ratios_and_ingest_images(tmp_path):
+    from PIL import Image
+    from data_pipelines import buckets
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    _write_sized(folder / "wide.mp4", 96, 54)  # 16:9
+    _write_sized(folder / "tall.mp4", 54, 96)  # 9:16
+    _write_sized(folder / "square.mp4", 64, 64)
+    Image.fromarray(np.full((40, 72, 3), 200, np.uint8)).save(folder / "photo.png")  # wide
+    Image.fromarray(np.full((30, 30, 3), 50, np.uint8)).save(folder / "icon.jpg")
+    (folder / "broken.webp").write_bytes(b"not an image")
+    spec = "8x18x32, 8x32x18, 8x24x24, 1x18x32, 1x24x24"
+    builder, report = bvf.build(str(folder), str(tmp_path / "out"), fps=12, buckets_=spec,
+                                val_fraction=0.0, show_progress=False)
+    source = builder.as_data_source("train")
+    stored = {}
+    for i in range(len(source)):
+        example = source[i]
+        stored.setdefault(example["source"].decode(), []).append(example)
+    shapes = {name: {e["video"].shape for e in examples} for name, examples in stored.items()}
+    assert shapes == {"wide.mp4": {(8, 18, 32, 3)}, "tall.mp4": {(8, 32, 18, 3)},
+                      "square.mp4": {(8, 24, 24, 3)}, "photo.png": {(1, 18, 32, 3)},
+                      "icon.jpg": {(1, 24, 24, 3)}}
+    assert len(stored["wide.mp4"]) == 3  # 24 frames: 3 windows of 8
+    for name in ("wide.mp4", "tall.mp4"):  # no square crop: both edge bands survive
+        video = stored[name][0]["video"].astype(float)
+        assert video[..., 0, :].mean() > 180 and video[..., -1, :].mean() > 180, name
+        assert video[..., video.shape[2] // 2, :].mean() < 120
+    assert stored["wide.mp4"][0]["bucket"] == b"8x18x32"
+    assert [s["file"] for s in report.skipped] == ["broken.webp"]
+    assert "not a readable image" in report.skipped[0]["reason"]
+    index = buckets.record_shapes(builder, "train")
+    assert [tuple(index[i]) for i in range(len(source))] == [
+        source[i]["video"].shape[:3] for i in range(len(source))]
+    # The pipeline trains each clip in its own bucket, one shape per batch.
+    cfg = data_config.defaults()
+    cfg.update(dict(name=builder.name, data_dir=str(tmp_path / "out"), channels=3,
+                    buckets=spec.replace("8x18x32", "8x18x32:2").replace(
+                        "8x32x18", "8x32x18:2").replace("8x24x24", "8x24x24:2"),
+                    batch_size=2, bucket_batch_multiple=1))
+    it = pipeline.make_iterator(cfg, "train", seed=0, train=True, process_index=0,
+                                process_count=1)
+    seen = {next(it)["video"].shape[1:4] for _ in range(30)}
+    assert seen == {(8, 18, 32), (8, 32, 18), (8, 24, 24), (1, 18, 32), (1, 24, 24)}
+
+
+def test_images_without_buckets_are_reported(tmp_path):
+    from PIL import Image
+    folder = tmp_path / "v"
+    folder.mkdir()
+    _write_sized(folder / "clip.mp4", 64, 64)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "still.png")
+    _, report = bvf.build(str(folder), str(tmp_path / "out"), frames=8, fps=12, size=16,
+                          val_fraction=0.0, show_progress=False)
+    assert [s["file"] for s in report.skipped] == ["still.png"]
+    assert "--buckets" in report.skipped[0]["reason"]
