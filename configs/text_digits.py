@@ -12,14 +12,15 @@ default) reads them through the frozen pretrained all-MiniLM-L6-v2, run in the t
 samples for captions of the training phrasings and for paraphrases no training caption has
 ("number seven going left"). Results: docs/text/README.md.
 
-Variants: encoder=<minilm|byte>, smoke.
+Variants: encoder=<minilm|byte>, smoke, shapes=mixed (clips at native sizes in buckets:
+moving_digits.py's mixed set of images and 4/8/16-frame clips at 32x32, 32x48 and 48x32).
 """
 from configs import quickstart
 from vidit import config_lib
 
 
 def get_config(arg=None):
-    arg = config_lib.parse_arg(arg, encoder="minilm", smoke=False)
+    arg = config_lib.parse_arg(arg, encoder="minilm", smoke=False, shapes="square")
     c = quickstart.get_config()
     c.model.cond = "text"
     c.model.text_encoder.kind = arg.encoder
@@ -34,4 +35,8 @@ def get_config(arg=None):
     if arg.smoke:
         config_lib.make_smoke(c)  # a tiny dataset: its own builder_kwargs
     c.data.builder_kwargs = {**c.data.builder_kwargs, "captions": "varied"}
+    if arg.shapes == "mixed":  # moving_digits.py:shapes=mixed's buckets at 4 and 1 frames
+        c.data.builder_kwargs["shapes"] = "mixed"
+        c.data.buckets = "4x32x32, 4x32x48, 4x48x32, 1x32x32, 1x32x48, 1x48x32"
+        c.model.patch = (1, 4, 4)  # a 1-frame image has no pair of frames to patch together
     return c

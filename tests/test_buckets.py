@@ -243,3 +243,26 @@ def test_sample_at_untrained_sizes_and_bad_sizes(i2v_run):
     assert videos.shape == (2, 4, 32, 48, 1) and np.isfinite(videos).all()
     with pytest.raises(ValueError, match="patch"):
         sample_lib.generate(workdir, num=1, label=1, steps_=1, frames=3)
+
+
+def test_demo_configs_validate_and_bad_buckets_are_refused_by_name(devices):
+    from configs import moving_digits as md_cfg, text_digits
+    from vidit import checks, sharding
+    from vidit.errors import ConfigError
+    mesh = sharding.make_mesh(dict(data=2, fsdp=4))
+    for c in (md_cfg.get_config("smoke,shapes=mixed"),
+              text_digits.get_config("smoke,shapes=mixed,encoder=byte")):
+        checks.validate(c, mesh)
+        assert len(checks.buckets(c)) >= 6
+    c = md_cfg.get_config("smoke,shapes=mixed")
+    cases = {"8x32x32, 4x32x34": r"bucket 4x32x34 .*patch",
+             "8x32x32, 4x32x32:12": r"bucket 4x32x32's batch 12 .*data x fsdp = 8",
+             "8x32x32, 8x32": r"'8x32' is not FRAMESxHEIGHTxWIDTH"}
+    for text, message in cases.items():
+        c.data.buckets = text
+        with pytest.raises(ConfigError, match=message):
+            checks.validate(c, mesh)
+    c.data.buckets = "8x32x32, 1x4x4:8"  # one token per clip cannot split over 2 sequence shards
+    c.mesh.sequence = 2
+    with pytest.raises(ConfigError, match=r"bucket 1x4x4 .*config.mesh.sequence=2"):
+        checks.validate(c, sharding.make_mesh(dict(data=2, fsdp=2, sequence=2)))

@@ -278,3 +278,62 @@ def test_latent_dit_trains_and_samples_decoded_videos(vae_run, latents, data_dir
     report = evaluate.evaluate(workdir, step_counts=[2], num=4, batch=4)
     assert seen[0].name == "moving_digits" and seen[0].num_frames == 9
     assert 0.0 <= report["results"][0]["class_accuracy"] <= 1.0
+
+
+# ------------------------------------------------------------------------ buckets
+MIXED = {"num_train": 64, "num_validation": 16, "shapes": "mixed"}
+
+
+@pytest.fixture(scope="module")
+def mixed_latents(vae_run, data_dir, tmp_path_factory):
+    """The tiny mixed-shape set's latents, each clip at the bucket of its shape."""
+    workdir, _, _ = vae_run
+    out = str(tmp_path_factory.mktemp("mixed_latents"))
+    folder = encode_latents.encode(workdir, "moving_digits", out, data_dir=data_dir,
+                                   batch_size=8, progress=False, builder_kwargs=MIXED,
+                                   buckets=latent_digits.LATENT_BUCKETS)
+    return out, folder
+
+
+def test_encode_in_buckets_keeps_shapes_and_images_take_the_first_frame_path(
+        vae_run, mixed_latents, data_dir):
+    import tensorflow_datasets as tfds
+    from data_pipelines import buckets
+    vae_dir, _, _ = vae_run
+    out, folder = mixed_latents
+    builder = tfds.builder("moving_digits_latents", data_dir=out)
+    ds = builder.as_data_source("train")
+    index = buckets.record_shapes(builder, "train")
+    latent_shapes = {tuple(index[i]): ds[i]["latent"].shape for i in range(len(ds))}
+    assert latent_shapes[(9, 32, 48)] == (3, 8, 12, 8)
+    assert latent_shapes[(1, 48, 32)] == (1, 12, 8, 8)
+    assert len(latent_shapes) >= 5
+    # Causal: a clip's first latent frame is its first frame's own (image) latent.
+    mesh = sharding.make_mesh(dict(data=1, fsdp=1), jax.devices()[:1])
+    ae = run_lib.load_autoencoder(vae_dir, mesh)
+    source = pipeline.load_builder(override(data_config.defaults(), **{
+        "data_dir": data_dir, "builder_kwargs": MIXED})).as_data_source("train")
+    i = next(i for i in range(len(ds)) if tuple(index[i]) == (9, 32, 48))
+    spec = pipeline.ClipSpec(9, 1, 32, 48, 1, 40)
+    clip = pipeline.video_clip(source[int(ds[i]["index"])], spec)[None]
+    whole = np.asarray(ae.encode_raw(ae.params, jnp.asarray(clip)))
+    first = np.asarray(ae.encode_raw(ae.params, jnp.asarray(clip[:, :1])))
+    np.testing.assert_allclose(whole[0], ds[i]["latent"], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(first[0, 0], whole[0, 0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["cached", "online"])
+def test_latent_dit_trains_in_buckets(vae_run, mixed_latents, data_dir, tmp_path, mode):
+    vae_dir, _, _ = vae_run
+    out, _ = mixed_latents
+    c = latent_digits.get_config(f"smoke,latents={mode},autoencoder={vae_dir},shapes=mixed")
+    override(c, **{"train.progress": False, "train.steps": 6, "train.ckpt_every": 6,
+                   "sample.num": 0, "data.data_dir": out if mode == "cached" else data_dir})
+    if mode == "cached":
+        c.data.builder_kwargs = {}
+    summary = train_lib.train(c, str(tmp_path / mode))
+    assert summary["stopped_for"] is None and np.isfinite(summary["losses"]).all()
+    it = pipeline.make_iterator(c.data, "train", seed=c.seed, train=True, process_index=0,
+                                process_count=1)
+    key = "latent" if mode == "cached" else "video"
+    assert len({next(it)[key].shape for _ in range(6)}) >= 2  # it saw several buckets

@@ -325,7 +325,12 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict:
                         values[f"perf/{name}/tokens_per_s"] = costs[name][1] / seconds
                         values[f"perf/{name}/mfu"] = costs[name][0] / seconds / peak
                 writer.scalars(step, values)
-                progress.set_postfix(loss=f"{float(last['loss']):.4f}", refresh=False)
+                postfix = {"loss": f"{float(last['loss']):.4f}"}
+                if several:  # per bucket: step time and MFU
+                    postfix["buckets"] = " ".join(
+                        f"{name}:{1e3 * values[f'perf/{name}/step_s']:.0f}ms/"
+                        f"{values[f'perf/{name}/mfu']:.0%}" for name in sorted(times_by_bucket))
+                progress.set_postfix(**postfix, refresh=False)
                 if not config.train.progress:
                     log.info(metrics.format_metrics(step, values))
                 if bad:
