@@ -65,8 +65,12 @@ class DerivedDataset(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         for path in files:
             with np.load(io.BytesIO(epath.Path(path).read_bytes()), allow_pickle=False) as part:
                 arrays = {k: part[k] for k in part.files}
+            # A feature of varying shape is stored one array per row, as 'name@row'.
+            ragged = {k for k in arrays if "@" in k}
             for row in range(len(arrays["index"])):
-                example = {k: v[row] for k, v in arrays.items()}
+                example = {k: v[row] for k, v in arrays.items() if k not in ragged}
+                example.update({k.split("@")[0]: arrays[k] for k in ragged
+                                if int(k.split("@")[1]) == row})
                 example = {k: (str(v) if v.dtype.kind == "U" else v) for k, v in example.items()}
                 yield int(example["index"]), example
 
@@ -242,6 +246,9 @@ def run(job: Job, source, splits: list[str], mesh,
             keep = sorted(elements)
             arrays = {"index": np.asarray([index[r] for r in keep], np.int64)}
             for key, feature in job.features.items():  # (a part can be empty: rows past the end)
+                if None in tuple(feature.shape):  # varying shapes (buckets): one array per row
+                    arrays.update({f"{key}@{j}": results[r][key] for j, r in enumerate(keep)})
+                    continue
                 arrays[key] = (np.stack([results[r][key] for r in keep]) if keep else
                                np.zeros((0,) + tuple(feature.shape), feature.np_dtype))
             for key in job.carried:

@@ -124,3 +124,15 @@ def test_layout_search_ranks_fitting_layouts_by_roofline_mfu(monkeypatch):
     # A remat policy that runs out of memory is retried at half the batch until it fits.
     i = seen.index((2, 2, "none", 8))
     assert seen[i + 1] == (2, 2, "none", 4)
+
+
+@pytest.mark.slow
+def test_every_bucket_is_compiled_and_reported():
+    c = tiny_pod_config("chunked")
+    c.data.buckets = "8x32x32:4, 4x32x64:4, 1x64x64:8"
+    buckets = compile_lib.bucket_reports(c, "v5p:2x2x1")
+    assert list(buckets) == ["8x32x32", "4x32x64", "1x64x64"]
+    assert all(b["fits"] and b["per_chip_gib"] > 0 for b in buckets.values())
+    assert buckets["4x32x64"]["tokens_per_clip"] == buckets["8x32x32"]["tokens_per_clip"]
+    assert "bucket 1x64x64" in compile_lib.format_report(
+        compile_lib.compile_report(c, "v5p:2x2x1") | {"buckets": buckets})

@@ -182,6 +182,23 @@ def compile_report(config: Any, topology: str, mfu: float = 0.4, num_slices: int
     }
 
 
+def bucket_reports(config: Any, topology: str, mfu: float = 0.4, num_slices: int = 1) -> dict:
+    """{bucket: its step's memory and roofline} for a config with several shape buckets
+    (config.data.buckets): each bucket's step compiled as the trainer compiles it."""
+    out = {}
+    for b in checks.buckets(config):
+        c = config.copy_and_resolve_references()
+        with c.unlocked():
+            c.data.num_frames, c.data.height, c.data.width = b.shape
+            c.data.batch_size, c.data.buckets = b.batch_size, ""
+        r = compile_report(c, topology, mfu, num_slices)
+        out[b.name] = {"batch": b.batch_size, "tokens_per_clip": r["tokens_per_clip"],
+                       "fits": r["fits"], "per_chip_gib": r["per_chip_gib"]["total"],
+                       "roofline_step_s": r["roofline"]["step_s"],
+                       "roofline_mfu": r["roofline"]["mfu"], "compile_s": r["compile_s"]}
+    return out
+
+
 def roofline(hlo: hlo_cost.HloCost, chip: dict, model_flops_per_chip: float) -> dict:
     """Step time from the compiled program on one chip: max(FLOPs at peak, HBM bytes at HBM
     bandwidth) plus the collectives at link bandwidth (no overlap assumed: an upper bound; the
@@ -326,6 +343,11 @@ def format_report(r: dict) -> str:
             + (f"; no published {'/'.join(f['unpriced'])} bandwidth for this chip" if
                f["unpriced"] else ""),
         ]
+    for name, b in r.get("buckets", {}).items():
+        lines.append(f"bucket {name} (batch {b['batch']}, {b['tokens_per_clip']} tokens/clip): "
+                     f"{b['per_chip_gib']:.2f} GiB per chip -> "
+                     f"{'fits' if b['fits'] else 'DOES NOT FIT'}, roofline "
+                     f"{b['roofline_step_s']:.2f} s/step ({b['roofline_mfu']:.0%} MFU)")
     if r.get("text"):
         t = r["text"]
         lines.append(f"text: {t['encoder']} encoder, {t['tokens']} tokens x {t['width']}; "
@@ -443,6 +465,9 @@ def main(argv):
             sys.exit(2)
         return
     report = compile_report(f.config, f.topology, f.mfu, f.num_slices)
+    if len(checks.buckets(f.config)) > 1:  # every bucket's step must fit too
+        report["buckets"] = bucket_reports(f.config, f.topology, f.mfu, f.num_slices)
+        report["fits"] = report["fits"] and all(b["fits"] for b in report["buckets"].values())
     if f.text_encoder:
         report["text_encoder"] = compile_text_encoder(f.config, f.topology, f.text_encoder,
                                                        f.mfu, f.num_slices)
