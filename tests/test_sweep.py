@@ -184,3 +184,40 @@ def test_cluster_launchers_submit_the_same_train_arguments(launcher, head, tmp_p
         assert command[:len(head)] == head and command[len(head):] == local[3:]
     with pytest.raises(ValueError, match="not one of local, tpu_vm, slurm"):
         sweep_lib.run_sweep(tiny_sweep(), str(tmp_path / "x"), launcher="kubernetes")
+
+
+def test_fixed_step_plan_varies_learning_rate_and_batch():
+    s = tiny_sweep()
+    del s.budgets
+    s.steps, s.lrs, s.batch_sizes = 50, [1e-3, 2e-3], [4, 8]
+    points = sweep_lib.plan(s)
+    assert len(points) == 2 * 2 * 2 and all(p.steps == 50 for p in points)
+    p = next(p for p in points if p.overrides["data.batch_size"] == 8)
+    assert p.name.endswith("_b8") and "_s50_" in p.name
+    # FLOPs follow the batch: twice the batch, twice the FLOPs for the same size and steps.
+    twin = next(q for q in points if q.overrides["data.batch_size"] == 4
+                and q.overrides["model.width"] == p.overrides["model.width"]
+                and q.overrides["optim.lr"] == p.overrides["optim.lr"])
+    assert p.flops == pytest.approx(2 * twin.flops)
+    del s.steps
+    with pytest.raises(ValueError, match="needs `budgets`"):
+        sweep_lib.plan(s)
+
+
+def test_analyze_fits_learning_rate_and_batch_laws_and_predicts_a_budget(tmp_path):
+    from tests import test_budget
+    n, d, f, lr, bs, loss = test_budget.synthetic()
+    results = [{"name": f"p{i}", "params": a, "tokens": b, "flops": c, "lr": e,
+                "batch_size": g, "train.steps": 1000, "wall_s": 1.0, "final_train_loss": h,
+                "eval_loss": h} for i, (a, b, c, e, g, h) in enumerate(zip(n, d, f, lr, bs, loss))]
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    report = sweep_lib.analyze(str(tmp_path), predict_flops=1e17)
+    assert (tmp_path / "loss_vs_lr.png").stat().st_size > 1000
+    row = next(line for line in report.splitlines() if line.startswith("| optimal learning rate"))
+    exponent, low, high = (float(x) for x in re.findall(r"N\^(-?[\d.]+) \[(-?[\d.]+), (-?[\d.]+)\]",
+                                                       row)[0])
+    assert low - 0.03 <= test_budget.LR_A <= high + 0.03 and abs(exponent - test_budget.LR_A) < 0.08
+    assert "| L(N, D) = E + A/N^alpha" in report
+    assert re.search(r"\| learning rate \| [\d.e-]+ \| [\d.e-]+ - [\d.e-]+ \|", report)
+    assert "- Extrapolation: the budget 1e+17 is extrapolated" in report
+    assert "7 learning rates per size" in report

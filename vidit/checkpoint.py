@@ -38,6 +38,8 @@ STRUCTURAL = ("model", "objective.name", "seed")
 # trained: a saved config without one is read as having it (resume, export, teachers).
 ADDED_KEYS = {"model.time_scale": layers.DIT_TIME_SCALE, "model.disc_width": 0,
               "model.disc_layers": 3, "model.first_frame": False,
+              "model.parametrization": "standard", "model.mup_base_width": 128,
+              "model.mup_base_heads": 0,
               "model.text_encoder": {"kind": "byte", "path": "", "online": False, "dtype": ""}}
 
 

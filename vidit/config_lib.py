@@ -101,6 +101,12 @@ def base_config() -> ml_collections.ConfigDict:
         # frame) and its mask as extra input channels, as Wan 2.1 I2V does; trained on a share
         # train.first_frame_prob of the examples, sampled with `vidit.sample --image`.
         first_frame=False,
+        # 'mup': maximal-update parametrisation (vidit/models/mup.py), anchored at a base model
+        # of mup_base_width (and mup_base_heads; 0 = this model's heads): a learning rate tuned
+        # at the base width transfers to wider models. 'standard': DiT's own.
+        parametrization="standard",
+        mup_base_width=128,
+        mup_base_heads=0,
     )
 
     # Only the chosen objective's fields: a field of another objective is a config error.

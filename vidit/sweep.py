@@ -15,8 +15,11 @@ validation loss). Re-running the sweep skips finished points and resumes interru
 their checkpoints; a point that fails is retried once, then reported in failures.json.
 
 `--analyze` fits L(C) = A C^-alpha + L_inf on the compute-optimal frontier and N_opt ~ C^a,
-D_opt ~ C^b from IsoFLOP minima with bootstrap intervals (vidit/scaling.py), and writes
-report.md with the exponents, every point, and PNG plots.
+D_opt ~ C^b from IsoFLOP minima with bootstrap intervals (vidit/scaling.py); where the grid
+varies them, L(N, D) and the optimal learning rate and batch size as power laws in N and D
+(vidit/budget.py). `--predict C` names the model size, tokens, learning rate and batch size
+for budget C with intervals, and what of it is extrapolated beyond the grid. It writes
+report.md with the fits, every point, and PNG plots.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import importlib.util
 import io
 import itertools
 import json
+import math
 import os
 import shlex
 import subprocess
@@ -35,7 +39,7 @@ import time
 
 import numpy as np
 
-from vidit import cli, flops as flops_lib, storage
+from vidit import budget, cli, flops as flops_lib, storage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -69,22 +73,34 @@ def load_py_config(path: str, arg: str | None = None):
 
 
 def plan(sweep) -> list[Point]:
-    """Every point of the grid with its step count from the FLOP counter."""
+    """Every point of the grid. Its step count: the compute budget over the FLOP counter's
+    training FLOPs per step (IsoFLOP sweeps, `budgets`), or `steps` for every point (learning-
+    rate and batch-size sweeps at a fixed length). `batch_sizes` varies the global batch."""
     base = load_py_config(os.path.join(ROOT, sweep.base), sweep.get("base_arg") or None)
+    budgets = list(sweep.get("budgets") or [None])
+    if budgets == [None] and not sweep.get("steps"):
+        raise ValueError("a sweep config needs `budgets` (training FLOPs) or `steps`")
     points = []
-    for size, budget, lr, clips in itertools.product(
-            sweep.sizes, sweep.budgets, sweep.get("lrs", [base.optim.lr]),
-            sweep.get("train_clips", [None])):
+    for size, budget, lr, batch, clips in itertools.product(
+            sweep.sizes, budgets, sweep.get("lrs", [base.optim.lr]),
+            sweep.get("batch_sizes", [None]), sweep.get("train_clips", [None])):
         c = base.copy_and_resolve_references()
         c.model.depth, c.model.width, c.model.heads = size["depth"], size["width"], size["heads"]
+        if batch:
+            c.data.batch_size = batch
         per_step = flops_lib.train_flops_per_step(c.model, c.data)
-        steps = max(int(sweep.get("min_steps", 1)), round(budget / per_step))
+        steps = (max(int(sweep.get("min_steps", 1)), round(budget / per_step)) if budget
+                 else int(sweep.steps))
         params = flops_lib.count_params(c.model)
-        name = (f"d{size['depth']}w{size['width']}_c{budget:.0e}_lr{lr:g}"
-                + (f"_n{clips}" if clips else "")).replace("+", "")
+        name = (f"d{size['depth']}w{size['width']}_"
+                + (f"c{budget:.0e}" if budget else f"s{steps}") + f"_lr{lr:g}"
+                + (f"_b{batch}" if batch else "") + (f"_n{clips}" if clips else "")
+                ).replace("+", "")
         overrides = {"model.depth": size["depth"], "model.width": size["width"],
                      "model.heads": size["heads"], "train.steps": steps, "optim.lr": lr,
                      "optim.warmup_steps": max(1, min(base.optim.warmup_steps, steps // 10))}
+        if batch:
+            overrides["data.batch_size"] = batch
         if clips:
             overrides["data.builder_kwargs.num_train"] = clips
         overrides.update(dict(o.split("=", 1) for o in sweep.get("overrides", [])))
@@ -131,7 +147,8 @@ def _result(point: Point, summary_path) -> dict:
     return {"name": point.name, **point.overrides, "params": summary["params"],
             "flops": summary["train_flops"], "tokens": summary["tokens"],
             "wall_s": summary["wall_s"], "final_train_loss": summary["final_train_loss"],
-            "eval_loss": summary["eval_loss"]}
+            "eval_loss": summary["eval_loss"], "batch_size": summary.get("batch_size"),
+            "lr": summary.get("lr")}
 
 
 def run_sweep(sweep, root, launcher: str = "local", parallel: int = 1,
@@ -163,6 +180,9 @@ def run_sweep(sweep, root, launcher: str = "local", parallel: int = 1,
 
 # ------------------------------------------------------------------------------------ analysis
 def analyze(root: str, predict_flops: float | None = None, metric: str = "eval_loss") -> str:
+    """report.md (and PNG plots) of a finished sweep: the IsoFLOP fits where the grid has
+    several sizes at several budgets, L(N, D) and the learning-rate and batch-size laws where it
+    varies those (vidit/budget.py), every point, and what the fits are worth."""
     from vidit import scaling
 
     root = storage.path(root)
@@ -172,30 +192,44 @@ def analyze(root: str, predict_flops: float | None = None, metric: str = "eval_l
     flops = [r["flops"] for r in results]
     tokens = [r["tokens"] for r in results]
     losses = [r[metric] for r in results]
-    fit = scaling.fit_sweep(params, flops, tokens, losses)
-    _plots(root, results, fit, metric)
-    lines = [
-        f"# Scaling-law sweep: {root.name}",
-        "",
-        f"{len(results)} points; loss = {metric} (fixed-t validation loss); exponents with 90% "
-        f"bootstrap intervals ({fit['bootstrap_samples']} resamples within each budget).",
-        "",
-        "| law | fitted | published (DiT, Liang et al. 2024) |",
-        "|---|---|---|",
-        f"| N_opt ~ C^a | a = {fit['a']} | 0.57 |",
-        f"| D_opt ~ C^b | b = {fit['b']} | 0.43 |",
-        f"| L(C) = A C^-alpha + L_inf (frontier) | alpha = {fit['alpha']}, L_inf = "
-        f"{fit['l_inf']} | |",
-        "",
-        "![loss vs compute](loss_vs_compute.png) ![isoflop](isoflop.png) "
-        "![n_opt](n_opt_vs_compute.png)",
-        "",
-        "## IsoFLOP minima",
-        "",
-        "| budget (FLOPs) | N_opt | loss at N_opt |",
-        "|---|---|---|",
-        *[f"| {c:.3g} | {n:.3g} | {loss:.4f} |" for c, n, loss in fit["minima"]],
-        "",
+    lines = [f"# Scaling-law sweep: {root.name}", "",
+             f"{len(results)} points; loss = {metric} (fixed-t validation loss).", ""]
+    try:
+        fit = scaling.fit_sweep(params, flops, tokens, losses)
+    except ValueError as e:
+        fit = None
+        lines += [f"No IsoFLOP fits: {e}.", ""]
+    if fit is not None:
+        _plots(root, results, fit, metric)
+        lines += [
+            f"Exponents with 90% bootstrap intervals ({fit['bootstrap_samples']} resamples "
+            "within each budget).",
+            "",
+            "| law | fitted | published (DiT, Liang et al. 2024) |",
+            "|---|---|---|",
+            f"| N_opt ~ C^a | a = {fit['a']} | 0.57 |",
+            f"| D_opt ~ C^b | b = {fit['b']} | 0.43 |",
+            f"| L(C) = A C^-alpha + L_inf (frontier) | alpha = {fit['alpha']}, L_inf = "
+            f"{fit['l_inf']} | |",
+            "",
+            "![loss vs compute](loss_vs_compute.png) ![isoflop](isoflop.png) "
+            "![n_opt](n_opt_vs_compute.png)",
+            "",
+            "## IsoFLOP minima",
+            "",
+            "| budget (FLOPs) | N_opt | loss at N_opt |",
+            "|---|---|---|",
+            *[f"| {c:.3g} | {n:.3g} | {loss:.4f} |" for c, n, loss in fit["minima"]],
+            "",
+        ]
+    laws = budget.fit_laws(budget.groups(
+        params, tokens, flops, [r.get("lr", r.get("optim.lr")) or math.nan for r in results],
+        [r.get("batch_size") or math.nan for r in results], losses))
+    lines += budget_section(laws)
+    if any(g.lr is not None for g in laws["groups"]):
+        _lr_plot(root, results, metric)
+        lines += ["![loss vs learning rate](loss_vs_lr.png)", ""]
+    lines += [
         "## Points",
         "",
         "| point | params | FLOPs | tokens | steps | wall (s) | train loss | eval loss |",
@@ -204,20 +238,78 @@ def analyze(root: str, predict_flops: float | None = None, metric: str = "eval_l
           f"{r['train.steps']} | {r['wall_s']:.0f} | {r['final_train_loss']:.4f} | "
           f"{r['eval_loss']:.4f} |" for r in sorted(results, key=lambda r: (r["flops"], r["params"]))],
     ]
-    lines += ["", "## How far to trust this", "", *[f"- {c}" for c in caveats(results, fit)]]
+    lines += ["", "## How far to trust this", "",
+              *[f"- {c}" for c in caveats(results, fit, laws)]]
     if predict_flops:
-        p = scaling.predict(fit, predict_flops, min(flops))
-        lines += ["", f"## Prediction at C = {predict_flops:.3g} FLOPs", "",
-                  f"optimal size {p['n_opt']:.3g} parameters, {p['tokens_opt']:.3g} training "
-                  f"tokens, loss {p['loss']:.4f} (extrapolated; see the caveats)"]
+        lines += ["", f"## Prediction at C = {predict_flops:.3g} FLOPs", ""]
+        if fit is not None:
+            p = scaling.predict(fit, predict_flops, min(flops))
+            lines += [f"IsoFLOP laws: optimal size {p['n_opt']:.3g} parameters, "
+                      f"{p['tokens_opt']:.3g} training tokens, loss {p['loss']:.4f}.", ""]
+        lines += prediction_lines(laws, predict_flops)
     report = "\n".join(lines) + "\n"
     storage.write_atomic(root / "report.md", report)
     return report
 
 
-def caveats(results, fit) -> list[str]:
+def budget_section(laws: dict) -> list[str]:
+    """The L(N, D) and hyperparameter-law part of the report."""
+    point, samples = laws["point"], laws["samples"]
+    out = ["## Best loss and hyperparameters per (N, D)", "",
+           "| params | tokens | best loss | optimal lr | optimal batch |", "|---|---|---|---|---|"]
+    for g in sorted(laws["groups"], key=lambda g: (g.params, g.tokens)):
+        lr = "" if g.lr is None else f"{g.lr:.3g}" + (" (grid edge)" if g.lr_at_edge else "")
+        bs = "" if g.batch is None else f"{g.batch:.3g}" + (" (grid edge)" if g.batch_at_edge
+                                                            else "")
+        out.append(f"| {g.params:,.0f} | {g.tokens:.3g} | {g.loss:.4f} | {lr} | {bs} |")
+    out += ["", "| law | fitted (90% bootstrap interval) |", "|---|---|"]
+    if "loss" in point:
+        e, a, alpha, b, beta = point["loss"]
+        iv = lambda i: "[{:.3g}, {:.3g}]".format(*budget.interval(  # noqa: E731
+            [s["loss"][i] for s in samples if "loss" in s]))
+        out.append(f"| L(N, D) = E + A/N^alpha + B/D^beta (Hoffmann et al. 2022) | E = {e:.4g} "
+                   f"{iv(0)}, alpha = {alpha:.3f} {iv(2)}, beta = {beta:.3f} {iv(4)} |")
+    else:
+        out.append("| L(N, D) | not fitted: the grid must vary both N and D (5+ groups) |")
+    for name, label in (("lr", "learning rate"), ("batch", "batch size")):
+        if name not in point:
+            out.append(f"| optimal {label} | not fitted: fewer than 2 sizes with 3+ values |")
+            continue
+        k, a, b = point[name]
+        ia = "[{:.3g}, {:.3g}]".format(*budget.interval([s[name][1] for s in samples
+                                                          if name in s]))
+        ib = "[{:.3g}, {:.3g}]".format(*budget.interval([s[name][2] for s in samples
+                                                          if name in s]))
+        law = f"{k:.3g} N^{a:.3f} {ia}" + (f" D^{b:.3f} {ib}" if b else " (D fixed in this grid)")
+        out.append(f"| optimal {label} = k N^a D^b (Yin et al. 2025) | {law} |")
+    return out + [""]
+
+
+def prediction_lines(laws: dict, flops: float) -> list[str]:
+    try:
+        p = budget.predict(laws, flops)
+    except ValueError as e:
+        return [f"No L(N, D) prediction: {e}."]
+    names = {"params": "model size (parameters)", "tokens": "training tokens", "loss": "loss",
+             "lr": "learning rate", "batch": "batch size"}
+    out = ["| quantity | predicted | 90% interval |", "|---|---|---|"]
+    out += [f"| {names[k]} | {p[k][0]:.4g} | {p[k][1]:.4g} - {p[k][2]:.4g} |"
+            for k in names if k in p]
+    out += ["", *[f"- Extrapolation: {w}." for w in p["warnings"]]]
+    return out
+
+
+def caveats(results, fit, laws: dict | None = None) -> list[str]:
     """Warnings computed from this sweep's own numbers, then the ones every tiny sweep carries."""
     out = []
+    for g in (laws or {}).get("groups", []):
+        for name, edge in (("learning rate", g.lr_at_edge), ("batch size", g.batch_at_edge)):
+            if edge:
+                out.append(f"At {g.params:,.0f} parameters and {g.tokens:.3g} tokens the best "
+                           f"{name} is at the edge of the grid: the optimum may lie beyond it, "
+                           f"so that point of the {name} law is a bound.")
+    if fit is None:
+        return out + _general_caveats(results)
     flops = np.array([r["flops"] for r in results], float)
     decades = np.log10(flops.max() / flops.min())
     out.append(f"The budgets span {decades:.1f} decades of compute; exponents fitted over so short "
@@ -245,10 +337,21 @@ def caveats(results, fit) -> list[str]:
     if a.high - a.low > 0.3:
         out.append(f"The 90% interval on a is wide ({a.low:.2f} to {a.high:.2f}); agreement or "
                    f"disagreement with the published 0.57 is not significant.")
-    out += [
-        "One seed per point, one learning rate for every size (no per-size tuning), and a "
-        "fixed-t validation loss averaged over a few batches: each loss carries noise of the "
-        "order of the differences between neighbouring sizes.",
+    return out + _general_caveats(results)
+
+
+def _general_caveats(results) -> list[str]:
+    per_run = {}  # (size, tokens) -> the learning rates tried there
+    for r in results:
+        per_run.setdefault((r["params"], f"{r.get('tokens', 0):.3g}"), set()).add(
+            r.get("lr", r.get("optim.lr")))
+    tried = max(len(v - {None}) for v in per_run.values())
+    tuning = (f"{tried} learning rates per size" if tried > 1 else
+              "one learning rate for every size (no per-size tuning)")
+    return [
+        f"One seed per point, {tuning}, and a fixed-t validation loss averaged over a few "
+        "batches: each loss carries noise of the order of the differences between "
+        "neighbouring sizes.",
         f"Models of {min(r['params'] for r in results):,}-{max(r['params'] for r in results):,} "
         "parameters: at this size the embeddings and the final layer are a large share of the "
         "parameters and attention a bigger share of the FLOPs than at scale, and a small "
@@ -256,7 +359,6 @@ def caveats(results, fit) -> list[str]:
         "1e17-6e18 FLOPs) describe large models; a sweep this small shows that the loop works "
         "end to end, not what the exponents are for video DiTs at scale.",
     ]
-    return out
 
 
 def _plots(root, results, fit, metric):
@@ -312,6 +414,26 @@ def _plots(root, results, fit, metric):
     plt.close(fig)
 
 
+def _lr_plot(root, results, metric):
+    """Loss against learning rate, one curve per model size (at each size's largest budget)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for n in sorted({r["params"] for r in results}):
+        rows = [r for r in results if r["params"] == n]
+        top = max(r["tokens"] for r in rows)
+        rows = sorted((r.get("lr", r.get("optim.lr")), r[metric]) for r in rows
+                      if r["tokens"] == top)
+        ax.plot(*zip(*rows), "o-", label=f"{n:,} params")
+    ax.set(xscale="log", xlabel="learning rate", ylabel=metric, title="loss vs learning rate")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save_figure(fig, root / "loss_vs_lr.png")
+    plt.close(fig)
+
+
 def _save_figure(fig, file) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
@@ -327,7 +449,8 @@ def main(argv):
         return
     if not (f.sweep and f.workdir):
         raise SystemExit("give --sweep and --workdir to run a sweep, or --analyze DIR")
-    sweep = load_py_config(f.sweep)
+    path, _, arg = f.sweep.partition(":")  # configs/sweeps/x.py:arg, as --config takes
+    sweep = load_py_config(path, arg or None)
     run_sweep(sweep, f.workdir, f.launcher, f.parallel, f.dry_run)
 
 

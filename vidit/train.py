@@ -383,7 +383,8 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict:
             "eval_loss": eval_loss, "params": setup.num_params(),
             "train_flops": step_flops * total, "tokens": tokens_per_step * total,
             "wall_s": time.perf_counter() - started, "skipped": skipped,
-            "bad_examples": bad_examples}, indent=2))
+            "bad_examples": bad_examples, "batch_size": config.data.batch_size,
+            "lr": config.optim.lr}, indent=2))
     return summary
 
 

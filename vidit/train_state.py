@@ -17,7 +17,7 @@ from jax.sharding import Mesh
 
 from vidit import sharding
 from vidit.errors import ConfigError
-from vidit.models import dit
+from vidit.models import dit, mup
 
 
 def build_model(model_cfg: Any, seed: int) -> nnx.Module:
@@ -63,12 +63,18 @@ def decay_mask(params: Any) -> Any:
         lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
 
 
-def make_optimizer(optim: Any, schedule: optax.Schedule, params: Any) -> optax.GradientTransformation:
-    return optax.chain(
-        optax.clip_by_global_norm(optim.clip_norm) if optim.clip_norm else optax.identity(),
-        optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
-                    weight_decay=optim.weight_decay, mask=decay_mask(params)),
-    )
+def make_optimizer(optim: Any, schedule: optax.Schedule, params: Any,
+                   lr_multipliers: Any = None) -> optax.GradientTransformation:
+    """Clipped AdamW; with per-parameter learning-rate factors (muP, vidit/models/mup.py), each
+    parameter's update is scaled by its factor."""
+    tx = [optax.clip_by_global_norm(optim.clip_norm) if optim.clip_norm else optax.identity(),
+          optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                      weight_decay=optim.weight_decay, mask=decay_mask(params))]
+    if lr_multipliers is not None:
+        labels = jax.tree.map(repr, lr_multipliers)
+        factors = {repr(f): f for f in jax.tree.leaves(lr_multipliers)}
+        tx.append(optax.multi_transform({k: optax.scale(f) for k, f in factors.items()}, labels))
+    return optax.chain(*tx)
 
 
 def ema_update(ema: Any, params: Any, decay: float, step: jax.Array) -> Any:
@@ -102,7 +108,9 @@ class Setup:
         self.param_names = sharding.logical_names(abstract_params)
         abstract_params = nnx.to_pure_dict(abstract_params)
         self.lr_schedule = learning_rate_schedule(config.optim, config.train.steps)
-        self.tx = make_optimizer(config.optim, self.lr_schedule, abstract_params)
+        multipliers = (mup.lr_multipliers(config.model, lambda m: build_model(m, config.seed))
+                       if config.model.get("kind", "dit") == "dit" else None)
+        self.tx = make_optimizer(config.optim, self.lr_schedule, abstract_params, multipliers)
         param_shardings = sharding.tree_shardings(abstract_params, self.param_names, mesh, rules)
         abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
         repl = sharding.replicated(mesh)

@@ -18,7 +18,7 @@ from flax import nnx
 
 from vidit import sharding
 from vidit.errors import ConfigError
-from vidit.models import context_parallel, discriminator, layers
+from vidit.models import context_parallel, discriminator, layers, mup
 from vidit.models.attention import attention
 from vidit.models.layers import Dense, RMSNorm
 from vidit.models.text_encoder import TextEncoder
@@ -42,6 +42,11 @@ def modulate(x, shift, scale):
     return x * (1 + scale[:, None]) + shift[:, None]
 
 
+def _scaled(q, factor: float):
+    """q times muP's attention-logit factor (1 under standard parametrisation: no op)."""
+    return q if factor == 1.0 else q * jnp.asarray(factor, q.dtype)
+
+
 class SelfAttention(nnx.Module):
     def __init__(self, cfg, *, rngs, dtype, param_dtype):
         width, heads = cfg.width, cfg.heads
@@ -53,11 +58,12 @@ class SelfAttention(nnx.Module):
         self.out = Dense((heads, head_dim), (width,), ("heads", "kv", "embed"), **kw)
         self.backend = cfg.attention
         self.strategy = cfg.get("sequence_parallel", "ulysses")
+        self.logit_scale = mup.attention_multiplier(cfg)
 
     def __call__(self, x, rope):
         qkv = self.qkv(x)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        q = layers.apply_rope(self.q_norm(q), *rope)
+        q = layers.apply_rope(_scaled(self.q_norm(q), self.logit_scale), *rope)
         k = layers.apply_rope(self.k_norm(k), *rope)
         q, k, v = (sharding.constrain(a, HEADS) for a in (q, k, v))
         y = context_parallel.self_attention(q, k, v, backend=self.backend, strategy=self.strategy)
@@ -78,9 +84,10 @@ class CrossAttention(nnx.Module):
         self.out = Dense((heads, head_dim), (width,), ("heads", "kv", "embed"), **kw,
                          kernel_init=nnx.initializers.zeros)
         self.backend = cfg.attention
+        self.logit_scale = mup.attention_multiplier(cfg)
 
     def __call__(self, x, text, text_mask):
-        q = self.q_norm(self.q(x))
+        q = _scaled(self.q_norm(self.q(x)), self.logit_scale)
         kv = self.kv(text)
         k, v = self.k_norm(kv[:, :, 0]), kv[:, :, 1]
         return self.out(attention(q, k, v, text_mask, backend=self.backend))
@@ -159,7 +166,8 @@ class VideoDiT(nnx.Module):
         in_dim = math.prod(self.patch) * (2 * cfg.channels + 1) if self.first_frame else patch_dim
         self.patch_embed = Dense((in_dim,), (cfg.width,), ("patch", "embed"), **kw)
         time_scale = cfg.time_scale  # older saved configs get 1000 (checkpoint.ADDED_KEYS)
-        self.t_embed = layers.TimestepEmbedder(cfg.width, **kw, time_scale=time_scale)
+        self.t_embed = layers.TimestepEmbedder(cfg.width, **kw, time_scale=time_scale,
+                                               hidden_init_scale=mup.fixed_init_scale(cfg))
         # MeanFlow/shortcut models also see the interval h = t - r; zero output at init, so a
         # flow checkpoint loads into this model and starts as that flow model.
         self.h_embed = (layers.TimestepEmbedder(cfg.width, **kw, zero_init_output=True,

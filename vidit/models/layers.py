@@ -47,7 +47,7 @@ class Dense(nnx.Module):
         self.kernel = param(rngs, kernel_init, in_shape + out_shape, names, param_dtype)
         self.bias = (param(rngs, bias_init or nnx.initializers.zeros, out_shape,
                            names[len(in_shape):], param_dtype) if use_bias else None)
-        self.num_in = len(in_shape)
+        self.num_in, self.num_out = len(in_shape), len(out_shape)
         self.dtype = dtype
 
     def __call__(self, x):
@@ -121,7 +121,8 @@ class TimestepEmbedder(nnx.Module):
     """t -> sinusoidal features -> MLP -> conditioning vector of size `width`."""
 
     def __init__(self, width: int, *, rngs, dtype, param_dtype, freq_dim: int = 256,
-                 zero_init_output: bool = False, time_scale: float = DIT_TIME_SCALE):
+                 zero_init_output: bool = False, time_scale: float = DIT_TIME_SCALE,
+                 hidden_init_scale: float = 1.0):
         init = nnx.initializers.normal(0.02)
         self.freq_dim = freq_dim
         self.time_scale = time_scale
@@ -129,7 +130,8 @@ class TimestepEmbedder(nnx.Module):
                          param_dtype=param_dtype, kernel_init=init)
         self.fc2 = Dense((width,), (width,), ("mlp", "embed"), rngs=rngs, dtype=dtype,
                          param_dtype=param_dtype,
-                         kernel_init=nnx.initializers.zeros if zero_init_output else init)
+                         kernel_init=(nnx.initializers.zeros if zero_init_output else
+                                      nnx.initializers.normal(0.02 * hidden_init_scale)))
 
     def __call__(self, t):
         features = timestep_embedding(t, self.freq_dim, scale=self.time_scale)
