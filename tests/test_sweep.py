@@ -200,7 +200,12 @@ def test_fixed_step_plan_varies_learning_rate_and_batch():
                 and q.overrides["optim.lr"] == p.overrides["optim.lr"])
     assert p.flops == pytest.approx(2 * twin.flops)
     del s.steps
-    with pytest.raises(ValueError, match="needs `budgets`"):
+    s.examples = [800]  # clips seen: the same data at every batch size
+    assert sorted({(p.overrides["data.batch_size"], p.steps) for p in sweep_lib.plan(s)}) == [
+        (4, 200), (8, 100)]
+    assert all("_x800_" in p.name for p in sweep_lib.plan(s))
+    del s.examples
+    with pytest.raises(ValueError, match="needs `budgets` \(training FLOPs\), `examples`"):
         sweep_lib.plan(s)
 
 

@@ -80,27 +80,34 @@ def load_py_config(path: str, arg: str | None = None):
 
 
 def plan(sweep) -> list[Point]:
-    """Every point of the grid. Its step count: the compute budget over the FLOP counter's
-    training FLOPs per step (IsoFLOP sweeps, `budgets`), or `steps` for every point (learning-
-    rate and batch-size sweeps at a fixed length). `batch_sizes` varies the global batch."""
+    """Every point of the grid. Its length, by what the config gives: `budgets`, training
+    FLOPs (steps = budget over the FLOP counter's FLOPs per step: IsoFLOP sweeps); `examples`,
+    training clips seen (steps = examples / batch: the same data for every size and batch, as
+    the L(N, D) and batch-size fits want); or `steps` for every point. `batch_sizes` varies the
+    global batch, `lrs` the learning rate."""
     base = load_py_config(os.path.join(ROOT, sweep.base), sweep.get("base_arg") or None)
-    budgets = list(sweep.get("budgets") or [None])
-    if budgets == [None] and not sweep.get("steps"):
-        raise ValueError("a sweep config needs `budgets` (training FLOPs) or `steps`")
+    lengths = ([("c", b) for b in sweep.get("budgets") or []]
+               + [("x", e) for e in sweep.get("examples") or []]
+               + ([("s", int(sweep.steps))] if sweep.get("steps") else []))
+    if not lengths:
+        raise ValueError("a sweep config needs `budgets` (training FLOPs), `examples` (clips "
+                         "seen) or `steps`")
     points = []
-    for size, budget, lr, batch, clips in itertools.product(
-            sweep.sizes, budgets, sweep.get("lrs", [base.optim.lr]),
+    for size, (unit, length), lr, batch, clips in itertools.product(
+            sweep.sizes, lengths, sweep.get("lrs", [base.optim.lr]),
             sweep.get("batch_sizes", [None]), sweep.get("train_clips", [None])):
         c = base.copy_and_resolve_references()
         c.model.depth, c.model.width, c.model.heads = size["depth"], size["width"], size["heads"]
         if batch:
             c.data.batch_size = batch
         per_step = flops_lib.train_flops_per_step(c.model, c.data)
-        steps = (max(int(sweep.get("min_steps", 1)), round(budget / per_step)) if budget
-                 else int(sweep.steps))
+        steps = {"c": lambda: round(length / per_step),
+                 "x": lambda: round(length / c.data.batch_size),
+                 "s": lambda: length}[unit]()
+        steps = max(int(sweep.get("min_steps", 1)), steps)
         params = flops_lib.count_params(c.model)
         name = (f"d{size['depth']}w{size['width']}_"
-                + (f"c{budget:.0e}" if budget else f"s{steps}") + f"_lr{lr:g}"
+                + (f"c{length:.0e}" if unit == "c" else f"{unit}{length}") + f"_lr{lr:g}"
                 + (f"_b{batch}" if batch else "") + (f"_n{clips}" if clips else "")
                 ).replace("+", "")
         overrides = {"model.depth": size["depth"], "model.width": size["width"],

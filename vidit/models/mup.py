@@ -32,6 +32,7 @@ import jax
 from flax import nnx
 
 from vidit.errors import ConfigError
+from vidit.models.layers import Dense
 
 PARAMETRIZATIONS = ("standard", "mup")
 
@@ -92,7 +93,6 @@ def lr_multipliers(cfg: Any, build) -> Any | None:
 
 def _fan_ins(model: nnx.Module) -> dict:
     """{path of a Dense kernel in the pure dict: its fan-in}, layer-stacked kernels included."""
-    from vidit.models.layers import Dense
     out = {}
     for path, node in nnx.iter_graph(model):
         if isinstance(node, Dense):
@@ -101,67 +101,3 @@ def _fan_ins(model: nnx.Module) -> dict:
             out[tuple(path) + ("kernel",)] = math.prod(shape[lead:lead + node.num_in])
     return out
 
-
-def coordinate_check(cfg: Any, widths, *, steps: int = 4, lr: float = 1e-2, batch: int = 4,
-                     clip: tuple[int, int, int] = (4, 16, 16), seed: int = 0) -> dict:
-    """muP's coordinate check (Yang et al. 2022, section 7): train a DiT of each width for a
-    few Adam steps on one fixed random regression batch and measure, per layer, the RMS per
-    coordinate of the activation's change from init. Under muP these stay flat as width grows;
-    under standard parametrisation they grow with width (about linearly, for Adam).
-
-    cfg: a model config (its width and heads are replaced: heads keep the head dim of cfg).
-    Returns {width: {layer: rms of the change}} with layers 'cond', 'embed', 'block<i>', 'out'.
-    """
-    import jax.numpy as jnp
-    import optax
-
-    from vidit.models import dit, layers
-    from vidit.train_state import make_optimizer
-
-    head_dim = cfg.width // cfg.heads
-    key_x, key_y, key_t = jax.random.split(jax.random.key(seed), 3)
-    shape = (batch, *clip, cfg.channels)
-    x, target = jax.random.normal(key_x, shape), jax.random.normal(key_y, shape)
-    t = jax.random.uniform(key_t, (batch,))
-    cond = {"label": jnp.arange(batch) % cfg.num_classes} if cfg.cond == "class" else {}
-    optim = dict(clip_norm=0.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
-    optim = type("Optim", (), optim)
-
-    def activations(model):
-        tokens, grid = layers.patchify(x, model.patch)
-        c, _, _ = model._condition(t, cond)
-        h = model.patch_embed(tokens)
-        rope = layers.rope_angles(grid, head_dim, cfg.rope_theta)
-        out = {"cond": c, "embed": h}
-        for i, block in enumerate(model.blocks):
-            h = block(h, c, rope)
-            out[f"block{i}"] = h
-        out["out"] = model.final(h, c)
-        return out
-
-    result = {}
-    for width in widths:
-        c = cfg.copy_and_resolve_references()
-        with c.unlocked():
-            c.width, c.heads, c.scan_layers = width, width // head_dim, False
-        model = dit.build(c, seed)
-        graphdef, params = nnx.split(model, nnx.Param)
-        params = nnx.to_pure_dict(params)
-        tx = make_optimizer(optim, optax.constant_schedule(lr), params,
-                            lr_multipliers(c, lambda m: dit.build(m, seed)))
-
-        def run(params, graphdef=graphdef):
-            def loss(p):
-                model = nnx.merge(graphdef, p)
-                return jnp.mean((model(x, t, cond) - target) ** 2)
-
-            before = activations(nnx.merge(graphdef, params))
-            state = tx.init(params)
-            for _ in range(steps):
-                updates, state = tx.update(jax.grad(loss)(params), state, params)
-                params = optax.apply_updates(params, updates)
-            after = activations(nnx.merge(graphdef, params))
-            return {k: jnp.sqrt(jnp.mean((after[k] - before[k]) ** 2)) for k in before}
-
-        result[width] = {k: float(v) for k, v in jax.jit(run)(params).items()}
-    return result
