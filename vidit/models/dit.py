@@ -129,9 +129,9 @@ class FinalLayer(nnx.Module):
         return self.proj(modulate(layers.layer_norm(x), shift, scale))
 
 
-def _make_blocks(cfg, rngs, dtype, param_dtype):
-    """Blocks stacked on a leading 'layers' axis (for scan), or a plain list."""
-    make = functools.partial(DiTBlock, cfg, dtype=dtype, param_dtype=param_dtype)
+def make_blocks(make, cfg, rngs):
+    """cfg.depth blocks make(rngs=...) stacked on a leading 'layers' axis (for scan), or a
+    plain list (shared by the DiTs of vidit/models)."""
     if not cfg.scan_layers:
         return nnx.List([make(rngs=rngs) for _ in range(cfg.depth)])
 
@@ -141,6 +141,24 @@ def _make_blocks(cfg, rngs, dtype, param_dtype):
         return make(rngs=rngs)
 
     return stacked(rngs)
+
+
+def run_blocks(blocks, block_fn, h, cfg):
+    """h through every block (block_fn(block, h) -> h), rematerialised by cfg.remat, as a
+    Python loop or one lax.scan over the stacked blocks (cfg.scan_layers)."""
+    if cfg.remat != "none":
+        block_fn = nnx.remat(block_fn, policy=REMAT_POLICIES[cfg.remat],
+                             prevent_cse=not cfg.scan_layers)
+    if not cfg.scan_layers:
+        for block in blocks:
+            h = block_fn(block, h)
+        return h
+
+    @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+    def scan_fn(block, h):
+        return block_fn(block, h)
+
+    return scan_fn(blocks, h)
 
 
 class VideoDiT(nnx.Module):
@@ -184,7 +202,8 @@ class VideoDiT(nnx.Module):
             # condition as text_embedding (vidit/text_encoders.py).
             self.text = TextEncoder(cfg, **kw) if _text_kind(cfg) == "byte" else None
             self.text_pool = Dense((cfg.text_width,), (cfg.width,), ("mlp", "embed"), **kw)
-        self.blocks = _make_blocks(cfg, rngs, dtype, param_dtype)
+        self.blocks = make_blocks(
+            functools.partial(DiTBlock, cfg, dtype=dtype, param_dtype=param_dtype), cfg, rngs)
         self.final = FinalLayer(cfg.width, patch_dim, **kw)
         self.disc = _make_discriminator(cfg, rngs) if cfg.get("disc_width", 0) else None
         self.dtype = dtype
@@ -260,23 +279,8 @@ class VideoDiT(nnx.Module):
         return disc(x, (cond or {}).get("label"))
 
     def _run_blocks(self, h, c, rope, text, text_mask):
-        policy = REMAT_POLICIES[self.cfg.remat]
-
-        def block_fn(block, h):
-            return block(h, c, rope, text, text_mask)
-
-        if self.cfg.remat != "none":
-            block_fn = nnx.remat(block_fn, policy=policy, prevent_cse=not self.cfg.scan_layers)
-        if not self.cfg.scan_layers:
-            for block in self.blocks:
-                h = block_fn(block, h)
-            return h
-
-        @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
-        def scan_fn(block, h):
-            return block_fn(block, h)
-
-        return scan_fn(self.blocks, h)
+        return run_blocks(self.blocks, lambda block, h: block(h, c, rope, text, text_mask), h,
+                          self.cfg)
 
 
 def _make_discriminator(cfg, rngs):

@@ -1,0 +1,277 @@
+"""Wan 2.1 weights in and out of vidit: a diffusers `WanTransformer3DModel` folder (config.json
+and safetensors shards, local or gs://) <-> vidit's Wan DiT (vidit/models/wan.py).
+
+    cfg, params = load_transformer("Wan2.1-T2V-1.3B-Diffusers/transformer")
+    export_transformer(cfg, params, "out/transformer")   # loads in diffusers again
+
+Every tensor is mapped by name and its shape checked against the model the config builds;
+tensors the mapping does not know, and parameters nothing filled, are reported by name. The
+mapping is exact both ways (an import then an export gives the same tensors, bit for bit):
+torch Linear weights [out, in] are transposed to vidit's [in, out] kernels, the Conv3d patch
+embedding becomes a Dense over vidit's patch order, and q/k output channels are permuted per
+head from Wan's interleaved RoPE pairs to vidit's half-split pairs (see vidit/models/wan.py).
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from vidit import storage
+from vidit.errors import ConfigError, LoadError
+
+CONFIG = "config.json"
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+# diffusers config key -> vidit model key
+CONFIG_KEYS = {"num_layers": "depth", "num_attention_heads": "heads", "ffn_dim": "ffn_dim",
+               "in_channels": "channels", "text_dim": "text_width", "freq_dim": "freq_dim",
+               "cross_attn_norm": "cross_attn_norm", "eps": "eps", "patch_size": "patch"}
+
+
+def model_config(hf: dict, **overrides) -> ml_collections.ConfigDict:
+    """vidit's model config (kind 'wan') for a diffusers WanTransformer3DModel config."""
+    unsupported = {k: hf.get(k) for k in ("image_dim", "added_kv_proj_dim", "pos_embed_seq_len")
+                   if hf.get(k) is not None}
+    if unsupported:
+        raise ConfigError(f"this Wan transformer is an image-to-video variant ({unsupported}); "
+                          f"vidit imports the text-to-video models")
+    if hf.get("qk_norm", "rms_norm_across_heads") != "rms_norm_across_heads":
+        raise ConfigError(f"qk_norm={hf['qk_norm']!r}: vidit's Wan block normalises q and k "
+                          f"across heads ('rms_norm_across_heads')")
+    if hf.get("out_channels", hf["in_channels"]) != hf["in_channels"]:
+        raise ConfigError("out_channels differs from in_channels: not a Wan T2V denoiser")
+    cfg = ml_collections.ConfigDict(dict(
+        kind="wan", width=hf["num_attention_heads"] * hf["attention_head_dim"],
+        **{ours: hf[theirs] for theirs, ours in CONFIG_KEYS.items()},
+        rope_theta=10000.0, time_scale=1000.0, dtype="float32", param_dtype="float32",
+        rope_max_len=hf.get("rope_max_seq_len", 1024),  # diffusers' RoPE table; vidit's has none
+        scan_layers=False, remat="none", attention="chunked", sequence_parallel="ulysses",
+        cond="text"))
+    cfg.patch = tuple(cfg.patch)
+    cfg.update(overrides)
+    return cfg
+
+
+def hf_config(cfg: Any) -> dict:
+    """The diffusers config.json of a vidit Wan model config."""
+    out = {"_class_name": "WanTransformer3DModel",
+           "attention_head_dim": cfg.width // cfg.heads, "out_channels": cfg.channels,
+           "qk_norm": "rms_norm_across_heads", "image_dim": None, "added_kv_proj_dim": None,
+           "rope_max_seq_len": cfg.get("rope_max_len", 1024), "pos_embed_seq_len": None}
+    out.update({theirs: cfg[ours] for theirs, ours in CONFIG_KEYS.items()})
+    out["patch_size"] = list(cfg.patch)
+    return out
+
+
+def rope_permutation(width: int, heads: int) -> np.ndarray:
+    """Channel order that turns Wan's interleaved RoPE pairs (2i, 2i+1) of each head into
+    vidit's half-split pairs (i, i + d/2): ours[c] = wan[perm[c]]."""
+    d = width // heads
+    per_head = np.concatenate([np.arange(0, d, 2), np.arange(1, d, 2)])
+    return (np.arange(heads)[:, None] * d + per_head[None]).reshape(-1)
+
+
+def _linear(prefix: str, permute=None):
+    """A torch Linear <-> a vidit Dense ([in, out] kernel), output channels optionally permuted."""
+    return [(f"{prefix}.weight", "kernel", "linear", permute), (f"{prefix}.bias", "bias", "vector",
+                                                                permute)]
+
+
+def block_mapping(cfg) -> list:
+    """(diffusers name, vidit path, kind, permutation) for one block's tensors."""
+    perm = rope_permutation(cfg.width, cfg.heads)
+    rows = []
+    for theirs, ours, rotate in (("attn1", "self_attn", True), ("attn2", "cross_attn", False)):
+        p = perm if rotate else None
+        for name, sub in (("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "out")):
+            keep = p if sub in ("q", "k") else None
+            rows += [(t, f"{ours}/{sub}/{o}", kind, keep) for t, o, kind, _ in
+                     _linear(f"{theirs}.{name}")]
+        rows += [(f"{theirs}.norm_q.weight", f"{ours}/q_norm/scale", "vector", p),
+                 (f"{theirs}.norm_k.weight", f"{ours}/k_norm/scale", "vector", p)]
+    if cfg.cross_attn_norm:
+        rows += [("norm2.weight", "cross_norm/scale", "vector", None),
+                 ("norm2.bias", "cross_norm/bias", "vector", None)]
+    rows += [(t, f"mlp/fc1/{o}", k, None) for t, o, k, _ in _linear("ffn.net.0.proj")]
+    rows += [(t, f"mlp/fc2/{o}", k, None) for t, o, k, _ in _linear("ffn.net.2")]
+    rows += [("scale_shift_table", "modulation", "table", None)]
+    return rows
+
+
+def top_mapping(cfg) -> list:
+    ce = "condition_embedder"
+    rows = [("patch_embedding.weight", "patch_embed/kernel", "conv", None),
+            ("patch_embedding.bias", "patch_embed/bias", "vector", None),
+            ("scale_shift_table", "out_modulation", "table", None)]
+    for theirs, ours in ((f"{ce}.time_embedder.linear_1", "time_fc1"),
+                         (f"{ce}.time_embedder.linear_2", "time_fc2"),
+                         (f"{ce}.text_embedder.linear_1", "text_fc1"),
+                         (f"{ce}.text_embedder.linear_2", "text_fc2"),
+                         ("proj_out", "proj_out")):
+        rows += [(t, f"{ours}/{o}", k, None) for t, o, k, _ in _linear(theirs)]
+    rows += [(f"{ce}.time_proj.weight", "time_modulation/kernel", "linear6", None),
+             (f"{ce}.time_proj.bias", "time_modulation/bias", "vector6", None)]
+    return rows
+
+
+def _to_vidit(x: np.ndarray, kind: str, perm, cfg) -> np.ndarray:
+    if kind == "linear":
+        x = x.T
+        return x[:, perm] if perm is not None else x
+    if kind == "vector":
+        return x[perm] if perm is not None else x
+    if kind == "conv":  # [width, C, pt, ph, pw] -> [(pt ph pw C), width], patchify's order
+        return x.transpose(2, 3, 4, 1, 0).reshape(-1, x.shape[0])
+    if kind == "linear6":  # [6 width, width] -> [width, 6, width]
+        return x.T.reshape(x.shape[1], 6, -1)
+    if kind == "vector6":
+        return x.reshape(6, -1)
+    if kind == "table":  # [1, n, width] -> [n, width]
+        return x[0]
+    raise ValueError(kind)
+
+
+def _to_hf(x: np.ndarray, kind: str, perm, cfg) -> np.ndarray:
+    inverse = np.argsort(perm) if perm is not None else None
+    if kind == "linear":
+        return (x[:, inverse] if inverse is not None else x).T
+    if kind == "vector":
+        return x[inverse] if inverse is not None else x
+    if kind == "conv":
+        pt, ph, pw = cfg.patch
+        return x.reshape(pt, ph, pw, cfg.channels, -1).transpose(4, 3, 0, 1, 2)
+    if kind == "linear6":
+        return x.reshape(x.shape[0], -1).T
+    if kind == "vector6":
+        return x.reshape(-1)
+    if kind == "table":
+        return x[None]
+    raise ValueError(kind)
+
+
+def _rows(cfg):
+    """Every (diffusers name, path in vidit's pure dict as a tuple, kind, permutation)."""
+    rows = [(t, tuple(o.split("/")), k, p) for t, o, k, p in top_mapping(cfg)]
+    for i in range(cfg.depth):
+        rows += [(f"blocks.{i}.{t}", ("blocks", i, *o.split("/")), k, p)
+                 for t, o, k, p in block_mapping(cfg)]
+    return rows
+
+
+def params_from_hf(tensors: dict, cfg, abstract: Any) -> Any:
+    """vidit's pure-dict params from diffusers tensors; `abstract` is the model's pure dict of
+    ShapeDtypeStructs (shapes checked, names reported)."""
+    rows = _rows(cfg)
+    unknown = sorted(set(tensors) - {t for t, *_ in rows})
+    missing = sorted(t for t, *_ in rows if t not in tensors)
+    if unknown or missing:
+        raise LoadError("the Wan weights do not match the config: "
+                        + (f"not mapped: {unknown[:8]}{' ...' if len(unknown) > 8 else ''}; "
+                           if unknown else "")
+                        + (f"missing: {missing[:8]}{' ...' if len(missing) > 8 else ''}"
+                           if missing else ""))
+    flat = {}
+    for theirs, path, kind, perm in rows:
+        flat[path] = _to_vidit(np.asarray(tensors[theirs]), kind, perm, cfg)
+    params = _unflatten(flat, cfg)
+    bad = []
+
+    def check(path, a, p):
+        if tuple(a.shape) != tuple(p.shape):
+            bad.append(f"{'/'.join(str(getattr(k, 'key', k)) for k in path)}: "
+                       f"model {tuple(a.shape)}, weights {tuple(p.shape)}")
+        return np.asarray(p, a.dtype)
+
+    import jax
+    params = jax.tree_util.tree_map_with_path(check, abstract, params)
+    if bad:
+        raise LoadError("Wan weight shapes differ from the model: " + "; ".join(bad[:8]))
+    return params
+
+
+def params_to_hf(params: Any, cfg) -> dict:
+    """diffusers tensors from vidit's pure-dict params (the inverse of params_from_hf)."""
+    flat = _flatten(params, cfg)
+    return {theirs: np.ascontiguousarray(_to_hf(np.asarray(flat[path]), kind, perm, cfg))
+            for theirs, path, kind, perm in _rows(cfg)}
+
+
+def _unflatten(flat: dict, cfg) -> dict:
+    out: dict = {}
+    for path, value in flat.items():
+        if cfg.scan_layers and path[0] == "blocks":
+            continue
+        d = out
+        for key in path[:-1]:
+            d = d.setdefault(key, {})
+        d[path[-1]] = value
+    if cfg.scan_layers:  # blocks stacked on a leading 'layers' axis
+        per_block = [{p[2:]: v for p, v in flat.items() if p[:2] == ("blocks", i)}
+                     for i in range(cfg.depth)]
+        stacked = {}
+        for sub in per_block[0]:
+            d = stacked
+            for key in sub[:-1]:
+                d = d.setdefault(key, {})
+            d[sub[-1]] = np.stack([b[sub] for b in per_block])
+        out["blocks"] = stacked
+    return out
+
+
+def _flatten(params: Any, cfg) -> dict:
+    from flax import traverse_util
+    flat = traverse_util.flatten_dict(params)
+    if not cfg.scan_layers:
+        return flat
+    out = {k: v for k, v in flat.items() if k[0] != "blocks"}
+    for k, v in flat.items():
+        if k[0] == "blocks":
+            for i in range(cfg.depth):
+                out[("blocks", i, *k[1:])] = v[i]
+    return out
+
+
+# ------------------------------------------------------------------------------- folders
+def read_tensors(folder) -> dict:
+    """Every tensor of a diffusers model folder's safetensors file or shards (local or gs://)."""
+    from safetensors.numpy import load_file
+    folder = storage.path(folder)
+    files = sorted(f for f in folder.glob("*.safetensors"))
+    if not files:
+        raise LoadError(f"{folder} has no *.safetensors file (a diffusers model folder holds "
+                        f"{WEIGHTS} or its shards)")
+    tensors = {}
+    for file in files:
+        with storage.local_copy(file) as local:
+            tensors.update(load_file(local))
+    return tensors
+
+
+def load_transformer(folder, **overrides) -> tuple[ml_collections.ConfigDict, Any]:
+    """(vidit model config, params) of a diffusers WanTransformer3DModel folder."""
+    from flax import nnx
+
+    from vidit.models import wan
+    folder = storage.path(folder)
+    if not (folder / CONFIG).exists():
+        raise LoadError(f"{folder}/{CONFIG} not found: give the transformer/ folder of a "
+                        f"diffusers Wan model")
+    hf = json.loads((folder / CONFIG).read_text())
+    if hf.get("_class_name", "WanTransformer3DModel") != "WanTransformer3DModel":
+        raise LoadError(f"{folder} holds a {hf['_class_name']}, not a WanTransformer3DModel")
+    cfg = model_config(hf, **overrides)
+    abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: wan.build(cfg)), nnx.Param))
+    return cfg, params_from_hf(read_tensors(folder), cfg, abstract)
+
+
+def export_transformer(cfg: Any, params: Any, folder) -> None:
+    """Writes params as a diffusers WanTransformer3DModel folder (config.json + safetensors)."""
+    import jax
+    from safetensors.numpy import save
+    folder = storage.path(folder)
+    tensors = params_to_hf(jax.device_get(params), cfg)
+    storage.write_atomic(folder / WEIGHTS, save(tensors, metadata={"format": "pt"}))
+    storage.write_atomic(folder / CONFIG, json.dumps(hf_config(cfg), indent=2))
+
