@@ -3,7 +3,8 @@
     python -m vidit.export --workdir runs/quickstart --out exports/quickstart
 
 An export is a folder with `model.safetensors` (EMA params, keys like 'blocks/attn/qkv/kernel')
-and `config.json` (a VAE run's also `latent_stats.json`); no Orbax, no optimizer state. Loading
+and `config.json` (a VAE run's also `latent_stats.json`; a Wan model's also `transformer/`, the
+diffusers WanTransformer3DModel folder); no Orbax, no optimizer state. Loading
 checks every shape against the model the config builds and names each mismatch.
 """
 from __future__ import annotations
@@ -39,6 +40,9 @@ def export(workdir, out) -> str:
     for name in (latent_stats.STATS_FILE, text_encoders.IDENTITY_FILE):
         if (storage.path(workdir) / name).exists():
             storage.write_atomic(out / name, (storage.path(workdir) / name).read_bytes())
+    if loaded.config.model.get("kind", "dit") == "wan":  # also as diffusers loads it
+        from vidit import wan_weights
+        wan_weights.export_transformer(loaded.config.model, loaded.params, out / "transformer")
     n = sum(v.size for v in flat.values())
     print(f"exported step {loaded.step}: {len(flat)} tensors, {n:,} parameters -> {out}")
     return str(out)

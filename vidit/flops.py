@@ -17,6 +17,8 @@ def tokens(model: Any, frames: int, height: int, width: int) -> int:
 
 def forward_flops(model: Any, frames: int, height: int, width: int) -> dict:
     """Forward FLOPs for ONE sample, split into matmul (weights) and attention (QK^T, AV)."""
+    if model.get("kind", "dit") == "wan":
+        return wan_forward_flops(model, frames, height, width)
     w, depth = model.width, model.depth
     hidden = int(w * model.mlp_ratio)
     n = tokens(model, frames, height, width)
@@ -50,6 +52,8 @@ def train_flops_per_step(model: Any, data: Any) -> float:
 
 def count_params(model: Any) -> int:
     """Parameter count from the config (checked against the real model in the tests)."""
+    if model.get("kind", "dit") == "wan":
+        return wan_params(model)
     w, depth = model.width, model.depth
     hidden = int(w * model.mlp_ratio)
     head_dim = w // model.heads
@@ -71,6 +75,37 @@ def count_params(model: Any) -> int:
             text_block = ((tw * 3 * tw + 3 * tw) + (tw * tw + tw) + (tw * 4 * tw + 4 * tw)
                           + (4 * tw * tw + tw))
             total += 258 * tw + lt * tw + model.text_depth * text_block
+    return total
+
+
+def wan_forward_flops(model: Any, frames: int, height: int, width: int) -> dict:
+    """Forward FLOPs of one sample of Wan 2.1's DiT (vidit/models/wan.py), its text_len
+    caption tokens included."""
+    w, depth, f = model.width, model.depth, model.ffn_dim
+    n, lt, tw = tokens(model, frames, height, width), model.text_len, model.text_width
+    patch_dim = math.prod(model.patch) * model.channels
+    per_block = (2 * n * 4 * w * w + 2 * n * 2 * w * f  # self-attention projections, MLP
+                 + 2 * n * 2 * w * w + 2 * lt * 2 * w * w)  # cross q/out, cross k/v
+    attention = depth * (4 * n * n * w + 4 * n * lt * w)
+    top = (2 * n * patch_dim * w * 2  # patch embedding, output projection
+           + 2 * (model.freq_dim * w + w * w + 6 * w * w)  # time MLP, shared modulation
+           + 2 * lt * (tw * w + w * w))  # the text MLP
+    text = depth * (2 * lt * 2 * w * w + 4 * n * lt * w) + 2 * lt * (tw * w + w * w)
+    matmul = depth * per_block + top
+    return {"tokens": n, "matmul": matmul, "attention": attention, "text": text,
+            "total": matmul + attention}
+
+
+def wan_params(model: Any) -> int:
+    w, depth, f, tw = model.width, model.depth, model.ffn_dim, model.text_width
+    patch_dim = math.prod(model.patch) * model.channels
+    attention = 4 * (w * w + w) + 2 * w  # q, k, v, out and the two across-head norm scales
+    block = 2 * attention + (w * f + f) + (f * w + w) + 6 * w  # + MLP + modulation offsets
+    block += 2 * w if model.cross_attn_norm else 0
+    total = depth * block
+    total += patch_dim * w + w + w * patch_dim + patch_dim + 2 * w  # patch in, out, out offsets
+    total += model.freq_dim * w + w + w * w + w + w * 6 * w + 6 * w  # time MLP, modulation
+    total += tw * w + w + w * w + w  # text MLP
     return total
 
 

@@ -172,6 +172,11 @@ def train(config: Any, workdir: str, stop_at: int | None = None) -> dict:
         log.info("resumed from step %d", start_step)
     else:
         start_step, state = 0, setup.init()
+        if config.model.get("init_from"):  # pretrained weights (a diffusers Wan folder)
+            from vidit import wan_weights
+            state = setup.with_params(state, wan_weights.load_for(config.model,
+                                                                  config.model.init_from))
+            log.info("initialised from %s", config.model.init_from)
         if teacher is not None:
             state = teacher.init_student(setup, state)
     frozen = {}

@@ -21,13 +21,17 @@ from vidit.models import dit, mup
 
 
 def build_model(model_cfg: Any, seed: int) -> nnx.Module:
-    """The module config.model.kind names: 'dit' (the default) or 'vae' (VAE + discriminator)."""
+    """The module config.model.kind names: 'dit' (the default), 'wan' (Wan 2.1's DiT) or 'vae'
+    (VAE + discriminator)."""
     kind = model_cfg.get("kind", "dit")
     if kind == "vae":
         from vidit.models import vae
         return vae.VAEModel(model_cfg, nnx.Rngs(params=seed))
+    if kind == "wan":
+        from vidit.models import wan
+        return wan.build(model_cfg, seed)
     if kind != "dit":
-        raise ConfigError(f"config.model.kind='{kind}' is not one of ['dit', 'vae']")
+        raise ConfigError(f"config.model.kind='{kind}' is not one of ['dit', 'vae', 'wan']")
     return dit.build(model_cfg, seed)
 
 
@@ -156,6 +160,13 @@ class Setup:
     def init(self) -> TrainState:
         with jax.set_mesh(self.mesh):
             return jax.jit(self._init_fn, out_shardings=self.shardings)()
+
+    def with_params(self, state: TrainState, params: Any) -> TrainState:
+        """`state` with `params` (a pure dict of host arrays: pretrained weights) as its
+        parameters and EMA, placed in their shardings."""
+        params = jax.tree.map(lambda a, p: jax.device_put(jnp.asarray(p, a.dtype), a.sharding),
+                              self.abstract.params, params)
+        return state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))
 
     def num_params(self) -> int:
         return sum(x.size for x in jax.tree.leaves(self.abstract.params))

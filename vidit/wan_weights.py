@@ -266,6 +266,27 @@ def load_transformer(folder, **overrides) -> tuple[ml_collections.ConfigDict, An
     return cfg, params_from_hf(read_tensors(folder), cfg, abstract)
 
 
+def load_for(model_cfg: Any, folder) -> Any:
+    """Params of a diffusers Wan folder for a run whose config.model is `model_cfg` (its
+    layout: scan_layers, dtypes); the folder's architecture must be the config's."""
+    folder = storage.path(folder)
+    if not (folder / CONFIG).exists():
+        raise LoadError(f"config.model.init_from: {folder}/{CONFIG} not found")
+    hf_cfg = model_config(json.loads((folder / CONFIG).read_text()))
+    differ = [f"{k}: weights {hf_cfg[k]!r}, config {model_cfg[k]!r}"
+              for k in ("depth", "width", "heads", "ffn_dim", "text_width", "freq_dim",
+                        "channels", "cross_attn_norm")
+              if hf_cfg[k] != model_cfg[k]] + (
+        [f"patch: weights {tuple(hf_cfg.patch)}, config {tuple(model_cfg.patch)}"]
+        if tuple(hf_cfg.patch) != tuple(model_cfg.patch) else [])
+    if differ:
+        raise ConfigError(f"config.model.init_from={folder} is another Wan architecture than "
+                          f"config.model: " + "; ".join(differ))
+    _, params = load_transformer(folder, scan_layers=model_cfg.scan_layers,
+                                 param_dtype=model_cfg.param_dtype)
+    return params
+
+
 def export_transformer(cfg: Any, params: Any, folder) -> None:
     """Writes params as a diffusers WanTransformer3DModel folder (config.json + safetensors)."""
     import jax

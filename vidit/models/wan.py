@@ -37,6 +37,14 @@ from vidit.models.dit import HEADS, REMAT_POLICIES, TOKENS, make_blocks, run_blo
 from vidit.models.layers import Dense
 
 LN_AFFINE = ("embed",)
+# The released text-to-video sizes (Wan2.1-T2V-1.3B / -14B): depth, width, heads, MLP width.
+SIZES = {"1.3b": dict(depth=30, width=1536, heads=12, ffn_dim=8960),
+         "14b": dict(depth=40, width=5120, heads=40, ffn_dim=13824)}
+# What every released Wan 2.1 T2V transformer shares: umT5-XXL text (4096 wide, 512 tokens),
+# the Wan VAE's 16 latent channels, 1x2x2 patches, 256 time features.
+COMMON = dict(kind="wan", text_width=4096, text_len=512, freq_dim=256, channels=16,
+              patch=(1, 2, 2), eps=1e-6, cross_attn_norm=True, rope_theta=10000.0,
+              time_scale=1000.0, rope_max_len=1024)
 
 
 class AcrossHeadsRMSNorm(nnx.Module):

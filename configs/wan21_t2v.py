@@ -1,0 +1,56 @@
+"""Fine-tuning Wan 2.1 text-to-video (1.3B or 14B) with flow matching, on cached Wan-VAE latents
+and umT5-XXL caption embeddings.
+
+    python -m vidit.compile --config configs/wan21_t2v.py:size=14b,res=720p --topology v5p:2x2x1
+    python -m vidit.train --config configs/wan21_t2v.py:size=1.3b \
+        --config.model.init_from=Wan2.1-T2V-1.3B-Diffusers/transformer --workdir gs://B/wan
+
+`model.init_from` is a diffusers `transformer/` folder (local or gs://) whose weights start the
+run (vidit/wan_weights.py); empty = random init. The data are latents of the Wan VAE (16
+channels; 81 frames -> 21 latent frames, 8x spatial) and cached umT5 embeddings
+(data_pipelines/encode_text.py). Flow matching as Wan and diffusers train it: t uniform in
+[0, 1] (t = 1 is noise, Wan's sigma), shifted by diffusers' flow_shift for the resolution
+(3 at 480p, 5 at 720p), the velocity eps - x0 as the target.
+
+Variants: size=1.3b|14b, res=480p|720p, smoke (a tiny random Wan on the embedded moving digits
+with the packaged MiniLM encoder, for CPU tests).
+"""
+from configs import pod_common
+from vidit import config_lib
+from vidit.models import wan
+
+# res -> (latent frames, height, width) of 81-frame clips, and diffusers' flow_shift for it
+RESOLUTIONS = {"480p": ((21, 60, 104), 3.0), "720p": ((21, 90, 160), 5.0)}
+
+
+def get_config(arg=None):
+    arg = config_lib.parse_arg(arg, size="1.3b", res="480p", smoke=False)
+    if arg.size not in wan.SIZES or arg.res not in RESOLUTIONS:
+        raise ValueError(f"wan21_t2v.py: size is one of {sorted(wan.SIZES)}, res one of "
+                         f"{sorted(RESOLUTIONS)}")
+    (frames, height, width), shift = RESOLUTIONS[arg.res]
+    size = wan.SIZES[arg.size]
+    c = pod_common.latent_video_config(
+        depth=size["depth"], width=size["width"], heads=size["heads"],
+        latent_clip=(frames, height, width, 16), batch=1, lr=1e-5,
+        mesh=dict(data=1, fsdp=-1, tensor=1, sequence=1))
+    c.model.update(wan.COMMON)
+    c.model.ffn_dim = size["ffn_dim"]
+    c.model.size = f"wan2.1-{arg.size}"
+    c.model.text_encoder = dict(kind="t5", path="", online=False, dtype="bfloat16")  # umT5-XXL
+    c.model.init_from = ""
+    c.objective.time_sampling = "uniform"
+    c.objective.shift = shift
+    c.optim.weight_decay = 0.0
+    c.optim.warmup_steps = 100
+    c.ema_decay = 0.0  # fine-tuning: the EMA of a short run lags; sample the weights themselves
+    if arg.smoke:
+        pod_common.make_smoke(c)
+        c.model.update(dict(depth=2, width=48, heads=2, ffn_dim=96, freq_dim=32,
+                            channels=1, patch=(2, 4, 4)))
+        # Captions of the embedded digits through the packaged MiniLM, run in the step.
+        c.model.text_encoder = dict(kind="minilm", path="", online=True, dtype="")
+        c.model.text_width = 384
+        c.model.text_len = c.data.text_len = 16
+        c.data.builder_kwargs = {**c.data.builder_kwargs, "captions": "varied"}
+    return c
