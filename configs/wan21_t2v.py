@@ -12,7 +12,8 @@ channels; 81 frames -> 21 latent frames, 8x spatial) and cached umT5 embeddings
 [0, 1] (t = 1 is noise, Wan's sigma), shifted by diffusers' flow_shift for the resolution
 (3 at 480p, 5 at 720p), the velocity eps - x0 as the target.
 
-Variants: size=1.3b|14b, res=480p|720p, smoke (a tiny random Wan on the embedded moving digits
+Variants: size=1.3b|14b, res=480p|720p, lora=R (LoRA of rank R on the attention projections,
+alpha = R; only the adapters train), smoke (a tiny random Wan on the embedded moving digits
 with the packaged MiniLM encoder, for CPU tests).
 """
 from configs import pod_common
@@ -24,7 +25,7 @@ RESOLUTIONS = {"480p": ((21, 60, 104), 3.0), "720p": ((21, 90, 160), 5.0)}
 
 
 def get_config(arg=None):
-    arg = config_lib.parse_arg(arg, size="1.3b", res="480p", smoke=False)
+    arg = config_lib.parse_arg(arg, size="1.3b", res="480p", lora=0, smoke=False)
     if arg.size not in wan.SIZES or arg.res not in RESOLUTIONS:
         raise ValueError(f"wan21_t2v.py: size is one of {sorted(wan.SIZES)}, res one of "
                          f"{sorted(RESOLUTIONS)}")
@@ -33,12 +34,26 @@ def get_config(arg=None):
     c = pod_common.latent_video_config(
         depth=size["depth"], width=size["width"], heads=size["heads"],
         latent_clip=(frames, height, width, 16), batch=1, lr=1e-5,
-        mesh=dict(data=1, fsdp=-1, tensor=1, sequence=1))
+        mesh=dict(data=1, fsdp=1, tensor=1, sequence=-1))
+    # Global batch 1 (maxdiffusion's Wan setting): every chip holds a slice of the clip's tokens
+    # (Ulysses sequence parallelism) and, ZeRO-3 style, a slice of every weight: weights shard
+    # over the sequence axis too.
+    c.sharding_rules = [["embed", ["fsdp", "sequence"]] if rule[0] == "embed" else rule
+                        for rule in c.sharding_rules]
     c.model.update(wan.COMMON)
     c.model.ffn_dim = size["ffn_dim"]
     c.model.size = f"wan2.1-{arg.size}"
     c.model.text_encoder = dict(kind="t5", path="", online=False, dtype="bfloat16")  # umT5-XXL
     c.model.init_from = ""
+    # LoRA (vidit/models/lora.py): rank 0 = full fine-tuning. The adapters sit on every
+    # attention projection (self and cross), as diffusers' Wan LoRA trainers place them; only
+    # they train, and `vidit.export` merges them into the diffusers folder it writes.
+    c.model.lora = dict(rank=arg.lora, alpha=float(arg.lora),
+                        targets=("self_attn/q", "self_attn/k", "self_attn/v", "self_attn/out",
+                                 "cross_attn/q", "cross_attn/k", "cross_attn/v",
+                                 "cross_attn/out"))
+    if arg.lora:
+        c.optim.lr = 1e-4  # adapters start at zero: the usual LoRA rate
     c.objective.time_sampling = "uniform"
     c.objective.shift = shift
     c.optim.weight_decay = 0.0

@@ -154,3 +154,74 @@ def test_a_tiny_wan_trains_resumes_exports_and_starts_a_run(tmp_path):
     c.model.width = 64
     with pytest.raises(ConfigError, match="another Wan architecture.*width: weights 48"):
         wan_weights.load_for(c.model, str(folder))
+
+
+def lora_model_config(rank=4):
+    from configs import wan21_t2v
+    c = wan21_t2v.get_config(f"smoke,lora={rank}")
+    return c
+
+
+def test_lora_adapters_start_as_the_base_model_train_alone_and_merge_exactly():
+    from vidit import sharding
+    from vidit.models import lora
+    from vidit.train_state import Setup, build_model
+    c = lora_model_config()
+    x = jax.random.normal(jax.random.key(0), (2, 8, 32, 32, 1))
+    t = jnp.array([0.3, 0.8])
+    cond = {"text_embedding": jax.random.normal(jax.random.key(1), (2, 16, 384))}
+    base_cfg = c.model.copy_and_resolve_references()
+    base_cfg.lora.rank = 0
+    adapted, base = build_model(c.model, 0), build_model(base_cfg, 0)
+    np.testing.assert_array_equal(adapted(x, t, cond), base(x, t, cond))  # B = 0 at init
+
+    # Only the adapters get optimizer state and move.
+    setup = Setup(c, sharding.make_mesh(dict(data=1, fsdp=1, tensor=1, sequence=1),
+                                        jax.devices()[:1]))
+    state = setup.init()
+    n_adapter = sum(v.size for k, v in _flat(state.params).items() if k[-1] in lora.ADAPTERS)
+    n_state = sum(v.size for v in jax.tree.leaves(state.opt_state))
+    assert 0 < n_adapter and n_state <= 2 * n_adapter + 16  # Adam's two moments, a count
+    grads = jax.tree.map(jnp.ones_like, state.params)
+    updates, _ = setup.tx.update(grads, state.opt_state, state.params)
+    for key, u in _flat(updates).items():
+        assert (np.abs(np.asarray(u)).max() > 0) == (key[-1] in lora.ADAPTERS), key
+
+    # Merging folds the adapters into the kernels: the same function without them.
+    graphdef, params = nnx.split(adapted, nnx.Param)
+    params = nnx.to_pure_dict(params)
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, v: (jax.random.normal(jax.random.key(len(str(p))), v.shape) * 0.1
+                      if getattr(p[-1], "key", None) == "lora_b" else v), params)
+    state_ = nnx.state(adapted, nnx.Param)
+    nnx.replace_by_pure_dict(state_, params)
+    out = nnx.merge(graphdef, state_)(x, t, cond)
+    g2, s2 = nnx.split(base, nnx.Param)
+    nnx.replace_by_pure_dict(s2, lora.merged(params, c.model))
+    merged_out = nnx.merge(g2, s2)(x, t, cond)
+    assert np.abs(np.asarray(out) - np.asarray(base(x, t, cond))).max() > 1e-3  # adapters act
+    np.testing.assert_allclose(merged_out, out, rtol=1e-4, atol=1e-5)
+
+    c.model.lora.targets = ("self_attn/q", "attn/query")
+    with pytest.raises(ConfigError, match=r"targets \['attn/query'\] match no Dense layer"):
+        build_model(c.model, 0)
+
+
+def _flat(tree):
+    from flax import traverse_util
+    return traverse_util.flatten_dict(tree)
+
+
+def test_start_up_checks_refuse_a_wan_without_frozen_text_or_flow():
+    from configs import wan21_t2v
+    from vidit import checks, diffusion, sharding
+    c = wan21_t2v.get_config("smoke")
+    mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1, sequence=1), jax.devices()[:1])
+    checks.validate(c, mesh, text_width=384)  # the smoke config passes
+    c.model.text_encoder.kind = "byte"
+    with pytest.raises(ConfigError, match="kind='wan' reads a frozen encoder"):
+        checks.validate(c, mesh)
+    c = wan21_t2v.get_config("smoke")
+    c.objective = diffusion.default_config("vp")
+    with pytest.raises(ConfigError, match="'vp' is not 'flow'"):
+        checks.validate(c, mesh, text_width=384)

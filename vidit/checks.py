@@ -86,6 +86,13 @@ def validate(config: Any, mesh, objective: Any = None, autoencoder: Any = None,
             f"config.model.text_len={config.model.text_len} differs from "
             f"config.data.text_len={config.data.text_len}")
     te = config.model.get("text_encoder", {})
+    if kind == "wan" and (config.model.cond != "text" or te.get("kind", "byte") == "byte"):
+        raise ConfigError("config.model.kind='wan' reads a frozen encoder's caption embeddings: "
+                          "set config.model.cond='text' and config.model.text_encoder.kind to "
+                          "'t5' (umT5, as Wan) or 'minilm'")
+    if kind == "wan" and (needs.interval_input or objective.name != "flow"):
+        raise ConfigError(f"config.model.kind='wan' is a flow-matching velocity model: "
+                          f"config.objective.name='{objective.name}' is not 'flow'")
     if config.model.cond == "text" and te.get("kind", "byte") not in text_encoders.KINDS:
         raise ConfigError(f"config.model.text_encoder.kind='{te.get('kind')}' is not one of "
                           f"{text_encoders.KINDS}")

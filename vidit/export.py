@@ -42,7 +42,10 @@ def export(workdir, out) -> str:
             storage.write_atomic(out / name, (storage.path(workdir) / name).read_bytes())
     if loaded.config.model.get("kind", "dit") == "wan":  # also as diffusers loads it
         from vidit import wan_weights
-        wan_weights.export_transformer(loaded.config.model, loaded.params, out / "transformer")
+        from vidit.models import lora
+        params = (lora.merged(loaded.params, loaded.config.model)  # diffusers has no adapters
+                  if lora.enabled(loaded.config.model) else loaded.params)
+        wan_weights.export_transformer(loaded.config.model, params, out / "transformer")
     n = sum(v.size for v in flat.values())
     print(f"exported step {loaded.step}: {len(flat)} tensors, {n:,} parameters -> {out}")
     return str(out)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import flax
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import optax
@@ -17,7 +18,7 @@ from jax.sharding import Mesh
 
 from vidit import sharding
 from vidit.errors import ConfigError
-from vidit.models import dit, mup
+from vidit.models import dit, lora, mup
 
 
 def build_model(model_cfg: Any, seed: int) -> nnx.Module:
@@ -29,7 +30,10 @@ def build_model(model_cfg: Any, seed: int) -> nnx.Module:
         return vae.VAEModel(model_cfg, nnx.Rngs(params=seed))
     if kind == "wan":
         from vidit.models import wan
-        return wan.build(model_cfg, seed)
+        model = wan.build(model_cfg, seed)
+        if lora.enabled(model_cfg):  # adapters drawn from their own stream: same base weights
+            lora.attach(model, model_cfg, nnx.Rngs(params=seed + 1))
+        return model
     if kind != "dit":
         raise ConfigError(f"config.model.kind='{kind}' is not one of ['dit', 'vae', 'wan']")
     return dit.build(model_cfg, seed)
@@ -68,9 +72,10 @@ def decay_mask(params: Any) -> Any:
 
 
 def make_optimizer(optim: Any, schedule: optax.Schedule, params: Any,
-                   lr_multipliers: Any = None) -> optax.GradientTransformation:
+                   lr_multipliers: Any = None, trainable: Any = None) -> optax.GradientTransformation:
     """Clipped AdamW; with per-parameter learning-rate factors (muP, vidit/models/mup.py), each
-    parameter's update is scaled by its factor."""
+    parameter's update is scaled by its factor; with a `trainable` mask (LoRA), only the True
+    parameters are clipped, updated and given optimizer state."""
     tx = [optax.clip_by_global_norm(optim.clip_norm) if optim.clip_norm else optax.identity(),
           optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
                       weight_decay=optim.weight_decay, mask=decay_mask(params))]
@@ -78,7 +83,31 @@ def make_optimizer(optim: Any, schedule: optax.Schedule, params: Any,
         labels = jax.tree.map(repr, lr_multipliers)
         factors = {repr(f): f for f in jax.tree.leaves(lr_multipliers)}
         tx.append(optax.multi_transform({k: optax.scale(f) for k, f in factors.items()}, labels))
+    if trainable is not None:  # LoRA: only the adapters have optimizer state and move
+        labels = jax.tree.map(lambda t: "train" if t else "frozen", trainable)
+        return optax.multi_transform({"train": optax.chain(*tx),
+                                      "frozen": optax.set_to_zero()}, labels)
     return optax.chain(*tx)
+
+
+def _optimizer_shardings(abstract_opt: Any, params: Any, param_shardings: Any, repl) -> Any:
+    """Each optimizer-state leaf sharded like the parameter it mirrors (Adam's moments: the
+    leaf whose dict path ends in a parameter's path, with its shape), everything else (step
+    counts) replicated. Masked states (LoRA's frozen weights) hold no leaves."""
+    by_path = {}
+    for (path, p), (_, sh) in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                                  jax.tree_util.tree_flatten_with_path(param_shardings)[0]):
+        by_path[tuple(k.key for k in path)] = (p.shape, sh)
+
+    def shard(path, leaf):
+        keys = tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+        for start in range(len(keys)):
+            hit = by_path.get(keys[start:])
+            if hit is not None and hit[0] == leaf.shape:
+                return hit[1]
+        return repl
+
+    return jax.tree_util.tree_map_with_path(shard, abstract_opt)
 
 
 def ema_update(ema: Any, params: Any, decay: float, step: jax.Array) -> Any:
@@ -114,13 +143,14 @@ class Setup:
         self.lr_schedule = learning_rate_schedule(config.optim, config.train.steps)
         multipliers = (mup.lr_multipliers(config.model, lambda m: build_model(m, config.seed))
                        if config.model.get("kind", "dit") == "dit" else None)
-        self.tx = make_optimizer(config.optim, self.lr_schedule, abstract_params, multipliers)
+        self.tx = make_optimizer(config.optim, self.lr_schedule, abstract_params, multipliers,
+                                 lora.trainable(abstract_params) if lora.enabled(config.model)
+                                 else None)
         param_shardings = sharding.tree_shardings(abstract_params, self.param_names, mesh, rules)
         abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
         repl = sharding.replicated(mesh)
-        opt_shardings = optax.tree_map_params(
-            self.tx, lambda _, s: s, abstract_opt, param_shardings,
-            transform_non_params=lambda _: repl)
+        opt_shardings = _optimizer_shardings(abstract_opt, abstract_params, param_shardings,
+                                             repl)
         self.shardings = TrainState(step=repl, params=param_shardings,
                                     ema_params=param_shardings, opt_state=opt_shardings, rng=repl)
         self.abstract = jax.tree.map(
@@ -163,9 +193,17 @@ class Setup:
 
     def with_params(self, state: TrainState, params: Any) -> TrainState:
         """`state` with `params` (a pure dict of host arrays: pretrained weights) as its
-        parameters and EMA, placed in their shardings."""
-        params = jax.tree.map(lambda a, p: jax.device_put(jnp.asarray(p, a.dtype), a.sharding),
-                              self.abstract.params, params)
+        parameters and EMA, placed in their shardings; parameters the weights lack (LoRA
+        adapters) keep their initial values."""
+        given = traverse_util.flatten_dict(params)
+        flat = traverse_util.flatten_dict(state.params)
+        shard = traverse_util.flatten_dict(self.abstract.params)
+        for key, value in given.items():
+            if key not in flat:
+                raise ConfigError(f"pretrained parameter {'/'.join(map(str, key))} is not one "
+                                  f"of this model's")
+            flat[key] = jax.device_put(jnp.asarray(value, shard[key].dtype), shard[key].sharding)
+        params = traverse_util.unflatten_dict(flat)
         return state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))
 
     def num_params(self) -> int:

@@ -121,20 +121,31 @@ def splash_attention(q, k, v, mask=None):
 
     b, n, h, d = q.shape
     nk = k.shape[1]
-    if n % 128 or nk % 128:
-        raise ConfigError(
-            f"attention='splash' needs token counts that are multiples of 128 per shard, got "
-            f"{n} queries / {nk} keys; change config.model.patch, the clip size or the mesh")
-    block_q, block_kv = _divisor(n, SPLASH_BLOCK), _divisor(nk, SPLASH_BLOCK)
+    # Token counts that are not multiples of the kernel's blocks (Wan's 21 x 30 x 52 = 32760)
+    # are padded with zeros; segment ids keep real queries on real keys (padded queries see
+    # only padded keys: finite, and cut off below).
+    block = 128 if max(n, nk) <= SPLASH_BLOCK else SPLASH_BLOCK
+    pn, pk = -(-n // block) * block, -(-nk // block) * block
+    segments = None
+    if (pn, pk) != (n, nk):
+        pad = lambda x, m: jnp.pad(x, ((0, 0), (0, m - x.shape[1]), (0, 0), (0, 0)))  # noqa
+        q, k, v = pad(q, pn), pad(k, pk), pad(v, pk)
+        ids = lambda m, real: (jnp.arange(m) >= real).astype(jnp.int32)  # noqa: E731
+        segments = splash.SegmentIds(q=ids(pn, n), kv=ids(pk, nk))
+    block_q, block_kv = _divisor(pn, SPLASH_BLOCK), _divisor(pk, SPLASH_BLOCK)
     sizes = splash.BlockSizes(block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv,
                               block_q_dkv=block_q, block_kv_dkv=block_kv,
                               block_kv_dkv_compute=block_kv, block_q_dq=block_q,
                               block_kv_dq=block_kv)
-    mask_lib = splash.MultiHeadMask([splash.FullMask((n, nk))] * h)
+    mask_lib = splash.MultiHeadMask([splash.FullMask((pn, pk))] * h)
     kernel = splash.make_splash_mha(mask_lib, block_sizes=sizes, head_shards=1, q_seq_shards=1)
     scale = jnp.asarray(d ** -0.5, q.dtype)
-    out = jax.vmap(kernel)(_heads_first(q) * scale, _heads_first(k), _heads_first(v))
-    return _heads_first(out)
+    args = (_heads_first(q) * scale, _heads_first(k), _heads_first(v))
+    if segments is None:
+        out = jax.vmap(kernel)(*args)
+    else:
+        out = jax.vmap(kernel, in_axes=(0, 0, 0, None))(*args, segments)
+    return _heads_first(out)[:, :n]
 
 
 def _divisor(n: int, most: int) -> int:

@@ -59,6 +59,13 @@ class Dense(nnx.Module):
         lead = x.shape[:x.ndim - n]
         x2 = x.reshape((-1,) + x.shape[x.ndim - n:]).astype(self.dtype)
         y = jax.lax.dot_general(x2, kernel, ((tuple(range(1, 1 + n)), tuple(range(n))), ((), ())))
+        lora_a = getattr(self, "lora_a", None)  # adapters added by vidit/models/lora.py
+        if lora_a is not None:
+            down = jax.lax.dot_general(x2, lora_a[...].astype(self.dtype),
+                                       ((tuple(range(1, 1 + n)), tuple(range(n))), ((), ())))
+            up = jax.lax.dot_general(down, self.lora_b[...].astype(self.dtype),
+                                     (((1,), (0,)), ((), ())))
+            y = y + (self.lora_scale * up).astype(y.dtype)
         y = y.reshape(lead + y.shape[1:])
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)

@@ -30,7 +30,7 @@ from flax import nnx
 
 from vidit import sharding
 from vidit.errors import ConfigError
-from vidit.models import layers
+from vidit.models import attention as attention_lib, layers
 from vidit.models.attention import attention
 from vidit.models.context_parallel import self_attention
 from vidit.models.dit import HEADS, REMAT_POLICIES, TOKENS, make_blocks, run_blocks
@@ -104,8 +104,9 @@ class Attention(nnx.Module):
         if self_attn:
             q, k, v = (sharding.constrain(a, HEADS) for a in (q, k, v))
             y = self_attention(q, k, v, backend=self.backend, strategy=self.strategy)
-        else:
-            y = attention(q, k, v, None, backend=self.backend)
+        else:  # to 512 text tokens: a per-shard kernel (splash) is not worth a shard_map here
+            backend = "xla" if attention_lib.lookup(self.backend).per_shard else self.backend
+            y = attention(q, k, v, None, backend=backend)
         return self.out(y.reshape(*y.shape[:-2], -1))
 
 
