@@ -444,6 +444,11 @@ def caveats(results, fit, laws: dict | None = None) -> list[str]:
                 out.append(f"At {g.params:,.0f} parameters and {g.tokens:.3g} tokens the best "
                            f"{name} is at the edge of the grid: the optimum may lie beyond it, "
                            f"so that point of the {name} law is a bound.")
+    groups = (laws or {}).get("groups", [])
+    if "loss" in (laws or {}).get("point", {}) and len(groups) < 10:
+        out.append(f"L(N, D) has 5 parameters and is fitted to {len(groups)} (N, D) groups: it "
+                   f"passes near every point and its exponents are poorly determined; read its "
+                   f"predictions far from the grid as illustrations, not forecasts.")
     if fit is None:
         return out + _general_caveats(results)
     flops = np.array([r["flops"] for r in results], float)
