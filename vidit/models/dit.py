@@ -129,6 +129,17 @@ class FinalLayer(nnx.Module):
         return self.proj(modulate(layers.layer_norm(x), shift, scale))
 
 
+def check_stack(cfg) -> None:
+    """Config errors of a transformer stack: heads that do not split the width, an unknown
+    remat policy."""
+    if cfg.width % cfg.heads:
+        raise ConfigError(
+            f"config.model.width={cfg.width} does not divide by config.model.heads={cfg.heads}")
+    if cfg.remat not in REMAT_POLICIES:
+        raise ConfigError(
+            f"config.model.remat='{cfg.remat}' is not one of {sorted(REMAT_POLICIES)}")
+
+
 def make_blocks(make, cfg, rngs):
     """cfg.depth blocks make(rngs=...) stacked on a leading 'layers' axis (for scan), or a
     plain list (shared by the DiTs of vidit/models)."""
@@ -167,12 +178,7 @@ class VideoDiT(nnx.Module):
     def __init__(self, cfg: Any, *, rngs: nnx.Rngs):
         if cfg.cond not in COND_KINDS:
             raise ConfigError(f"config.model.cond='{cfg.cond}' is not one of {COND_KINDS}")
-        if cfg.width % cfg.heads:
-            raise ConfigError(
-                f"config.model.width={cfg.width} does not divide by config.model.heads={cfg.heads}")
-        if cfg.remat not in REMAT_POLICIES:
-            raise ConfigError(
-                f"config.model.remat='{cfg.remat}' is not one of {sorted(REMAT_POLICIES)}")
+        check_stack(cfg)
         dtype, param_dtype = layers.dtype_of(cfg.dtype), layers.dtype_of(cfg.param_dtype)
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         self.cfg = cfg

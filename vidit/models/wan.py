@@ -33,7 +33,7 @@ from vidit.errors import ConfigError
 from vidit.models import attention as attention_lib, layers
 from vidit.models.attention import attention
 from vidit.models.context_parallel import self_attention
-from vidit.models.dit import HEADS, REMAT_POLICIES, TOKENS, make_blocks, run_blocks
+from vidit.models.dit import HEADS, TOKENS, check_stack, make_blocks, run_blocks
 from vidit.models.layers import Dense
 
 LN_AFFINE = ("embed",)
@@ -141,12 +141,7 @@ class WanDiT(nnx.Module):
     """The denoiser: (x_t [B,T,H,W,C], t [B], cond) -> velocity [B,T,H,W,C]."""
 
     def __init__(self, cfg: Any, *, rngs: nnx.Rngs):
-        if cfg.width % cfg.heads:
-            raise ConfigError(f"config.model.width={cfg.width} does not divide by "
-                              f"config.model.heads={cfg.heads}")
-        if cfg.remat not in REMAT_POLICIES:
-            raise ConfigError(
-                f"config.model.remat='{cfg.remat}' is not one of {sorted(REMAT_POLICIES)}")
+        check_stack(cfg)
         dtype, param_dtype = layers.dtype_of(cfg.dtype), layers.dtype_of(cfg.param_dtype)
         kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
         width = cfg.width
