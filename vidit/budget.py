@@ -210,6 +210,7 @@ def extrapolation(gs: list[Group], prediction: dict) -> list[str]:
               "batch": [g.batch for g in gs if g.batch is not None]}
     names = {"flops": "the budget", "params": "the model size", "tokens": "the training tokens",
              "lr": "the learning rate", "batch": "the batch size"}
+    # lr and batch: against the range of the optima the grid measured (the groups' vertices)
     out = []
     for key, seen in ranges.items():
         if key not in prediction or not seen:

@@ -5,6 +5,7 @@ on the shipped DiT, `benchmarks/mup_coord_check.py` plots it (docs/mup).
 """
 from __future__ import annotations
 
+import types
 from typing import Any
 
 import jax
@@ -32,8 +33,7 @@ def coordinate_check(cfg: Any, widths, *, steps: int = 4, lr: float = 1e-2, batc
     x, target = jax.random.normal(key_x, shape), jax.random.normal(key_y, shape)
     t = jax.random.uniform(key_t, (batch,))
     cond = {"label": jnp.arange(batch) % cfg.num_classes} if cfg.cond == "class" else {}
-    optim = dict(clip_norm=0.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
-    optim = type("Optim", (), optim)
+    optim = types.SimpleNamespace(clip_norm=0.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
 
     def activations(model):
         tokens, grid = layers.patchify(x, model.patch)

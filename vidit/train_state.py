@@ -141,7 +141,8 @@ class Setup:
         self.param_names = sharding.logical_names(abstract_params)
         abstract_params = nnx.to_pure_dict(abstract_params)
         self.lr_schedule = learning_rate_schedule(config.optim, config.train.steps)
-        multipliers = (mup.lr_multipliers(config.model, lambda m: build_model(m, config.seed))
+        multipliers = (mup.lr_multipliers(config.model, lambda m: build_model(m, config.seed),
+                                          abstract_model)
                        if config.model.get("kind", "dit") == "dit" else None)
         self.tx = make_optimizer(config.optim, self.lr_schedule, abstract_params, multipliers,
                                  lora.trainable(abstract_params) if lora.enabled(config.model)

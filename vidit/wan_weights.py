@@ -199,25 +199,16 @@ def params_to_hf(params: Any, cfg) -> dict:
 
 
 def _unflatten(flat: dict, cfg) -> dict:
-    out: dict = {}
-    for path, value in flat.items():
-        if cfg.scan_layers and path[0] == "blocks":
-            continue
-        d = out
-        for key in path[:-1]:
-            d = d.setdefault(key, {})
-        d[path[-1]] = value
-    if cfg.scan_layers:  # blocks stacked on a leading 'layers' axis
-        per_block = [{p[2:]: v for p, v in flat.items() if p[:2] == ("blocks", i)}
-                     for i in range(cfg.depth)]
-        stacked = {}
-        for sub in per_block[0]:
-            d = stacked
-            for key in sub[:-1]:
-                d = d.setdefault(key, {})
-            d[sub[-1]] = np.stack([b[sub] for b in per_block])
-        out["blocks"] = stacked
-    return out
+    """The nested pure dict of {path: array}; a scanned model's blocks stacked on a leading
+    'layers' axis (the inverse of _flatten)."""
+    from flax import traverse_util
+    if cfg.scan_layers:
+        blocks = {p[2:]: [] for p in flat if p[:2] == ("blocks", 0)}
+        for sub, stack in blocks.items():
+            stack.extend(flat[("blocks", i, *sub)] for i in range(cfg.depth))
+        flat = {p: v for p, v in flat.items() if p[0] != "blocks"}
+        flat.update({("blocks", *sub): np.stack(stack) for sub, stack in blocks.items()})
+    return traverse_util.unflatten_dict(flat)
 
 
 def _flatten(params: Any, cfg) -> dict:

@@ -68,15 +68,16 @@ def fixed_init_scale(cfg: Any) -> float:
     return math.sqrt(base_shape(cfg)[0] / cfg.width) if enabled(cfg) else 1.0
 
 
-def lr_multipliers(cfg: Any, build) -> Any | None:
+def lr_multipliers(cfg: Any, build, model: nnx.Module | None = None) -> Any | None:
     """Per-parameter Adam learning-rate factors (a pure dict shaped like the parameters), or
-    None under standard parametrisation. build(model_cfg) makes the model (abstractly here)."""
+    None under standard parametrisation. build(model_cfg) makes a model (abstractly here);
+    `model`, when given, is the (abstract) model of `cfg` already built."""
     if not enabled(cfg):
         return None
     base_cfg = cfg.copy_and_resolve_references()
     with base_cfg.unlocked():
         base_cfg.width, base_cfg.heads = base_shape(cfg)
-    model = nnx.eval_shape(lambda: build(cfg))
+    model = model if model is not None else nnx.eval_shape(lambda: build(cfg))
     base = nnx.eval_shape(lambda: build(base_cfg))
     fan_in = _fan_ins(model)
     base_fan_in = _fan_ins(base)

@@ -47,19 +47,6 @@ COMMON = dict(kind="wan", text_width=4096, text_len=512, freq_dim=256, channels=
               time_scale=1000.0, rope_max_len=1024)
 
 
-class AcrossHeadsRMSNorm(nnx.Module):
-    """RMSNorm over the last axis of [..., width] (all heads together), learned scale."""
-
-    def __init__(self, width: int, eps: float, *, rngs, param_dtype):
-        self.scale = layers.param(rngs, nnx.initializers.ones, (width,), ("embed",), param_dtype)
-        self.eps = eps
-
-    def __call__(self, x):
-        x32 = x.astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-        return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
-
-
 class LayerNorm(nnx.Module):
     """LayerNorm with scale and bias, statistics in float32 (Wan's cross-attention norm)."""
 
@@ -84,8 +71,9 @@ class Attention(nnx.Module):
         self.k = Dense((context_width,), (width,), ("embed", "mlp"), **kw)
         self.v = Dense((context_width,), (width,), ("embed", "mlp"), **kw)
         self.out = Dense((width,), (width,), ("mlp", "embed"), **kw)
-        self.q_norm = AcrossHeadsRMSNorm(width, cfg.eps, rngs=rngs, param_dtype=param_dtype)
-        self.k_norm = AcrossHeadsRMSNorm(width, cfg.eps, rngs=rngs, param_dtype=param_dtype)
+        # RMSNorm over all heads at once: one scale per channel of the full width.
+        norm = dict(names=("embed",), rngs=rngs, param_dtype=param_dtype, eps=cfg.eps)
+        self.q_norm, self.k_norm = layers.RMSNorm(width, **norm), layers.RMSNorm(width, **norm)
         self.heads = heads
         self.backend = cfg.attention
         self.strategy = cfg.get("sequence_parallel", "ulysses")
