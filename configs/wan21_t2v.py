@@ -12,7 +12,13 @@ channels; 81 frames -> 21 latent frames, 8x spatial) and cached umT5 embeddings
 [0, 1] (t = 1 is noise, Wan's sigma), shifted by diffusers' flow_shift for the resolution
 (3 at 480p, 5 at 720p), the velocity eps - x0 as the target.
 
-Variants: size=1.3b|14b, res=480p|720p, lora=R (LoRA of rank R on the attention projections,
+With the Wan VAE: vae=FOLDER (a diffusers Wan model folder, or its vae/) makes the data the
+81-frame pixel clips at the resolution, the latents those the Wan VAE of FOLDER wrote with
+`data_pipelines/encode_latents --autoencoder FOLDER --num_frames 81` (normalised with the VAE's
+latents_mean / latents_std, as Wan's pipelines do), and samples decode through it. Without it
+the data are the latents themselves (what vidit.compile needs).
+
+Variants: size=1.3b|14b, res=480p|720p, vae=FOLDER, lora=R (LoRA of rank R on the attention projections,
 alpha = R; only the adapters train), smoke (a tiny random Wan on the embedded moving digits
 with the packaged MiniLM encoder, for CPU tests).
 """
@@ -22,10 +28,11 @@ from vidit.models import wan
 
 # res -> (latent frames, height, width) of 81-frame clips, and diffusers' flow_shift for it
 RESOLUTIONS = {"480p": ((21, 60, 104), 3.0), "720p": ((21, 90, 160), 5.0)}
+WAN_VAE_COMPRESSION = (4, 8, 8)
 
 
 def get_config(arg=None):
-    arg = config_lib.parse_arg(arg, size="1.3b", res="480p", lora=0, smoke=False)
+    arg = config_lib.parse_arg(arg, size="1.3b", res="480p", lora=0, smoke=False, vae="")
     if arg.size not in wan.SIZES or arg.res not in RESOLUTIONS:
         raise ValueError(f"wan21_t2v.py: size is one of {sorted(wan.SIZES)}, res one of "
                          f"{sorted(RESOLUTIONS)}")
@@ -59,6 +66,12 @@ def get_config(arg=None):
     c.optim.weight_decay = 0.0
     c.optim.warmup_steps = 100
     c.ema_decay = 0.0  # fine-tuning: the EMA of a short run lags; sample the weights themselves
+    if arg.vae:
+        st, sh, sw = WAN_VAE_COMPRESSION
+        c.data.autoencoder = arg.vae
+        c.data.num_frames = 1 + (frames - 1) * st
+        c.data.height, c.data.width, c.data.channels = height * sh, width * sw, 3
+        c.data.name = "wan_latents"  # encode_latents --name wan_latents --out DIR
     if arg.smoke:
         pod_common.make_smoke(c)
         c.model.update(dict(depth=2, width=48, heads=2, ffn_dim=96, freq_dim=32,

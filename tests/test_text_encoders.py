@@ -112,3 +112,28 @@ def test_minilm_matches_transformers_on_the_real_weights(reference):
                                reference["minilm_last_hidden_state"][valid], atol=1e-4, rtol=0)
     np.testing.assert_allclose(np.asarray(bert.sentence_embedding(hidden, jnp.asarray(mask))),
                                reference["minilm_sentence_embedding"], atol=1e-5, rtol=0)
+
+
+def test_a_diffusers_pipeline_folder_gives_the_encoder_and_its_tokenizer_beside_it(tmp_path):
+    """Wan's diffusers folders keep the umT5 encoder in text_encoder/ and its tokenizer.json in
+    tokenizer/ beside it: text_encoder.path = .../text_encoder finds both."""
+    import shutil
+
+    import ml_collections
+
+    from vidit import sharding
+    shutil.copytree(os.path.join(FIXTURES, "umt5_tiny"), tmp_path / "text_encoder")
+    (tmp_path / "tokenizer").mkdir()
+    shutil.copy(os.path.join(minilm_folder(), "tokenizer.json"), tmp_path / "tokenizer")
+    model_cfg = ml_collections.ConfigDict(dict(
+        dtype="float32", cond="text",
+        text_encoder=dict(kind="t5", path=str(tmp_path / "text_encoder"),
+                                           online=False, dtype="")))
+    mesh = sharding.make_mesh(dict(fsdp=-1))
+    encoder = text_encoders.load(model_cfg, mesh, sharding.DEFAULT_RULES)
+    ids, mask = encoder.tokenizer("a digit", 8)
+    assert mask.sum() > 0 and text_encoders.tokenizer_for(model_cfg)("a digit", 8)[0].tolist() \
+        == ids.tolist()
+    (tmp_path / "tokenizer" / "tokenizer.json").unlink()
+    with pytest.raises(text_encoders.LoadError, match="no tokenizer.json, nor has ../tokenizer"):
+        text_encoders.load(model_cfg, mesh, sharding.DEFAULT_RULES)

@@ -16,6 +16,10 @@ loaded by `vidit.run.load_autoencoder`. Then
 The encoder's parameters (EMA of the VAE run, its 'vae' subtree) are a frozen input of the train
 step, never part of the train state: the optimizer does not see them and the DiT's checkpoints do
 not hold them. Latents are the posterior mean (no sampling), as in the cached dataset.
+
+config.data.autoencoder may also be a diffusers AutoencoderKLWan folder (a Wan 2.1 model's
+`vae/`, or the model folder above it): the Wan VAE (vidit/models/wan_vae.py) with the latent
+mean and std of its config.json, normalised as Wan's pipelines do.
 """
 from __future__ import annotations
 
@@ -35,23 +39,41 @@ class Autoencoder:
     """A trained VAE, frozen: its structure, compression, latent statistics and parameters.
 
     The parameters are passed to `encode` / `decode` explicitly (the train step takes them as an
-    argument, so jit does not bake them in as constants); `params` holds the loaded ones."""
+    argument, so jit does not bake them in as constants); `params` holds the loaded ones.
+    `config.data` is the pixel clip geometry the VAE was trained on (encode_latents' default)."""
 
-    def __init__(self, path: str, config: Any, stats: dict, params: Any = None):
+    def __init__(self, path: str, config: Any, stats: dict, params: Any = None,
+                 build=None):
         self.path = path
         self.config = config
         self.model_cfg = vae.vae_model_config(config.model)
-        self.compression = tuple(int(f) for f in self.model_cfg.compression)
-        self.channels = int(self.model_cfg.channels)
-        self.latent_channels = int(self.model_cfg.latent_channels)
+        build = build or (lambda: vae.VideoVAE(self.model_cfg, nnx.Rngs(0)))
+        abstract = nnx.eval_shape(build)
+        self.compression = tuple(int(f) for f in abstract.compression)
+        self.channels = int(abstract.channels)
+        self.latent_channels = int(abstract.latent_channels)
         self.mean = np.asarray(stats["mean"], np.float32)
         self.std = np.asarray(stats["std"], np.float32)
         if self.mean.shape != (self.latent_channels,) or self.std.shape != self.mean.shape:
-            raise LoadError(f"{path}/{STATS_FILE} does not hold {self.latent_channels} "
+            raise LoadError(f"{path}: the latent statistics do not hold {self.latent_channels} "
                             "channel means and stds")
-        abstract = nnx.eval_shape(lambda: vae.VideoVAE(self.model_cfg, nnx.Rngs(0)))
         self.graphdef = nnx.split(abstract, nnx.Param)[0]
         self.params = params
+
+    @classmethod
+    def wan(cls, path: str, vae_cfg: Any, params: Any = None) -> "Autoencoder":
+        """The Wan 2.1 VAE of a diffusers folder (vidit/wan_weights.load_vae), its latents
+        normalised with the config's latents_mean / latents_std. Its default clip is Wan's:
+        81 frames of 480x832."""
+        import ml_collections
+
+        from vidit.models import wan_vae
+        config = ml_collections.ConfigDict(dict(
+            model={"kind": "wan_vae", **vae_cfg.to_dict()},
+            data=dict(num_frames=81, frame_stride=1, height=480, width=832,
+                      channels=int(vae_cfg.in_channels), name="", builder_kwargs={})))
+        stats = {"mean": vae_cfg.latents_mean, "std": vae_cfg.latents_std}
+        return cls(path, config, stats, params, build=lambda: wan_vae.build(vae_cfg))
 
     def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         st, sh, sw = self.compression

@@ -4,7 +4,7 @@
 
 An export is a folder with `model.safetensors` (EMA params, keys like 'blocks/attn/qkv/kernel')
 and `config.json` (a VAE run's also `latent_stats.json`; a Wan model's also `transformer/`, the
-diffusers WanTransformer3DModel folder); no Orbax, no optimizer state. Loading
+diffusers WanTransformer3DModel folder, and `vae/` when its autoencoder is a Wan VAE); no Orbax, no optimizer state. Loading
 checks every shape against the model the config builds and names each mismatch.
 """
 from __future__ import annotations
@@ -46,6 +46,9 @@ def export(workdir, out) -> str:
         params = (lora.merged(loaded.params, loaded.config.model)  # diffusers has no adapters
                   if lora.enabled(loaded.config.model) else loaded.params)
         wan_weights.export_transformer(loaded.config.model, params, out / "transformer")
+        ae = loaded.autoencoder
+        if ae is not None and ae.config.model.kind == "wan_vae":  # its Wan VAE beside it
+            wan_weights.export_vae(ae.config.model, ae.params, out / "vae")
     n = sum(v.size for v in flat.values())
     print(f"exported step {loaded.step}: {len(flat)} tensors, {n:,} parameters -> {out}")
     return str(out)

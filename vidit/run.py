@@ -147,6 +147,13 @@ def load_autoencoder(path: str, mesh) -> Autoencoder:
     full = storage.path(path)
     if not full.exists():
         raise LoadError(f"{where} does not exist")
+    for folder in (full, full / "vae"):  # a diffusers Wan VAE folder, or the model above it
+        from vidit import wan_weights
+        if wan_weights.is_vae_folder(folder):
+            vae_cfg, params = wan_weights.load_vae(folder)
+            log.info("autoencoder: the Wan VAE of %s (frozen)", folder)
+            replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+            return Autoencoder.wan(str(folder), vae_cfg, jax.device_put(params, replicated))
     config = read_config(full)
     if config.model.get("kind", "dit") != "vae":
         raise LoadError(f"{where} is not a VAE run (its config.model.kind is "

@@ -153,10 +153,11 @@ def load(model_cfg: Any, mesh, rules) -> FrozenTextEncoder:
     if not (folder / "config.json").exists():
         raise LoadError(f"config.model.text_encoder.path={path!r} has no config.json (a Hugging "
                         "Face folder: config.json, *.safetensors, tokenizer.json)")
-    if not (folder / "tokenizer.json").exists():
-        raise LoadError(f"{path} has no tokenizer.json (the `tokenizers` library's file; a "
-                        "folder with only spiece.model can be converted once with transformers' "
-                        "AutoTokenizer(...).save_pretrained)")
+    tokenizer = tokenizer_file(folder)
+    if not tokenizer.exists():
+        raise LoadError(f"{path} has no tokenizer.json, nor has ../tokenizer/ (the `tokenizers` "
+                        "library's file; a folder with only spiece.model can be converted once "
+                        "with transformers' AutoTokenizer(...).save_pretrained)")
     hf = json.loads((folder / "config.json").read_text())
     dtypes = dict(dtype=te.dtype or model_cfg.dtype, param_dtype=te.dtype or "float32")
     if kind == "t5":
@@ -178,9 +179,18 @@ def load(model_cfg: Any, mesh, rules) -> FrozenTextEncoder:
     params = jax.tree.map(lambda a, p, s: jax.device_put(np.asarray(p, a.dtype), s),
                           abstract_params, params, shardings)
     return FrozenTextEncoder(kind=kind, path=str(path), module_cfg=cfg, graphdef=graphdef,
-                             params=params, tokenizer=HFTokenizer(str(folder / "tokenizer.json")),
+                             params=params, tokenizer=HFTokenizer(str(tokenizer)),
                              identity={"kind": kind, "path": str(path),
                                        "sha256": fingerprint(folder)})
+
+
+def tokenizer_file(folder):
+    """The encoder folder's tokenizer.json, or in a diffusers pipeline folder (Wan's
+    text_encoder/ beside tokenizer/) the one beside it."""
+    folder = storage.path(folder)
+    beside = folder.parent / "tokenizer" / "tokenizer.json"
+    return beside if not (folder / "tokenizer.json").exists() and beside.exists() \
+        else folder / "tokenizer.json"
 
 
 def tokenizer_for(model_cfg: Any):
@@ -189,4 +199,4 @@ def tokenizer_for(model_cfg: Any):
     if not is_frozen(model_cfg):
         return byte_tokenizer.tokens_and_mask
     te = model_cfg.text_encoder
-    return HFTokenizer(str(storage.path(te.path or default_path(te.kind)) / "tokenizer.json"))
+    return HFTokenizer(str(tokenizer_file(te.path or default_path(te.kind))))

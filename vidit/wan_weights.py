@@ -1,8 +1,10 @@
 """Wan 2.1 weights in and out of vidit: a diffusers `WanTransformer3DModel` folder (config.json
-and safetensors shards, local or gs://) <-> vidit's Wan DiT (vidit/models/wan.py).
+and safetensors shards, local or gs://) <-> vidit's Wan DiT (vidit/models/wan.py), and an
+`AutoencoderKLWan` folder <-> vidit's Wan VAE (vidit/models/wan_vae.py).
 
     cfg, params = load_transformer("Wan2.1-T2V-1.3B-Diffusers/transformer")
     export_transformer(cfg, params, "out/transformer")   # loads in diffusers again
+    vae_cfg, vae_params = load_vae("Wan2.1-T2V-1.3B-Diffusers/vae")
 
 Every tensor is mapped by name and its shape checked against the model the config builds;
 tensors the mapping does not know, and parameters nothing filled, are reported by name. The
@@ -160,22 +162,21 @@ def _rows(cfg):
     return rows
 
 
-def params_from_hf(tensors: dict, cfg, abstract: Any) -> Any:
-    """vidit's pure-dict params from diffusers tensors; `abstract` is the model's pure dict of
-    ShapeDtypeStructs (shapes checked, names reported)."""
-    rows = _rows(cfg)
-    unknown = sorted(set(tensors) - {t for t, *_ in rows})
-    missing = sorted(t for t, *_ in rows if t not in tensors)
+def _check_names(tensors: dict, names: list[str]) -> None:
+    """Tensors no row maps, and rows no tensor fills, named (the first 8 of each)."""
+    unknown = sorted(set(tensors) - set(names))
+    missing = sorted(t for t in names if t not in tensors)
     if unknown or missing:
         raise LoadError("the Wan weights do not match the config: "
                         + (f"not mapped: {unknown[:8]}{' ...' if len(unknown) > 8 else ''}; "
                            if unknown else "")
                         + (f"missing: {missing[:8]}{' ...' if len(missing) > 8 else ''}"
                            if missing else ""))
-    flat = {}
-    for theirs, path, kind, perm in rows:
-        flat[path] = _to_vidit(np.asarray(tensors[theirs]), kind, perm, cfg)
-    params = _unflatten(flat, cfg)
+
+
+def _check_shapes(abstract: Any, params: Any) -> Any:
+    """params cast to the model's dtypes, every shape checked against `abstract`."""
+    import jax
     bad = []
 
     def check(path, a, p):
@@ -184,11 +185,21 @@ def params_from_hf(tensors: dict, cfg, abstract: Any) -> Any:
                        f"model {tuple(a.shape)}, weights {tuple(p.shape)}")
         return np.asarray(p, a.dtype)
 
-    import jax
     params = jax.tree_util.tree_map_with_path(check, abstract, params)
     if bad:
         raise LoadError("Wan weight shapes differ from the model: " + "; ".join(bad[:8]))
     return params
+
+
+def params_from_hf(tensors: dict, cfg, abstract: Any) -> Any:
+    """vidit's pure-dict params from diffusers tensors; `abstract` is the model's pure dict of
+    ShapeDtypeStructs (shapes checked, names reported)."""
+    rows = _rows(cfg)
+    _check_names(tensors, [t for t, *_ in rows])
+    flat = {}
+    for theirs, path, kind, perm in rows:
+        flat[path] = _to_vidit(np.asarray(tensors[theirs]), kind, perm, cfg)
+    return _check_shapes(abstract, _unflatten(flat, cfg))
 
 
 def params_to_hf(params: Any, cfg) -> dict:
@@ -287,3 +298,113 @@ def export_transformer(cfg: Any, params: Any, folder) -> None:
     storage.write_atomic(folder / WEIGHTS, save(tensors, metadata={"format": "pt"}))
     storage.write_atomic(folder / CONFIG, json.dumps(hf_config(cfg), indent=2))
 
+
+
+# ------------------------------------------------------------------------------- the VAE
+VAE_KEYS = ("base_dim", "decoder_base_dim", "z_dim", "dim_mult", "num_res_blocks",
+            "attn_scales", "temperal_downsample", "in_channels", "out_channels",
+            "latents_mean", "latents_std")
+
+
+def vae_config(hf: dict, **overrides) -> ml_collections.ConfigDict:
+    """vidit's Wan VAE config for a diffusers AutoencoderKLWan config.json."""
+    if hf.get("is_residual") or hf.get("patch_size") is not None:
+        raise ConfigError("this AutoencoderKLWan is Wan 2.2's (is_residual / patch_size); vidit "
+                          "imports the Wan 2.1 VAE")
+    from vidit.models import wan_vae
+    cfg = wan_vae.default_config()
+    cfg.update({k: hf[k] for k in VAE_KEYS if k in hf})
+    cfg.decoder_base_dim = cfg.decoder_base_dim or cfg.base_dim
+    for k in ("dim_mult", "attn_scales", "temperal_downsample", "latents_mean", "latents_std"):
+        cfg[k] = tuple(cfg[k])
+    cfg.update(overrides)
+    return cfg
+
+
+def hf_vae_config(cfg: Any) -> dict:
+    """The diffusers config.json of a vidit Wan VAE config."""
+    st, s = 2 ** sum(bool(d) for d in cfg.temperal_downsample), 2 ** (len(cfg.dim_mult) - 1)
+    out = {"_class_name": "AutoencoderKLWan", "dropout": 0.0, "is_residual": False,
+           "patch_size": None, "scale_factor_temporal": st, "scale_factor_spatial": s}
+    out.update({k: list(cfg[k]) if isinstance(cfg[k], tuple) else cfg[k] for k in VAE_KEYS})
+    if out["decoder_base_dim"] == out["base_dim"]:
+        out["decoder_base_dim"] = None  # diffusers' way of saying "the same"
+    return out
+
+
+def vae_rows(model) -> list:
+    """(diffusers name, vidit path, to_vidit, to_hf) for every tensor of a WanVAE, found by
+    walking its modules; module paths are diffusers' (the resamplers' conv is 'resample.1')."""
+    from flax import nnx
+
+    from vidit.models import wan_vae as wv
+    rows = []
+    for path, node in nnx.iter_graph(model):
+        prefix = ".".join(str(p) for p in path)
+        if isinstance(node, wv.CausalConv):  # [O, I, kt, kh, kw] <-> [kt, kh, kw, I, O]
+            kernel = (lambda x: x.transpose(2, 3, 4, 1, 0), lambda x: x.transpose(4, 3, 0, 1, 2))
+        elif isinstance(node, wv.Conv2d):  # [O, I, kh, kw] <-> [kh, kw, I, O]
+            prefix = prefix[:-len("resample")] + "resample.1"
+            kernel = (lambda x: x.transpose(2, 3, 1, 0), lambda x: x.transpose(3, 2, 0, 1))
+        elif isinstance(node, wv.Pointwise):  # [O, I, 1, 1] <-> [I, O]
+            kernel = (lambda x: x[:, :, 0, 0].T, lambda x: x.T[:, :, None, None])
+        elif isinstance(node, wv.RMSNorm):  # [C, 1, 1(, 1)] <-> [C]
+            ones = (1, 1) if node.images else (1, 1, 1)
+            rows.append((f"{prefix}.gamma", (*path, "gamma"), lambda x: x.reshape(-1),
+                         lambda x, ones=ones: x.reshape(x.shape + ones)))
+            continue
+        else:
+            continue
+        rows.append((f"{prefix}.weight", (*path, "kernel"), *kernel))
+        rows.append((f"{prefix}.bias", (*path, "bias"), lambda x: x, lambda x: x))
+    return rows
+
+
+def is_vae_folder(folder) -> bool:
+    """Whether `folder` holds a diffusers AutoencoderKLWan (its config.json says so)."""
+    file = storage.path(folder) / CONFIG
+    if not file.exists():
+        return False
+    try:
+        return json.loads(file.read_text()).get("_class_name") == "AutoencoderKLWan"
+    except (json.JSONDecodeError, AttributeError):
+        return False
+
+
+def _abstract_vae(cfg):
+    from flax import nnx
+
+    from vidit.models import wan_vae
+    return nnx.eval_shape(lambda: wan_vae.build(cfg))
+
+
+def load_vae(folder, **overrides) -> tuple[ml_collections.ConfigDict, Any]:
+    """(vidit Wan VAE config, params) of a diffusers AutoencoderKLWan folder."""
+    from flax import nnx, traverse_util
+    folder = storage.path(folder)
+    if not (folder / CONFIG).exists():
+        raise LoadError(f"{folder}/{CONFIG} not found: give the vae/ folder of a diffusers "
+                        f"Wan model")
+    hf = json.loads((folder / CONFIG).read_text())
+    if hf.get("_class_name") != "AutoencoderKLWan":
+        raise LoadError(f"{folder} holds a {hf.get('_class_name')}, not an AutoencoderKLWan")
+    cfg = vae_config(hf, **overrides)
+    model = _abstract_vae(cfg)
+    rows, tensors = vae_rows(model), read_tensors(folder)
+    _check_names(tensors, [t for t, *_ in rows])
+    flat = {path: to_vidit(np.asarray(tensors[theirs])) for theirs, path, to_vidit, _ in rows}
+    abstract = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return cfg, _check_shapes(abstract, traverse_util.unflatten_dict(flat))
+
+
+def export_vae(cfg: Any, params: Any, folder) -> None:
+    """Writes a vidit Wan VAE's params as a diffusers AutoencoderKLWan folder."""
+    import jax
+    from flax import traverse_util
+    from safetensors.numpy import save
+    folder = storage.path(folder)
+    flat = traverse_util.flatten_dict(jax.device_get(params))
+    tensors = {theirs: np.ascontiguousarray(to_hf(np.asarray(flat[path])))
+               for theirs, path, _, to_hf in vae_rows(_abstract_vae(cfg))}
+    storage.write_atomic(folder / WEIGHTS, save(tensors, metadata={"format": "pt"}))
+    storage.write_atomic(folder / CONFIG, json.dumps(hf_vae_config(cfg), indent=2))
