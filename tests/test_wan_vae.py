@@ -159,3 +159,12 @@ def test_the_wan_config_with_its_vae_trains_on_the_latents_of_81_frame_clips():
         assert pixel.data.autoencoder.endswith("Diffusers") and pixel.data.channels == 3
         assert input_shape(pixel, ae) == input_shape(latent) == \
             (latent.data.num_frames, latent.data.height, latent.data.width, 16)
+
+
+def test_loads_from_a_bucket(bucket_dir, loaded):
+    for name in ("config.json", wan_weights.WEIGHTS):
+        (bucket_dir / "vae" / name).write_bytes(open(os.path.join(FOLDER, name), "rb").read())
+    assert wan_weights.is_vae_folder(str(bucket_dir / "vae"))
+    _, params = wan_weights.load_vae(str(bucket_dir / "vae"))
+    np.testing.assert_array_equal(params["quant_conv"]["kernel"],
+                                  loaded[1]["quant_conv"]["kernel"])
