@@ -121,6 +121,18 @@ class Norm(nnx.Module):
 
 
 
+def run_chunked(step, model, x, chunk: int):
+    """A causal video model over x [B, T, ...] a chunk at a time: `step(model, piece, cache)
+    -> (*outputs, cache)` on [0, 1 + chunk), then `chunk` frames at a time, carrying the cache;
+    each output concatenated over time. The chunked encode/decode of the VAEs."""
+    bounds = [0, *range(1 + chunk, x.shape[1], chunk), x.shape[1]]
+    outs, cache = [], None
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        *out, cache = step(model, x[:, a:b], cache)
+        outs.append(out)
+    return tuple(jnp.concatenate(parts, axis=1) for parts in zip(*outs))
+
+
 def pad_same(n: int, k: int, s: int) -> tuple[int, int]:
     out = -(-n // s)
     total = max((out - 1) * s + k - n, 0)

@@ -49,7 +49,7 @@ from flax import nnx
 from vidit import sharding
 from vidit.errors import ConfigError
 from vidit.models import discriminator, layers
-from vidit.models.conv import CausalConv3d, Norm
+from vidit.models.conv import CausalConv3d, Norm, run_chunked
 
 # Activations [B, T, H, W, C]: only the batch is pinned.
 VIDEO = ("activation_batch", None, None, None, None)
@@ -344,13 +344,7 @@ class VideoVAE(nnx.Module):
             raise ValueError(f"chunk_frames={chunk_frames} must be a positive multiple of the "
                              f"temporal compression {st}")
         step = _encode_step if jit else (lambda m, a, c: m.encode_stream(a, c))
-        bounds = [0] + list(range(1 + chunk_frames, x.shape[1], chunk_frames)) + [x.shape[1]]
-        means, logvars, cache = [], [], None
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            mean, logvar, cache = step(self, x[:, a:b], cache)
-            means.append(mean)
-            logvars.append(logvar)
-        return jnp.concatenate(means, axis=1), jnp.concatenate(logvars, axis=1)
+        return run_chunked(step, self, x, chunk_frames)
 
     def decode_chunked(self, z, chunk_latents: int, jit: bool = True):
         """decode() in bounded memory: latent frames [0, 1 + chunk_latents), then chunk_latents
@@ -359,12 +353,7 @@ class VideoVAE(nnx.Module):
         if chunk_latents < 1:
             raise ValueError(f"chunk_latents={chunk_latents} must be positive")
         step = _decode_step if jit else (lambda m, a, c: m.decode_stream(a, c))
-        bounds = [0] + list(range(1 + chunk_latents, z.shape[1], chunk_latents)) + [z.shape[1]]
-        outs, cache = [], None
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            out, cache = step(self, z[:, a:b], cache)
-            outs.append(out)
-        return jnp.concatenate(outs, axis=1)
+        return run_chunked(step, self, z, chunk_latents)[0]
 
 
 @nnx.jit

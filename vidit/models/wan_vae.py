@@ -40,7 +40,7 @@ from flax import nnx
 from vidit import sharding
 from vidit.errors import ConfigError
 from vidit.models import layers
-from vidit.models.conv import BIAS_NAMES, KERNEL_NAMES, NORM_NAMES, conv3d
+from vidit.models.conv import BIAS_NAMES, KERNEL_NAMES, NORM_NAMES, conv3d, run_chunked
 
 VIDEO = ("activation_batch", None, None, None, None)
 LOGVAR_RANGE = (-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamps the log-variance
@@ -390,25 +390,14 @@ class WanVAE(nnx.Module):
         st = self.compression[0]
         if chunk_frames < st or chunk_frames % st:
             raise ValueError(f"chunk_frames={chunk_frames} must be a positive multiple of {st}")
-        bounds = [0, *range(1 + chunk_frames, x.shape[1], chunk_frames), x.shape[1]]
-        means, logvars, cache = [], [], None
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            mean, logvar, cache = _encode_step(self, x[:, a:b], cache)
-            means.append(mean)
-            logvars.append(logvar)
-        return jnp.concatenate(means, axis=1), jnp.concatenate(logvars, axis=1)
+        return run_chunked(_encode_step, self, x, chunk_frames)
 
     def decode_chunked(self, z, chunk_latents: int = 1):
         """decode() a chunk at a time: latent frames [0, 1 + chunk_latents), then
         chunk_latents at a time."""
         if chunk_latents < 1:
             raise ValueError(f"chunk_latents={chunk_latents} must be positive")
-        bounds = [0, *range(1 + chunk_latents, z.shape[1], chunk_latents), z.shape[1]]
-        outs, cache = [], None
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            out, cache = _decode_step(self, z[:, a:b], cache)
-            outs.append(out)
-        return jnp.concatenate(outs, axis=1)
+        return run_chunked(_decode_step, self, z, chunk_latents)[0]
 
 
 @nnx.jit
