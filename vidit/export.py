@@ -4,8 +4,9 @@
 
 An export is a folder with `model.safetensors` (EMA params, keys like 'blocks/attn/qkv/kernel')
 and `config.json` (a VAE run's also `latent_stats.json`; a Wan model's also `transformer/`, the
-diffusers WanTransformer3DModel folder, and `vae/` when its autoencoder is a Wan VAE); no Orbax, no optimizer state. Loading
-checks every shape against the model the config builds and names each mismatch.
+diffusers WanTransformer3DModel folder, and `vae/` when its autoencoder is a Wan VAE); no Orbax,
+no optimizer state. Loading checks every shape against the model the config builds and names
+each mismatch.
 """
 from __future__ import annotations
 
