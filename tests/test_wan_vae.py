@@ -168,3 +168,28 @@ def test_loads_from_a_bucket(bucket_dir, loaded):
     _, params = wan_weights.load_vae(str(bucket_dir / "vae"))
     np.testing.assert_array_equal(params["quant_conv"]["kernel"],
                                   loaded[1]["quant_conv"]["kernel"])
+
+
+def test_the_export_of_a_run_on_the_wan_vae_holds_its_vae(loaded, tmp_path, monkeypatch):
+    """vidit.export of a Wan DiT whose autoencoder is a Wan VAE writes transformer/ and vae/,
+    the latter tensor for tensor the folder diffusers wrote."""
+    import types
+
+    import ml_collections
+
+    from vidit import export as export_lib
+    from vidit.autoencoder import Autoencoder
+    cfg, params, _, _ = loaded
+    dit_cfg, dit_params = wan_weights.load_transformer(os.path.join(HERE, "wan_tiny",
+                                                                    "transformer"))
+    run = types.SimpleNamespace(
+        params=dit_params, step=7, config=ml_collections.ConfigDict(dict(model=dit_cfg)),
+        autoencoder=Autoencoder.wan(FOLDER, cfg, params))
+    monkeypatch.setattr(export_lib.run_lib, "load", lambda workdir: run)
+    export_lib.export(str(tmp_path / "run"), str(tmp_path / "out"))
+    assert (tmp_path / "out" / "transformer" / wan_weights.WEIGHTS).exists()
+    exported = load_file(str(tmp_path / "out" / "vae" / wan_weights.WEIGHTS))
+    original = load_file(WEIGHTS)
+    assert sorted(exported) == sorted(original)
+    for name, value in original.items():
+        np.testing.assert_array_equal(exported[name], value, err_msg=name)
