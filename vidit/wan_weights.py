@@ -251,18 +251,28 @@ def read_tensors(folder) -> dict:
     return tensors
 
 
+def read_hf_config(folder, class_name: str, part: str, default_class: bool = False) -> dict:
+    """A diffusers model folder's config.json, refused unless it is a `class_name` (a config
+    without _class_name passes when default_class); `part` names the folder in the error."""
+    folder = storage.path(folder)
+    if not (folder / CONFIG).exists():
+        raise LoadError(f"{folder}/{CONFIG} not found: give the {part}/ folder of a diffusers "
+                        f"Wan model")
+    hf = json.loads((folder / CONFIG).read_text())
+    found = hf.get("_class_name", class_name if default_class else None)
+    if found != class_name:
+        article = "an" if class_name[0] in "AEIOU" else "a"
+        raise LoadError(f"{folder} holds a {found}, not {article} {class_name}")
+    return hf
+
+
 def load_transformer(folder, **overrides) -> tuple[ml_collections.ConfigDict, Any]:
     """(vidit model config, params) of a diffusers WanTransformer3DModel folder."""
     from flax import nnx
 
     from vidit.models import wan
     folder = storage.path(folder)
-    if not (folder / CONFIG).exists():
-        raise LoadError(f"{folder}/{CONFIG} not found: give the transformer/ folder of a "
-                        f"diffusers Wan model")
-    hf = json.loads((folder / CONFIG).read_text())
-    if hf.get("_class_name", "WanTransformer3DModel") != "WanTransformer3DModel":
-        raise LoadError(f"{folder} holds a {hf['_class_name']}, not a WanTransformer3DModel")
+    hf = read_hf_config(folder, "WanTransformer3DModel", "transformer", default_class=True)
     cfg = model_config(hf, **overrides)
     abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: wan.build(cfg)), nnx.Param))
     return cfg, params_from_hf(read_tensors(folder), cfg, abstract)
@@ -382,13 +392,7 @@ def load_vae(folder, **overrides) -> tuple[ml_collections.ConfigDict, Any]:
     """(vidit Wan VAE config, params) of a diffusers AutoencoderKLWan folder."""
     from flax import nnx, traverse_util
     folder = storage.path(folder)
-    if not (folder / CONFIG).exists():
-        raise LoadError(f"{folder}/{CONFIG} not found: give the vae/ folder of a diffusers "
-                        f"Wan model")
-    hf = json.loads((folder / CONFIG).read_text())
-    if hf.get("_class_name") != "AutoencoderKLWan":
-        raise LoadError(f"{folder} holds a {hf.get('_class_name')}, not an AutoencoderKLWan")
-    cfg = vae_config(hf, **overrides)
+    cfg = vae_config(read_hf_config(folder, "AutoencoderKLWan", "vae"), **overrides)
     model = _abstract_vae(cfg)
     rows, tensors = vae_rows(model), read_tensors(folder)
     _check_names(tensors, [t for t, *_ in rows])

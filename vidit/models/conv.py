@@ -121,6 +121,18 @@ class Norm(nnx.Module):
 
 
 
+@nnx.jit
+def encode_step(model, x, cache):
+    """One jitted chunk of a causal VAE's encoder (`model.encode_stream`)."""
+    return model.encode_stream(x, cache)
+
+
+@nnx.jit
+def decode_step(model, z, cache):
+    """One jitted chunk of a causal VAE's decoder (`model.decode_stream`)."""
+    return model.decode_stream(z, cache)
+
+
 def run_chunked(step, model, x, chunk: int):
     """A causal video model over x [B, T, ...] a chunk at a time: `step(model, piece, cache)
     -> (*outputs, cache)` on [0, 1 + chunk), then `chunk` frames at a time, carrying the cache;

@@ -49,7 +49,7 @@ from flax import nnx
 from vidit import sharding
 from vidit.errors import ConfigError
 from vidit.models import discriminator, layers
-from vidit.models.conv import CausalConv3d, Norm, run_chunked
+from vidit.models.conv import CausalConv3d, Norm, decode_step, encode_step, run_chunked
 
 # Activations [B, T, H, W, C]: only the batch is pinned.
 VIDEO = ("activation_batch", None, None, None, None)
@@ -343,7 +343,7 @@ class VideoVAE(nnx.Module):
         if chunk_frames < st or chunk_frames % st:
             raise ValueError(f"chunk_frames={chunk_frames} must be a positive multiple of the "
                              f"temporal compression {st}")
-        step = _encode_step if jit else (lambda m, a, c: m.encode_stream(a, c))
+        step = encode_step if jit else (lambda m, a, c: m.encode_stream(a, c))
         return run_chunked(step, self, x, chunk_frames)
 
     def decode_chunked(self, z, chunk_latents: int, jit: bool = True):
@@ -352,18 +352,8 @@ class VideoVAE(nnx.Module):
         self._check_latent(z.shape)
         if chunk_latents < 1:
             raise ValueError(f"chunk_latents={chunk_latents} must be positive")
-        step = _decode_step if jit else (lambda m, a, c: m.decode_stream(a, c))
+        step = decode_step if jit else (lambda m, a, c: m.decode_stream(a, c))
         return run_chunked(step, self, z, chunk_latents)[0]
-
-
-@nnx.jit
-def _encode_step(model, x, cache):
-    return model.encode_stream(x, cache)
-
-
-@nnx.jit
-def _decode_step(model, z, cache):
-    return model.decode_stream(z, cache)
 
 
 def build(cfg: Any, seed: int = 0) -> VideoVAE:

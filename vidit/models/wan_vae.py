@@ -40,7 +40,8 @@ from flax import nnx
 from vidit import sharding
 from vidit.errors import ConfigError
 from vidit.models import layers
-from vidit.models.conv import BIAS_NAMES, KERNEL_NAMES, NORM_NAMES, conv3d, run_chunked
+from vidit.models.conv import (BIAS_NAMES, KERNEL_NAMES, NORM_NAMES, conv3d, decode_step,
+                               encode_step, run_chunked)
 
 VIDEO = ("activation_batch", None, None, None, None)
 LOGVAR_RANGE = (-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamps the log-variance
@@ -340,12 +341,12 @@ class WanVAE(nnx.Module):
         st, sh, sw = self.compression
         return (b, 1 + (t - 1) // st, h // sh, w // sw, self.latent_channels)
 
-    def _check_video(self, shape, first=True):
+    def _check_video(self, shape):
         if len(shape) != 5:
             raise ValueError(f"the Wan VAE takes videos [B, T, H, W, C], got {tuple(shape)}")
         b, t, h, w, c = shape
         st, sh, sw = self.compression
-        if (t - 1 if first else t) % st or t < 1:
+        if (t - 1) % st or t < 1:
             raise ValueError(f"the Wan VAE encodes 1 + k*{st} frames (1, {1 + st}, "
                              f"{1 + 2 * st}, ...), got {t}")
         if h % sh or w % sw:
@@ -390,24 +391,14 @@ class WanVAE(nnx.Module):
         st = self.compression[0]
         if chunk_frames < st or chunk_frames % st:
             raise ValueError(f"chunk_frames={chunk_frames} must be a positive multiple of {st}")
-        return run_chunked(_encode_step, self, x, chunk_frames)
+        return run_chunked(encode_step, self, x, chunk_frames)
 
     def decode_chunked(self, z, chunk_latents: int = 1):
         """decode() a chunk at a time: latent frames [0, 1 + chunk_latents), then
         chunk_latents at a time."""
         if chunk_latents < 1:
             raise ValueError(f"chunk_latents={chunk_latents} must be positive")
-        return run_chunked(_decode_step, self, z, chunk_latents)[0]
-
-
-@nnx.jit
-def _encode_step(model, x, cache):
-    return model.encode_stream(x, cache)
-
-
-@nnx.jit
-def _decode_step(model, z, cache):
-    return model.decode_stream(z, cache)
+        return run_chunked(decode_step, self, z, chunk_latents)[0]
 
 
 def build(cfg: Any, seed: int = 0) -> WanVAE:
