@@ -85,6 +85,25 @@ def test_flow_time_sampling_statistics():
     assert abs(np.median(ts) - a / (1 + a)) < 0.01
 
 
+def test_stratified_times_put_one_draw_in_each_quantile_bin():
+    """Stratified: each of the B equal-probability bins of the time distribution gets exactly
+    one of the batch's B times (i.i.d. draws leave bins empty); over batches, the distribution
+    is the unstratified one."""
+    from scipy import stats
+    for sampling, cdf in (("logit_normal", lambda t: stats.norm.cdf((np.log(t / (1 - t)) - 0.3) / 0.8)),
+                          ("uniform", lambda t: t)):
+        obj = FlowObjective(time_sampling=sampling, logit_mean=0.3, logit_std=0.8, stratified=True)
+        draws = [np.asarray(obj.sample_t(jax.random.key(i), 8)) for i in range(400)]
+        for t in draws[:20]:
+            np.testing.assert_array_equal(np.sort(np.floor(cdf(t.astype(np.float64)) * 8)),
+                                          np.arange(8))
+        assert len({tuple(np.argsort(t)) for t in draws[:20]}) > 1  # the bins' order is random
+        all_t = np.concatenate(draws)
+        assert stats.kstest(cdf(all_t.astype(np.float64)), "uniform").pvalue > 1e-3
+    iid = np.asarray(FlowObjective().sample_t(jax.random.key(0), 8))
+    assert len(set(np.floor(stats.norm.cdf(np.log(iid / (1 - iid))) * 8))) < 8
+
+
 def test_flow_loss_at_exact_velocity_is_analytic_minimum():
     obj = FlowObjective()
     shape = (8, 4, 16, 16, 4)

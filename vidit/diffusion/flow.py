@@ -54,6 +54,12 @@ class FlowObjective(Objective):
     time_sampling: str = "logit_normal"  # 'logit_normal' | 'uniform'
     logit_mean: float = 0.0  # logit-normal: t = sigmoid(n), n ~ N(logit_mean, logit_std)
     logit_std: float = 1.0
+    # True: the batch's times are stratified, one draw in each of B equal-probability bins of
+    # the time distribution (in random order), instead of B independent draws. The same
+    # distribution per example, less variance in each batch's mix of noise levels: the
+    # low-discrepancy sampler of Kingma et al. 2021 (Variational Diffusion Models), which
+    # matters most at small batches.
+    stratified: bool = False
     shift: float = 1.0  # a in t' = a t / (1 + (a - 1) t); 1 = no shift
     # The shift is `shift` at config.data's clip size and grows with sqrt(tokens) elsewhere
     # (SD3's resolution-dependent shift, Esser et al. 2024 sec. 5.3.2): a bucket or a sample at
@@ -81,6 +87,13 @@ class FlowObjective(Objective):
 
     def sample_t(self, rng: jax.Array, batch_size: int) -> jax.Array:
         """Training times [B], float32, drawn then shifted."""
+        if self.stratified:
+            bin_rng, order_rng = jax.random.split(rng)
+            u = (jnp.arange(batch_size) + jax.random.uniform(bin_rng, (batch_size,))) / batch_size
+            u = jax.random.permutation(order_rng, jnp.clip(u, 1e-7, 1.0 - 1e-7))
+            if self.time_sampling == "logit_normal":  # the inverse CDF of each u
+                u = jax.nn.sigmoid(self.logit_mean + self.logit_std * jax.scipy.special.ndtri(u))
+            return shift_time(u, self.shift).astype(jnp.float32)
         if self.time_sampling == "logit_normal":
             n = self.logit_mean + self.logit_std * jax.random.normal(rng, (batch_size,))
             t = jax.nn.sigmoid(n)
