@@ -7,8 +7,10 @@ source scripts/venv.sh  # the project's .venv (created on the first run), or $VI
 "$PYTHON" -m pip install --quiet --disable-pip-version-check -e ".[test,video,tpu]"
 export JAX_PLATFORMS=cpu
 # Two worker processes (pytest-xdist), whole files per worker so module-level compile caches
-# are shared (about 1.7x faster than one process on 2 cores). VIDIT_TEST_WORKERS=0 runs in
+# are shared (about 1.7x faster than one process on 2 cores), the longest files first
+# (tests/conftest.py: LONGEST_FILES). VIDIT_TEST_WORKERS=0 runs in
 # this process; a later -n in "$@" overrides too. A worker that dies (a native crash) fails the
 # run at once and names its test: pytest-xdist can wait forever for a replacement worker under
 # --dist loadfile (pytest-dev/pytest-xdist#784).
-"$PYTHON" -m pytest tests -n "${VIDIT_TEST_WORKERS:-2}" --dist loadfile --max-worker-restart=0 "$@"
+"$PYTHON" -m pytest tests -n "${VIDIT_TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder \
+    --max-worker-restart=0 "$@"

@@ -26,6 +26,20 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: end-to-end runs (minutes); skip locally with -m 'not slow'")
 
 
+# The files that take longest (minutes each on 2 cores, mostly compiling end-to-end runs),
+# longest first. scripts/test.sh hands whole files to 2 workers in collection order
+# (--dist loadfile --no-loadscope-reorder), so starting these first keeps one long file from
+# running alone at the end while the other worker idles.
+LONGEST_FILES = ("test_train.py", "test_latent.py", "test_preemption.py", "test_multihost.py",
+                 "test_wan.py", "test_cloud.py", "test_compile.py", "test_buckets.py",
+                 "test_text_conditioning.py", "test_sweep.py", "test_hlo_cost.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: keeps test order
+
+
 @pytest.fixture(scope="session")
 def devices():
     assert jax.device_count() == 8, "tests expect 8 simulated CPU devices"
