@@ -4,8 +4,8 @@
 
 The moving_digits recipe (4 x 128 DiT, batch 8) on 4-frame clips instead of 8: 128 tokens per
 clip, so a step costs about half as much; digit shapes need more updates, not longer clips.
-Twice moving_digits' learning rate, stratified training times and guidance 5: 94.5% class
-accuracy over three training seeds (93.6-95.2%) after 4800 steps, about 6 minutes of training
+Twice moving_digits' learning rate, stratified training times and guidance 5: 94.3% class
+accuracy over four training seeds (93.6-95.2%) after 4800 steps, about 6 minutes of training
 on 2 CPU cores. Samples (one per digit 0-9) land in
 runs/quickstart/samples/. Its time and sample quality: docs/quickstart.
 
