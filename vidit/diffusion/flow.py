@@ -42,6 +42,13 @@ def shift_for_tokens(num_tokens: int, reference_tokens: int,
     return a
 
 
+def _stratified_uniforms(rng: jax.Array, n: int) -> jax.Array:
+    """[n] uniforms, one in each of [i/n, (i+1)/n), in random order (kept off 0 and 1)."""
+    bin_rng, order_rng = jax.random.split(rng)
+    u = (jnp.arange(n) + jax.random.uniform(bin_rng, (n,))) / n
+    return jax.random.permutation(order_rng, jnp.clip(u, 1e-7, 1.0 - 1e-7))
+
+
 def _expand(t: jax.Array, x: jax.Array) -> jax.Array:
     """[B] -> [B, 1, ..., 1] so per-example times broadcast against x."""
     return jnp.asarray(t, jnp.float32).reshape((-1,) + (1,) * (x.ndim - 1))
@@ -86,19 +93,15 @@ class FlowObjective(Objective):
             self, shift=self.shift * shift_for_tokens(tokens, reference_tokens))
 
     def sample_t(self, rng: jax.Array, batch_size: int) -> jax.Array:
-        """Training times [B], float32, drawn then shifted."""
-        if self.stratified:
-            bin_rng, order_rng = jax.random.split(rng)
-            u = (jnp.arange(batch_size) + jax.random.uniform(bin_rng, (batch_size,))) / batch_size
-            u = jax.random.permutation(order_rng, jnp.clip(u, 1e-7, 1.0 - 1e-7))
-            if self.time_sampling == "logit_normal":  # the inverse CDF of each u
-                u = jax.nn.sigmoid(self.logit_mean + self.logit_std * jax.scipy.special.ndtri(u))
-            return shift_time(u, self.shift).astype(jnp.float32)
+        """Training times [B], float32, drawn (independently or stratified) then shifted."""
         if self.time_sampling == "logit_normal":
-            n = self.logit_mean + self.logit_std * jax.random.normal(rng, (batch_size,))
-            t = jax.nn.sigmoid(n)
+            # Stratified: through the normal's inverse CDF, so each bin of u is a bin of t.
+            n = (jax.scipy.special.ndtri(_stratified_uniforms(rng, batch_size)) if self.stratified
+                 else jax.random.normal(rng, (batch_size,)))
+            t = jax.nn.sigmoid(self.logit_mean + self.logit_std * n)
         else:
-            t = jax.random.uniform(rng, (batch_size,))
+            t = (_stratified_uniforms(rng, batch_size) if self.stratified
+                 else jax.random.uniform(rng, (batch_size,)))
         return shift_time(t, self.shift).astype(jnp.float32)
 
     def corrupt(self, x0: jax.Array, noise: jax.Array, t: jax.Array):
