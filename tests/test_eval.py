@@ -234,3 +234,23 @@ def test_frame_agreement_counts_frames_that_keep_their_videos_class():
     assert metrics.frame_agreement(frames, np.array([3, 5, 7])) == pytest.approx(9 / 12)
     with pytest.raises(ValueError, match="do not match"):
         metrics.frame_agreement(frames, np.array([3, 5]))
+
+
+def test_per_class_accuracy_and_top_confusions_name_the_failing_digits():
+    labels = np.array([0, 0, 1, 1, 1, 1, 2, 2, 4, 4])
+    pred = np.array([0, 0, 7, 7, 1, 7, 2, 5, 9, 9])
+    assert metrics.per_class_accuracy(pred, labels, 5) == [1.0, 0.25, 0.5, None, 0.0]
+    # 1 -> 7 three times, then 4 -> 9 twice, then 2 -> 5 once
+    assert metrics.top_confusions(pred, labels) == [(1, 7, 3), (4, 9, 2), (2, 5, 1)]
+    assert metrics.top_confusions(pred, labels, top=1) == [(1, 7, 3)]
+    assert metrics.top_confusions(labels, labels) == []
+    report = {"workdir": "w", "checkpoint_step": 1, "num": 10, "guidance": 5.0, "results": [{
+        "steps": 50, "condition": "labels", "class_accuracy": 0.5, "frame_agreement": 0.9,
+        "frechet_distance": 1.0, "frechet_distance_temporal": 1.0, "precision": 0.5,
+        "recall": 0.5, "samples_per_s": 1.0,
+        "class_accuracy_by_class": metrics.per_class_accuracy(pred, labels, 5),
+        "top_confusions": metrics.top_confusions(pred, labels)}]}
+    from vidit import evaluate
+    text = evaluate.markdown(report)
+    assert "1: 25%" in text and "3:" not in text.split("by class")[1].split(";")[0]
+    assert "1 as 7 (3)" in text

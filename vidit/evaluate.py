@@ -164,6 +164,10 @@ def evaluate(path: str, *, step_counts, num: int, guidance: float | None = None,
             "class_accuracy": metrics.class_accuracy(pred, labels),
             # does a sample keep its digit from frame to frame?
             "frame_agreement": metrics.frame_agreement(logits.argmax(axis=-1), pred),
+            # which classes fail, and as what: [(label, predicted, count)]
+            "class_accuracy_by_class": metrics.per_class_accuracy(
+                pred, labels, config.model.num_classes),
+            "top_confusions": metrics.top_confusions(pred, labels),
             "frechet_distance": metrics.frechet_distance(real_mean, frames.mean(axis=1)),
             "frechet_distance_temporal": metrics.frechet_distance(real_temporal,
                                                                   temporal_features(frames)),
@@ -187,6 +191,13 @@ def markdown(report: dict) -> str:
                      f" | {r['frame_agreement']:.3f} | {r['frechet_distance']:.2f} | "
                      f"{r['frechet_distance_temporal']:.2f} | {r['precision']:.3f} | "
                      f"{r['recall']:.3f} | {r['samples_per_s']:.2f} |")
+    for r in report["results"]:
+        if r.get("class_accuracy_by_class"):
+            by_class = ", ".join(f"{k}: {a:.0%}" for k, a in enumerate(r["class_accuracy_by_class"])
+                                 if a is not None)
+            confusions = ", ".join(f"{a} as {b} ({n})" for a, b, n in r.get("top_confusions", []))
+            lines += ["", f"{r['steps']} steps, {r.get('condition', 'labels')}: accuracy by class "
+                      f"{by_class}; most frequent mistakes: {confusions or 'none'}"]
     return "\n".join(lines) + "\n"
 
 

@@ -27,6 +27,26 @@ def class_accuracy(pred: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(pred == labels))
 
 
+def per_class_accuracy(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> list:
+    """Class accuracy of each class k's samples (None for a class with no samples): which
+    digits a model gets wrong, where the overall accuracy only says how many."""
+    pred, labels = np.asarray(pred), np.asarray(labels)
+    if pred.shape != labels.shape:
+        raise ValueError(f"pred {pred.shape} and labels {labels.shape} differ in shape")
+    return [float(np.mean(pred[labels == k] == k)) if np.any(labels == k) else None
+            for k in range(num_classes)]
+
+
+def top_confusions(pred: np.ndarray, labels: np.ndarray, top: int = 5) -> list:
+    """The `top` most frequent (label, predicted, count) mistakes, most frequent first."""
+    pred, labels = np.asarray(pred), np.asarray(labels)
+    wrong = pred != labels
+    pairs, counts = np.unique(np.stack([labels[wrong], pred[wrong]], axis=1), axis=0,
+                              return_counts=True)
+    order = np.lexsort((pairs[:, 1], pairs[:, 0], -counts))[:top]  # ties: by label, then pred
+    return [(int(pairs[i, 0]), int(pairs[i, 1]), int(counts[i])) for i in order]
+
+
 def frame_agreement(frame_pred: np.ndarray, video_pred: np.ndarray) -> float:
     """Share of frames [N, T] classified as their video's class [N]: 1.0 when every sample
     keeps one digit identity across its frames (a temporal consistency check)."""
