@@ -121,7 +121,7 @@ def main():
     jax.block_until_ready(m)
 
     if args.profile:
-        jax.profiler.start_trace(args.profile)
+        jax.profiler.start_trace(args.profile, create_perfetto_trace=True)
     times, peaks, rounds = [], [], []
     for _ in range(args.alternations):
         these = []
