@@ -12,10 +12,13 @@ def test_summary_names_samples_scores_and_next_commands(tmp_path):
     (tmp_path / "eval_quick").mkdir()
     (tmp_path / "eval_quick" / "eval.json").write_text(json.dumps({
         "num": 100, "guidance": 3.0, "classifier_steps": 600,
-        "results": [{"steps": 50, "class_accuracy": 0.93, "frame_agreement": 0.981}]}))
+        "results": [{"steps": 50, "class_accuracy": 0.93, "frame_agreement": 0.981,
+                     "class_accuracy_by_class": [1.0, 1.0, 0.8, 1.0, 0.9, 1.0, 1.0, 1.0, 1.0, 0.6],
+                     "top_confusions": [[9, 3, 4], [2, 5, 2], [4, 9, 1]]}]}))
     text = quickstart_summary.summary(str(tmp_path), started=None)
     assert "step_0004800.gif" in text and "step_0004800.mp4" in text
     assert "class accuracy 93%" in text and "frame agreement 98%" in text
+    assert "weakest digit: 9 (60%)" in text and "9 as 3 (4), 2 as 5 (2), 4 as 9 (1)" in text
     assert "vidit.sample" in text and "vidit.export" in text and "text_digits.py" in text
 
 

@@ -31,6 +31,13 @@ def summary(workdir: str, started: float | None = None) -> str:
             f"{r['guidance']:g}): class accuracy {row['class_accuracy']:.0%}, frame agreement "
             f"{row['frame_agreement']:.0%} (a frame classifier trained for "
             f"{r.get('classifier_steps', '?')} steps; docs/quickstart has the full numbers)")
+        by_class = [(a, k) for k, a in enumerate(row.get("class_accuracy_by_class") or [])
+                    if a is not None]
+        if by_class and min(by_class)[0] < 1.0:
+            a, k = min(by_class)
+            mistakes = [f"{label} as {pred} ({n})" for label, pred, n in row.get("top_confusions", [])]
+            lines.append(f"  weakest digit: {k} ({a:.0%}); most frequent mistakes: "
+                         + ", ".join(mistakes[:3]))
     lines += [
         "next:",
         f"  python -m vidit.sample --workdir {workdir} --label 7 --num 4 --out seven.gif",
