@@ -6,7 +6,8 @@
 
 For each step count (and for a text-conditional moving-digits run, for captions in the
 dataset's own phrasing and for paraphrases never seen in training): class accuracy of the samples
-under the project's frame classifier (trained on the same data, cached), frame agreement (the
+under the project's frame classifier (trained on the same data, cached), overall and by class
+with the most frequent mistakes (label drawn as another class), frame agreement (the
 share of frames classified as their sample's class: does a digit keep its identity over time),
 Frechet distance to validation clips in that classifier's feature space (per-frame features
 averaged over time, and a temporal variant that adds the mean frame-to-frame feature change),
