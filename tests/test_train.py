@@ -412,6 +412,36 @@ def test_gradient_accumulation_averages_micro_batches(data_dir):
     np.testing.assert_allclose(float(metrics["loss"]), np.mean(halves), rtol=1e-5)
 
 
+def test_power_ema_weights_each_step_by_its_power():
+    """ema_power p: after N steps the EMA is sum_k k^p theta_k / sum_k k^p (EDM2's power EMA),
+    whatever N; p = 0 keeps the (1 + s) / (10 + s) warmup; ema_decay caps both."""
+    from vidit.train_state import ema_decay_at, ema_update
+    p, n = 16.0, 400
+    theta = np.random.default_rng(0).normal(size=n + 1)  # theta[k]: the weights after step k
+    ema = np.float32(theta[0])
+    for s in range(n):
+        ema = ema_update(ema, np.float32(theta[s + 1]), 1.0, s, p)
+    k = np.arange(1, n + 1, dtype=np.float64)
+    np.testing.assert_allclose(float(ema), (k ** p * theta[1:]).sum() / (k ** p).sum(),
+                               rtol=0.02)
+    np.testing.assert_allclose([float(ema_decay_at(s, 0.999)) for s in (0, 90)], [0.1, 0.91])
+    assert float(ema_decay_at(10 ** 6, 0.999, p)) == np.float32(0.999)
+
+
+def test_config_ema_power_reaches_the_train_step(data_dir):
+    """A power EMA starts at the weights themselves (decay 0 at step 0); the warmup does not."""
+    mesh = sharding.make_mesh(dict(fsdp=1), jax.devices()[:1])
+    for power, same in ((16.0, True), (0.0, False)):
+        c = smoke_config(data_dir, ema_power=power)
+        setup = Setup(c, mesh)
+        step = jax.jit(functools.partial(steps.train_step, setup,
+                                         diffusion.make_objective(c.objective)))
+        state, _ = step(setup.init(), first_batch(c))
+        gap = max(float(np.abs(np.asarray(e) - np.asarray(q)).max())
+                  for e, q in zip(jax.tree.leaves(state.ema_params), jax.tree.leaves(state.params)))
+        assert (gap == 0.0) == same, (power, gap)
+
+
 def test_evaluate_reports_every_step_count(data_dir, tmp_path, monkeypatch):
     """vidit.evaluate end to end on a smoke run (an untrained classifier stands in: fast)."""
     from flax import nnx

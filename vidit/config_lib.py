@@ -125,10 +125,14 @@ def base_config() -> ml_collections.ConfigDict:
         clip_norm=1.0,
         grad_accum=1,
     )
-    # The EMA's decay is min(ema_decay, (1 + step) / (10 + step)) (train_state.ema_update): its
-    # warmup keeps the average over roughly the last tenth of training, so 0.999 only takes
-    # over after ~9000 steps and any ema_decay >= 0.998 is the same for a 4800-step run.
+    # The EMA's decay is min(ema_decay, warmup) (train_state.ema_decay_at). ema_power 0: the
+    # warmup (1 + step) / (10 + step) keeps the average over roughly the last tenth of training,
+    # so 0.999 only takes over after ~9000 steps and any ema_decay >= 0.998 is the same for a
+    # 4800-step run. ema_power p > 0: EDM2's power-function EMA, (1 - 1/(step + 1))^(p + 1),
+    # a fixed share of the run at any length (its mean age is steps / (p + 2): p = 8 is about
+    # the warmup's average, p = 16 half as long).
     c.ema_decay = 0.999
+    c.ema_power = 0.0
 
     c.train = dict(
         steps=1000,

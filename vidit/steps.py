@@ -153,7 +153,8 @@ def train_step(setup: Setup, objective: Any, state: TrainState, batch: dict,
     updates, opt_state = setup.tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new = TrainState(step=state.step + 1, params=params,
-                     ema_params=ema_update(state.ema_params, params, config.ema_decay, state.step),
+                     ema_params=ema_update(state.ema_params, params, config.ema_decay, state.step,
+                                            config.get("ema_power", 0.0)),
                      opt_state=opt_state, rng=state.rng)
     # A non-finite loss, gradient or updated weight never reaches the state: the update is
     # dropped (the host then skips on, or stops, as config.train.nonfinite says).
