@@ -42,6 +42,13 @@ def get_config(arg=None):
     c.data.autoencoder = arg.autoencoder
     c.model.channels = 8  # the autoencoder's latent_channels (checked at start-up)
     c.model.patch = (1, 2, 2)  # latent 3 x 8 x 8 -> 48 tokens
+    # The quickstart's recipe: lr 2e-3, stratified training times, guidance 5. Against
+    # moving_digits' lr 1e-3, independent times and guidance 3: class accuracy 96.4% against
+    # 86.6%, and a digit keeps its class in 79% of its 9 frames against 62% (500 samples;
+    # the VAE's own reconstructions keep it in 96%). docs/latent.
+    c.optim.lr = 2e-3
+    c.objective.stratified = True
+    c.sample.guidance = 5.0
     if arg.shapes == "mixed":
         c.data.buckets = LATENT_BUCKETS
     if arg.latents == "cached":
