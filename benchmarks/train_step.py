@@ -5,6 +5,8 @@
     python benchmarks/train_step.py --config configs/moving_digits.py
     python benchmarks/train_step.py --depth 6 --width 384 --heads 6 --mlp 1536 --cond text \
         --text_tokens 16 --text_width 4096   # cross-attention to cached T5-width embeddings
+    python benchmarks/train_step.py --model wan --depth 6 --width 384 --heads 6 --mlp 1536 \
+        --batch 1   # Wan 2.1's block (vidit/models/wan.py) at those sizes
 
 MFU = model FLOPs per second / the measured rate of a large f32 matmul on the same machine in
 the same run (there is no datasheet peak for a CPU). FLOPs count 2 per multiply-accumulate.
@@ -54,9 +56,18 @@ def benchmark_config(args):
                 c.model[key] = getattr(args, key)
         if args.mlp:
             c.model.mlp_ratio = args.mlp / c.model.width
-        if args.cond == "text":  # cached embeddings of a frozen encoder, projected in the DiT
+        if args.cond == "text" or args.model == "wan":  # cached embeddings of a frozen
+            c.model.cond = "text"                            # encoder, projected in the DiT
             c.model.text_encoder.kind = "t5"
-            c.model.text_len, c.model.text_width = args.text_tokens, args.text_width
+            c.model.text_len = c.data.text_len = args.text_tokens
+            c.model.text_width = args.text_width
+        if args.model == "wan":  # Wan 2.1's block at these sizes (the torch reference's model)
+            from vidit.models import wan
+            c.model.update({**wan.COMMON, "channels": args.channels,
+                            "patch": c.model.patch, "text_len": args.text_tokens,
+                            "text_width": args.text_width})
+            c.model.ffn_dim = int(c.model.width * c.model.mlp_ratio)
+            c.model.size = "custom"
     for key in ("attention", "dtype", "remat"):
         if getattr(args, key):
             c.model[key] = getattr(args, key)
@@ -66,9 +77,11 @@ def benchmark_config(args):
     return c
 
 
-def main():
+def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config", default="", help="config file[:variant]; overrides the size flags")
+    p.add_argument("--model", default="dit", choices=["dit", "wan"],
+                   help="vidit's DiT, or Wan 2.1's block (implies text conditioning)")
     p.add_argument("--size", default="S")
     p.add_argument("--frames", type=int, default=4)
     p.add_argument("--res", type=int, default=32)
@@ -90,71 +103,113 @@ def main():
     p.add_argument("--alternations", type=int, default=5,
                    help="rounds of (timed steps, matmul probe); MFU is their median")
     p.add_argument("--profile", default="", help="write a JAX profiler trace to this folder")
-    args = p.parse_args()
+    p.add_argument("--compiler_option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an XLA option for this step's compile (repeatable), e.g. "
+                        "xla_cpu_use_onednn=true")
+    return p
 
-    c = benchmark_config(args)
-    mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])
-    setup = Setup(c, mesh)
-    objective = diffusion.make_objective(c.objective)
-    state = setup.init()
-    rng = np.random.default_rng(0)
-    d = c.data
-    batch, frozen = {}, {}
-    for key, spec in batches.abstract_batch(c, mesh).items():
-        if spec.dtype == jnp.bool_:
-            batch[key] = jnp.ones(spec.shape, bool)
-        elif key == "label":
-            batch[key] = jnp.asarray(rng.integers(0, 10, spec.shape).astype(np.int32))
-        elif key == "text":
-            batch[key] = jnp.ones(spec.shape, jnp.int32)
-        else:
-            batch[key] = jnp.asarray(rng.uniform(-1, 1, spec.shape).astype(np.float32))
-    if "text_embedding" in batch:  # the empty caption's embedding, for guidance dropout
-        frozen["null_text"] = {"text_embedding": batch["text_embedding"][:1],
-                               "text_mask": batch["text_mask"][:1]}
-    step = steps.jit_train_step(setup, objective)
-    t0 = time.perf_counter()
-    with sharding.use(mesh, c.sharding_rules):
-        compiled = step.lower(state, batch, frozen).compile()
-    compile_s = time.perf_counter() - t0
-    state, m = compiled(state, batch, frozen)  # warm-up
-    jax.block_until_ready(m)
 
+def compiler_options(pairs: list[str]) -> dict:
+    """KEY=VALUE strings -> the compiler_options dict of jax's .compile()."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--compiler_option {pair!r}: expected KEY=VALUE")
+        out[key] = {"true": True, "false": False}.get(value.lower(), value)
+    return out
+
+
+class Bench:
+    """A compiled train step of the benchmark's config with its state and a fixed batch."""
+
+    def __init__(self, args):
+        self.args = args
+        c = self.config = benchmark_config(args)
+        mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])
+        self.setup = Setup(c, mesh)
+        objective = diffusion.make_objective(c.objective)
+        self.state = self.setup.init()
+        rng = np.random.default_rng(0)
+        batch, frozen = {}, {}
+        for key, spec in batches.abstract_batch(c, mesh).items():
+            if spec.dtype == jnp.bool_:
+                batch[key] = jnp.ones(spec.shape, bool)
+            elif key == "label":
+                batch[key] = jnp.asarray(rng.integers(0, 10, spec.shape).astype(np.int32))
+            elif key == "text":
+                batch[key] = jnp.ones(spec.shape, jnp.int32)
+            else:
+                batch[key] = jnp.asarray(rng.uniform(-1, 1, spec.shape).astype(np.float32))
+        if "text_embedding" in batch:  # the empty caption's embedding, for guidance dropout
+            frozen["null_text"] = {"text_embedding": batch["text_embedding"][:1],
+                                   "text_mask": batch["text_mask"][:1]}
+        self.batch, self.frozen = batch, frozen
+        step = steps.jit_train_step(self.setup, objective)
+        t0 = time.perf_counter()
+        with sharding.use(mesh, c.sharding_rules):
+            self.compiled = step.lower(self.state, batch, frozen).compile(
+                compiler_options(args.compiler_option) or None)
+        self.compile_s = time.perf_counter() - t0
+        self.steps(1)  # warm-up
+        d = c.data
+        self.forward = flops.forward_flops(c.model, d.num_frames, d.height, d.width)
+        self.step_flops = flops.train_flops_per_step(c.model, d)
+
+    def steps(self, n: int) -> list[float]:
+        """Run n steps; their wall times in seconds."""
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            self.state, self.metrics = self.compiled(self.state, self.batch, self.frozen)
+            jax.block_until_ready(self.metrics)
+            times.append(time.perf_counter() - t0)
+        return times
+
+    def describe(self) -> dict:
+        c, d = self.config, self.config.data
+        mlp = c.model.get("ffn_dim") or int(c.model.width * c.model.mlp_ratio)
+        return {
+            "model": {"kind": c.model.get("kind", "dit"), "size": c.model.get("size"),
+                      "depth": c.model.depth, "width": c.model.width, "heads": c.model.heads,
+                      "mlp": mlp, "params": self.setup.num_params(),
+                      "patch": list(c.model.patch), "attention": c.model.attention,
+                      "dtype": c.model.dtype, "remat": c.model.remat},
+            "input": [d.batch_size, d.num_frames, d.height, d.width, d.channels],
+            "tokens_per_sample": self.forward["tokens"],
+            "flops_convention": "FLOPs (2 per multiply-accumulate); train = 3 x forward",
+            "model_flops_per_step": self.step_flops,
+            "attention_flops_fraction": self.forward["attention"] / self.forward["total"],
+            "compile_s": round(self.compile_s, 2),
+            "compiler_options": compiler_options(self.args.compiler_option),
+            "cond": c.model.cond,
+            "text_tokens": c.model.text_len if c.model.cond == "text" else 0,
+        }
+
+
+def main():
+    args = parser().parse_args()
+    bench = Bench(args)
     if args.profile:
         jax.profiler.start_trace(args.profile, create_perfetto_trace=True)
     times, peaks, rounds = [], [], []
     for _ in range(args.alternations):
-        these = []
-        for _ in range(args.steps):
-            t0 = time.perf_counter()
-            state, m = compiled(state, batch, frozen)
-            jax.block_until_ready(m)
-            these.append(time.perf_counter() - t0)
+        these = bench.steps(args.steps)
         peaks.append(metrics.measure_matmul_peak())
         times += these
         rounds.append((float(np.median(these)), peaks[-1]))
     if args.profile:
         jax.profiler.stop_trace()
 
-    f = flops.forward_flops(c.model, d.num_frames, d.height, d.width)
-    step_flops = flops.train_flops_per_step(c.model, d)
+    step_flops = bench.step_flops
     step_time = float(np.median(times))
     mfus = [step_flops / t / pk for t, pk in rounds]
+    d = bench.config.data
     result = {
-        "model": {"size": c.model.get("size"), "depth": c.model.depth, "width": c.model.width,
-                  "heads": c.model.heads, "mlp": int(c.model.width * c.model.mlp_ratio),
-                  "params": setup.num_params(),
-                  "patch": list(c.model.patch), "attention": c.model.attention,
-                  "dtype": c.model.dtype, "remat": c.model.remat},
-        "input": [d.batch_size, d.num_frames, d.height, d.width, d.channels],
-        "tokens_per_sample": f["tokens"],
-        "flops_convention": "FLOPs (2 per multiply-accumulate); train = 3 x forward",
-        "model_flops_per_step": step_flops,
-        "attention_flops_fraction": f["attention"] / f["total"],
-        "compile_s": round(compile_s, 2),
+        **bench.describe(),
         "step_time_s": step_time,
         "step_times_s": [round(t, 4) for t in times],
-        "tokens_per_s": f["tokens"] * d.batch_size / step_time,
+        "tokens_per_s": bench.forward["tokens"] * d.batch_size / step_time,
         "model_flops_per_s": step_flops / step_time,
         "matmul_peak_flops_per_s": float(np.median(peaks)),
         "matmul_peaks_flops_per_s": peaks,
@@ -162,8 +217,7 @@ def main():
         "mfu": float(np.median(mfus)),
         "mfu_per_alternation": [round(x, 4) for x in mfus],
         "mfu_spread": [round(min(mfus), 4), round(max(mfus), 4)],
-        "cond": c.model.cond, "text_tokens": c.model.text_len if c.model.cond == "text" else 0,
-        "loss_finite": bool(m["finite"]),
+        "loss_finite": bool(bench.metrics["finite"]),
         "devices": str(jax.devices()[0].platform),
     }
     print(json.dumps(result, indent=2))

@@ -9,6 +9,7 @@ import copy
 import json
 import os
 import shutil
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +18,7 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file
 
-from vidit import wan_weights
+from vidit import flops, wan_weights
 from vidit.errors import ConfigError, LoadError
 from vidit.models import wan
 
@@ -106,7 +107,7 @@ def test_loads_from_a_bucket(bucket_dir):
 
 def test_parameter_and_flop_counts_match_the_model():
     import jax
-    from vidit import flops, hlo_cost  # noqa: F401
+    from vidit import hlo_cost  # noqa: F401
     from vidit.train_state import build_model
     cfg, params = wan_weights.load_transformer(FOLDER)
     cfg.text_len = 5
@@ -260,3 +261,25 @@ def test_start_up_checks_refuse_a_wan_without_frozen_text_or_flow():
     c.objective = diffusion.default_config("vp")
     with pytest.raises(ConfigError, match="'vp' is not 'flow'"):
         checks.validate(c, mesh, text_width=384)
+
+
+def test_the_speed_benchmark_builds_wan_at_the_sizes_it_is_given():
+    """benchmarks/train_step.py --model wan (the vidit side of versus_torch.py) trains Wan's block
+    at the requested sizes: the parameters the analytic count predicts, a finite loss."""
+    bench_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                             "benchmarks")
+    sys.path.insert(0, bench_dir)
+    try:
+        import train_step
+    finally:
+        sys.path.remove(bench_dir)
+    args = train_step.parser().parse_args(
+        ["--model", "wan", "--depth", "1", "--width", "24", "--heads", "2", "--mlp", "40",
+         "--batch", "1", "--res", "8", "--text_tokens", "3", "--text_width", "16"])
+    bench = train_step.Bench(args)
+    described = bench.describe()
+    assert described["model"]["kind"] == "wan" and described["model"]["mlp"] == 40
+    assert described["model"]["params"] == flops.count_params(bench.config.model)
+    assert described["text_tokens"] == 3
+    assert bool(bench.metrics["finite"])
+    assert len(bench.steps(2)) == 2
