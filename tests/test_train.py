@@ -442,6 +442,53 @@ def test_config_ema_power_reaches_the_train_step(data_dir):
         assert (gap == 0.0) == same, (power, gap)
 
 
+@pytest.mark.parametrize("scan", [False, True])
+def test_muon_orthogonalises_the_block_matrices_and_adams_the_rest(data_dir, scan):
+    """optim.name='muon': the first update of a block's weight matrix is lr * 0.2 *
+    sqrt(max(fan_in, fan_out)) times a near-orthogonal matrix (Muon's 5 Newton-Schulz steps put
+    the singular values in about [0.7, 1.2], the smallest of a square matrix lower; a stacked
+    projection such as qkv's q, k, v each on its own), where the gradient's own singular values
+    spread widely; the patch embedding takes AdamW's first step; the train step runs."""
+    from vidit.train_state import MUON_RMS
+    c = smoke_config(data_dir, **{"optim.name": "muon", "optim.warmup_steps": 0,
+                                  "optim.schedule": "constant", "optim.lr": 1e-2,
+                                  "optim.clip_norm": 0.0, "model.scan_layers": scan})
+    mesh = sharding.make_mesh(dict(fsdp=1), jax.devices()[:1])
+    setup = Setup(c, mesh)
+    state = setup.init()
+    grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(p.size % 97), p.shape),
+                         state.params)
+    updates, _ = setup.tx.update(grads, setup.tx.init(state.params), state.params)
+    qkv = np.asarray(updates["blocks"]["attn"]["qkv"]["kernel"] if scan else
+                     updates["blocks"][0]["attn"]["qkv"]["kernel"])
+    if scan:
+        qkv = qkv[0]
+    width = qkv.shape[0]
+    for i in range(3):  # q, k and v: each [width, heads * head_dim] on its own
+        m = qkv[:, i].reshape(width, -1)
+        scale = 1e-2 * MUON_RMS * np.sqrt(max(m.shape))
+        sv = np.linalg.svd(m / scale, compute_uv=False)
+        assert sv.max() < 1.3 and np.mean((sv > 0.6) & (sv < 1.3)) >= 0.9, sv
+        g = np.asarray(grads["blocks"]["attn"]["qkv"]["kernel"][0] if scan else
+                       grads["blocks"][0]["attn"]["qkv"]["kernel"])[:, i].reshape(width, -1)
+        g_sv = np.linalg.svd(g, compute_uv=False)
+        assert np.mean((g_sv / np.median(g_sv) > 0.6) & (g_sv / np.median(g_sv) < 1.3)) < 0.6
+    # Nesterov AdamW's first step: |update| = lr * (1 + b1 / (1 + b1)) on every entry.
+    patch = np.asarray(updates["patch_embed"]["kernel"])
+    np.testing.assert_allclose(np.abs(patch), 1e-2 * (1 + 0.9 / 1.9), rtol=1e-3)
+    assert setup.tx.init(state.params) is not None
+    step = jax.jit(functools.partial(steps.train_step, setup,
+                                     diffusion.make_objective(c.objective)))
+    state, m = step(state, first_batch(c))
+    assert bool(m["finite"])
+
+
+def test_muon_refuses_what_it_cannot_train(data_dir):
+    c = smoke_config(data_dir, **{"optim.name": "lion"})
+    with pytest.raises(ConfigError, match="config.optim.name='lion'"):
+        Setup(c, sharding.make_mesh(dict(fsdp=1), jax.devices()[:1]))
+
+
 def test_evaluate_reports_every_step_count(data_dir, tmp_path, monkeypatch):
     """vidit.evaluate end to end on a smoke run (an untrained classifier stands in: fast)."""
     from flax import nnx

@@ -114,6 +114,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.objective = diffusion.default_config("flow")
 
     c.optim = dict(
+        # adamw, or muon: Muon (Jordan et al. 2024; optax.contrib.muon) on the blocks' weight
+        # matrices, its updates scaled to AdamW's RMS so lr carries over; AdamW on the rest.
+        name="adamw",
+        muon_beta=0.95,  # Muon's momentum
         lr=1e-4,
         schedule="cosine",  # cosine | constant (both after linear warmup)
         warmup_steps=100,

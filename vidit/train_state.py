@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 
 from vidit import sharding
 from vidit.errors import ConfigError
-from vidit.models import dit, lora, mup
+from vidit.models import dit, layers, lora, mup
 
 
 def build_model(model_cfg: Any, seed: int) -> nnx.Module:
@@ -71,14 +71,59 @@ def decay_mask(params: Any) -> Any:
         lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
 
 
+OPTIMIZERS = ("adamw", "muon")
+# Muon's updates are scaled to an RMS of 0.2, about AdamW's (Liu et al. 2025, "Muon is Scalable
+# for LLM Training"), so a learning rate tuned for AdamW carries over.
+MUON_RMS = 0.2
+
+
+def muon_axes(model: nnx.Module, names: Any) -> Any:
+    """Muon's matrix view of each parameter (a pure dict like the params): for every Dense
+    kernel inside the transformer blocks, its input axes (reduction) and output axes; None
+    (AdamW) for the rest - embeddings, the patch, time and output projections, norms, biases.
+    Axes named None (qkv's 3, adaLN's 6 stacked projections) and a scan's 'layers' axis are
+    batch axes: each projection is orthogonalised on its own."""
+    axes = jax.tree.map(lambda _: None, names, is_leaf=lambda x: isinstance(x, tuple))
+    for path, node in nnx.iter_graph(model):
+        if not (isinstance(node, layers.Dense) and path[:1] == ("blocks",)):
+            continue
+        keys = list(path)
+        parent = axes
+        for k in keys:
+            parent = parent[k]
+        n = names
+        for k in keys + ["kernel"]:
+            n = n[k]
+        start = 1 if n[0] == "layers" else 0
+        reduction = tuple(range(start, start + node.num_in))
+        output = tuple(i for i in range(start + node.num_in, len(n)) if n[i] is not None)
+        parent["kernel"] = optax.contrib.MuonDimensionNumbers(reduction, output)
+    return axes
+
+
 def make_optimizer(optim: Any, schedule: optax.Schedule, params: Any,
-                   lr_multipliers: Any = None, trainable: Any = None) -> optax.GradientTransformation:
-    """Clipped AdamW; with per-parameter learning-rate factors (muP, vidit/models/mup.py), each
-    parameter's update is scaled by its factor; with a `trainable` mask (LoRA), only the True
-    parameters are clipped, updated and given optimizer state."""
-    tx = [optax.clip_by_global_norm(optim.clip_norm) if optim.clip_norm else optax.identity(),
-          optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
-                      weight_decay=optim.weight_decay, mask=decay_mask(params))]
+                   lr_multipliers: Any = None, trainable: Any = None,
+                   matrix_axes: Any = None) -> optax.GradientTransformation:
+    """Clipped AdamW, or with optim.name = 'muon' clipped Muon on the matrices `matrix_axes`
+    names (muon_axes) and AdamW with Nesterov momentum (optax's Muon) on the rest. With
+    per-parameter learning-rate factors (muP, vidit/models/mup.py), each parameter's update is
+    scaled by its factor; with a `trainable` mask (LoRA), only the True parameters are clipped,
+    updated and given optimizer state."""
+    name = optim.get("name", "adamw")
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"config.optim.name='{name}' is not one of {list(OPTIMIZERS)}")
+    clip = optax.clip_by_global_norm(optim.clip_norm) if optim.clip_norm else optax.identity()
+    if name == "muon":
+        if matrix_axes is None or lr_multipliers is not None or trainable is not None:
+            raise ConfigError("config.optim.name='muon' trains a DiT or Wan model's matrices; "
+                              "it does not combine with muP or LoRA")
+        return optax.chain(clip, optax.contrib.muon(
+            schedule, beta=optim.get("muon_beta", 0.95), weight_decay=optim.weight_decay,
+            weight_decay_mask=decay_mask(params), adam_b1=optim.b1, adam_b2=optim.b2,
+            eps=optim.eps, adam_weight_decay=0.0, muon_weight_dimension_numbers=matrix_axes,
+            consistent_rms=MUON_RMS))
+    tx = [clip, optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                            weight_decay=optim.weight_decay, mask=decay_mask(params))]
     if lr_multipliers is not None:
         labels = jax.tree.map(repr, lr_multipliers)
         factors = {repr(f): f for f in jax.tree.leaves(lr_multipliers)}
@@ -162,7 +207,9 @@ class Setup:
                        if config.model.get("kind", "dit") == "dit" else None)
         self.tx = make_optimizer(config.optim, self.lr_schedule, abstract_params, multipliers,
                                  lora.trainable(abstract_params) if lora.enabled(config.model)
-                                 else None)
+                                 else None,
+                                 muon_axes(abstract_model, self.param_names)
+                                 if config.optim.get("name", "adamw") == "muon" else None)
         param_shardings = sharding.tree_shardings(abstract_params, self.param_names, mesh, rules)
         abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
         repl = sharding.replicated(mesh)
