@@ -4,9 +4,10 @@
 
 The moving_digits recipe (4 x 128 DiT, batch 8) on 4-frame clips instead of 8: 128 tokens per
 clip, so a step costs about half as much; digit shapes need more updates, not longer clips.
-Twice moving_digits' learning rate, stratified training times, a power-function EMA and
-guidance 5: 94.95% class accuracy over four training seeds (94.4-96.2%) after 4800 steps, 6-12
-minutes of training on 2 CPU cores. Samples (one per digit 0-9) land in
+Twice moving_digits' learning rate, stratified training times, a power-function EMA, Muon on
+the blocks' weight matrices and guidance 5: 99.2% / 98.8% class accuracy on training seeds 0 /
+1 after 3200 steps, 6-14 minutes of training on 2 CPU cores (AdamW for 4800 steps, the same
+wall: 94.95% over four seeds). Samples (one per digit 0-9) land in
 runs/quickstart/samples/. Its time and sample quality: docs/quickstart.
 
 Variants: smoke, objective=<flow|meanflow|...> (as in moving_digits; docs/few_step/README.md
@@ -21,7 +22,7 @@ def get_config(arg=None):
     c = moving_digits.get_config(f"objective={arg.objective}")
     c.data.num_frames = 4  # 2 x 8 x 8 = 128 tokens with the (2, 4, 4) patch
     c.optim.warmup_steps = 100
-    c.train.steps = 4800  # about 6 minutes on 2 CPU cores (docs/quickstart)
+    c.train.steps = 4800  # the few-step objectives' budget; flow takes 3200 Muon steps below
     if arg.objective == "flow":
         # lr 2e-3 (moving_digits: 1e-3) and guidance 5: 96.8% class accuracy (seed 0, 500
         # samples, independent times) where 1e-3 gave 91.0% at guidance 5 and 78.4% at 3.
@@ -37,6 +38,13 @@ def get_config(arg=None):
         # 94.6 / 94.4 / 94.6% against 95.2 / 93.6 / 94.6 / 93.6%, and every seed's digits keep
         # their class in more frames; a longer average (p = 3) lost 1.6 points (docs/quickstart).
         c.ema_power = 16.0
+        # Muon (Jordan et al. 2024) on the blocks' weight matrices, AdamW on the rest
+        # (train_state.make_optimizer). A step costs ~1.5x AdamW's on this small model (the
+        # Newton-Schulz products of 48 small matrices), so 3200 steps take about the wall time
+        # of AdamW's 4800. Seeds 0 / 1: 99.2 / 98.8% class accuracy, frame agreement 0.93 /
+        # 0.91, against 96.2 / 94.6% and 0.87 / 0.87 for AdamW at 4800 steps (docs/quickstart).
+        c.optim.name = "muon"
+        c.train.steps = 3200
     c.train.eval_every = c.train.ckpt_every = c.train.steps // 2
     if arg.smoke:
         config_lib.make_smoke(c)
