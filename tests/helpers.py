@@ -28,3 +28,18 @@ def event_scalars(files) -> dict:
             for value in event.summary.value:
                 out.setdefault(value.tag, {})[event.step] = value.simple_value
     return out
+
+
+def import_benchmark(name: str):
+    """A script of benchmarks/ as a module (benchmarks/ is not a package)."""
+    import importlib
+    import os
+    import sys
+
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "benchmarks")
+    sys.path.insert(0, folder)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(folder)

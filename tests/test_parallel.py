@@ -5,8 +5,6 @@ Tolerance: rtol 1e-5 on the loss, atol 2e-6 + rtol 1e-4 on gradients (f32; the s
 sum in a different order).
 """
 import functools
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +17,8 @@ from vidit.models import context_parallel
 from vidit.train_state import Setup
 from vidit import checks
 from vidit.errors import ConfigError
+
+from tests.helpers import import_benchmark
 
 VIDEO = (2, 4, 8, 8, 1)  # [B, T, H, W, C]; patch (1, 2, 2) -> 64 tokens
 
@@ -127,13 +127,7 @@ def test_accelerator_only_backends_are_rejected_on_cpu(backend):
 
 def test_chunked_attention_memory_grows_linearly():
     """Compiled peak memory at 4x the tokens is <= 5x for chunked, ~16x for dense."""
-    sys_path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                            "benchmarks")
-    sys.path.insert(0, sys_path)
-    try:
-        import attention_memory
-    finally:
-        sys.path.remove(sys_path)
+    attention_memory = import_benchmark("attention_memory")
     chunked = [attention_memory.peak_bytes("chunked", n, 4, 32, 1) for n in (1024, 4096)]
     dense = [attention_memory.peak_bytes("dense", n, 4, 32, 1) for n in (1024, 4096)]
     assert chunked[1] / chunked[0] <= 5

@@ -9,7 +9,6 @@ import copy
 import json
 import os
 import shutil
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +20,8 @@ from safetensors.numpy import load_file
 from vidit import flops, wan_weights
 from vidit.errors import ConfigError, LoadError
 from vidit.models import wan
+
+from tests.helpers import import_benchmark
 
 HERE = os.path.join(os.path.dirname(__file__), "fixtures", "wan")
 FOLDER = os.path.join(HERE, "wan_tiny", "transformer")
@@ -266,13 +267,7 @@ def test_start_up_checks_refuse_a_wan_without_frozen_text_or_flow():
 def test_the_speed_benchmark_builds_wan_at_the_sizes_it_is_given():
     """benchmarks/train_step.py --model wan (the vidit side of versus_torch.py) trains Wan's block
     at the requested sizes: the parameters the analytic count predicts, a finite loss."""
-    bench_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                             "benchmarks")
-    sys.path.insert(0, bench_dir)
-    try:
-        import train_step
-    finally:
-        sys.path.remove(bench_dir)
+    train_step = import_benchmark("train_step")
     args = train_step.parser().parse_args(
         ["--model", "wan", "--depth", "1", "--width", "24", "--heads", "2", "--mlp", "40",
          "--batch", "1", "--res", "8", "--text_tokens", "3", "--text_width", "16"])
