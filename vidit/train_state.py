@@ -87,13 +87,10 @@ def muon_axes(model: nnx.Module, names: Any) -> Any:
     for path, node in nnx.iter_graph(model):
         if not (isinstance(node, layers.Dense) and path[:1] == ("blocks",)):
             continue
-        keys = list(path)
-        parent = axes
-        for k in keys:
-            parent = parent[k]
-        n = names
-        for k in keys + ["kernel"]:
-            n = n[k]
+        parent, n = axes, names
+        for k in path:
+            parent, n = parent[k], n[k]
+        n = n["kernel"]
         start = 1 if n[0] == "layers" else 0
         reduction = tuple(range(start, start + node.num_in))
         output = tuple(i for i in range(start + node.num_in, len(n)) if n[i] is not None)
