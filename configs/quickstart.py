@@ -39,7 +39,7 @@ def get_config(arg=None):
         # their class in more frames; a longer average (p = 3) lost 1.6 points (docs/quickstart).
         c.ema_power = 16.0
         # Muon (Jordan et al. 2024) on the blocks' weight matrices, AdamW on the rest
-        # (train_state.make_optimizer). A step costs 1.6-1.7x AdamW's on this small model (the
+        # (train_state.make_optimizer). A step costs 1.5-1.7x AdamW's on this small model (the
         # Newton-Schulz products of 48 small matrices), so 3200 steps take about the wall time
         # of AdamW's 4800. Seeds 0-3: 99.2 / 98.8 / 97.8 / 99.2% class accuracy, frame
         # agreement 0.93 / 0.91 / 0.93 / 0.96, against 96.2 / 94.6 / 94.4 / 94.6% and
