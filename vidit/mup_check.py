@@ -5,7 +5,6 @@ on the shipped DiT, `benchmarks/mup_coord_check.py` plots it (docs/mup).
 """
 from __future__ import annotations
 
-import types
 from typing import Any
 
 import jax
@@ -13,6 +12,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from vidit import config_lib
 from vidit.models import dit, layers, mup
 from vidit.train_state import make_optimizer
 
@@ -33,7 +33,8 @@ def coordinate_check(cfg: Any, widths, *, steps: int = 4, lr: float = 1e-2, batc
     x, target = jax.random.normal(key_x, shape), jax.random.normal(key_y, shape)
     t = jax.random.uniform(key_t, (batch,))
     cond = {"label": jnp.arange(batch) % cfg.num_classes} if cfg.cond == "class" else {}
-    optim = types.SimpleNamespace(clip_norm=0.0, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
+    optim = config_lib.base_config().optim  # AdamW at its defaults, no clipping or decay
+    optim.update(clip_norm=0.0, weight_decay=0.0)
 
     def activations(model):
         tokens, grid = layers.patchify(x, model.patch)

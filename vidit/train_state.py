@@ -106,7 +106,7 @@ def make_optimizer(optim: Any, schedule: optax.Schedule, params: Any,
     per-parameter learning-rate factors (muP, vidit/models/mup.py), each parameter's update is
     scaled by its factor; with a `trainable` mask (LoRA), only the True parameters are clipped,
     updated and given optimizer state."""
-    name = getattr(optim, "name", "adamw")  # a ConfigDict or a plain namespace (mup_check)
+    name = optim.get("name", "adamw")
     if name not in OPTIMIZERS:
         raise ConfigError(f"config.optim.name='{name}' is not one of {list(OPTIMIZERS)}")
     clip = optax.clip_by_global_norm(optim.clip_norm) if optim.clip_norm else optax.identity()
@@ -115,7 +115,7 @@ def make_optimizer(optim: Any, schedule: optax.Schedule, params: Any,
             raise ConfigError("config.optim.name='muon' trains a DiT or Wan model's matrices; "
                               "it does not combine with muP or LoRA")
         return optax.chain(clip, optax.contrib.muon(
-            schedule, beta=getattr(optim, "muon_beta", 0.95), weight_decay=optim.weight_decay,
+            schedule, beta=optim.get("muon_beta", 0.95), weight_decay=optim.weight_decay,
             weight_decay_mask=decay_mask(params), adam_b1=optim.b1, adam_b2=optim.b2,
             eps=optim.eps, adam_weight_decay=0.0, muon_weight_dimension_numbers=matrix_axes,
             consistent_rms=MUON_RMS))
