@@ -77,15 +77,22 @@ OPTIMIZERS = ("adamw", "muon")
 MUON_RMS = 0.2
 
 
-def muon_axes(model: nnx.Module, names: Any) -> Any:
+def muon_axes(model: nnx.Module, names: Any, exclude: Any = ()) -> Any:
     """Muon's matrix view of each parameter (a pure dict like the params): for every Dense
     kernel inside the transformer blocks, its input axes (reduction) and output axes; None
     (AdamW) for the rest - embeddings, the patch, time and output projections, norms, biases.
     Axes named None (qkv's 3, adaLN's 6 stacked projections) and a scan's 'layers' axis are
-    batch axes: each projection is orthogonalised on its own."""
+    batch axes: each projection is orthogonalised on its own. Dense modules whose attribute name
+    is in `exclude` stay on AdamW."""
     axes = jax.tree.map(lambda _: None, names, is_leaf=lambda x: isinstance(x, tuple))
+    block_dense = {path[-1] for path, node in nnx.iter_graph(model)
+                   if isinstance(node, layers.Dense) and path[:1] == ("blocks",)}
+    if unknown := sorted(set(exclude) - block_dense):
+        raise ConfigError(f"config.optim.muon_exclude names {unknown}, not Dense modules of the "
+                          f"blocks: {sorted(block_dense)}")
     for path, node in nnx.iter_graph(model):
-        if not (isinstance(node, layers.Dense) and path[:1] == ("blocks",)):
+        if not (isinstance(node, layers.Dense) and path[:1] == ("blocks",)
+                and path[-1] not in exclude):
             continue
         parent, n = axes, names
         for k in path:
@@ -111,6 +118,8 @@ def make_optimizer(optim: Any, schedule: optax.Schedule, params: Any,
         raise ConfigError(f"config.optim.name='{name}' is not one of {list(OPTIMIZERS)}")
     clip = optax.clip_by_global_norm(optim.clip_norm) if optim.clip_norm else optax.identity()
     if name == "muon":
+        if int(optim.get("muon_ns_steps", 5)) < 1:
+            raise ConfigError(f"config.optim.muon_ns_steps={optim.muon_ns_steps} must be >= 1")
         if matrix_axes is None or lr_multipliers is not None or trainable is not None:
             raise ConfigError("config.optim.name='muon' trains a DiT or Wan model's matrices; "
                               "it does not combine with muP or LoRA")
@@ -118,7 +127,7 @@ def make_optimizer(optim: Any, schedule: optax.Schedule, params: Any,
             schedule, beta=optim.get("muon_beta", 0.95), weight_decay=optim.weight_decay,
             weight_decay_mask=decay_mask(params), adam_b1=optim.b1, adam_b2=optim.b2,
             eps=optim.eps, adam_weight_decay=0.0, muon_weight_dimension_numbers=matrix_axes,
-            consistent_rms=MUON_RMS))
+            consistent_rms=MUON_RMS, ns_steps=optim.get("muon_ns_steps", 5)))
     tx = [clip, optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
                             weight_decay=optim.weight_decay, mask=decay_mask(params))]
     if lr_multipliers is not None:
@@ -205,7 +214,8 @@ class Setup:
         self.tx = make_optimizer(config.optim, self.lr_schedule, abstract_params, multipliers,
                                  lora.trainable(abstract_params) if lora.enabled(config.model)
                                  else None,
-                                 muon_axes(abstract_model, self.param_names)
+                                 muon_axes(abstract_model, self.param_names,
+                                           tuple(config.optim.get("muon_exclude", ())))
                                  if config.optim.get("name", "adamw") == "muon" else None)
         param_shardings = sharding.tree_shardings(abstract_params, self.param_names, mesh, rules)
         abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
