@@ -139,7 +139,7 @@ def prompt_sets(config, labels: np.ndarray) -> dict:
     return out
 
 
-def evaluate(path: str, *, step_counts, num: int, guidance: float | None = None,
+def evaluate(path: str, *, step_counts=None, num: int, guidance: float | None = None,
              batch: int = 50, checkpoint_step: int | None = None,
              classifier_steps: int = classifier.DEFAULT_STEPS) -> dict:
     run = run_lib.load(path, step=checkpoint_step)
@@ -147,6 +147,7 @@ def evaluate(path: str, *, step_counts, num: int, guidance: float | None = None,
     labels = np.arange(num) % config.model.num_classes
     conds = prompt_sets(config, labels)
     guidance = float(config.sample.guidance if guidance is None else guidance)
+    step_counts = step_counts or [int(config.sample.steps)]
     data_cfg = pixel_data(config, run.autoencoder)
     clf = classifier_for(data_cfg, classifier_steps)
     real, _ = real_clips(data_cfg, num)
@@ -208,7 +209,8 @@ def main(argv):
     f = flags.FLAGS
     cli.setup()
     try:
-        report = evaluate(f.workdir, step_counts=[int(s) for s in f.steps.split(",")],
+        report = evaluate(f.workdir, step_counts=[int(s) for s in f.steps.split(",")]
+                          if f.steps else None,
                           num=f.num, guidance=f.guidance, batch=f.batch,
                           checkpoint_step=f.checkpoint_step,
                           classifier_steps=f.classifier_steps)
@@ -223,7 +225,8 @@ def main(argv):
 def define_flags():
     from absl import flags
     flags.DEFINE_string("workdir", None, "Training workdir or export folder.")
-    flags.DEFINE_string("steps", "50", "Comma-separated sampling step counts.")
+    flags.DEFINE_string("steps", None, "Comma-separated sampling step counts (default: the "
+                        "config's sample.steps).")
     flags.DEFINE_integer("num", 200, "Samples per step count (labels cycle over the classes).")
     flags.DEFINE_float("guidance", None, "Guidance scale (default: the config's).")
     flags.DEFINE_integer("batch", 50, "Sampling batch size.")
