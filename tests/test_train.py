@@ -483,6 +483,42 @@ def test_muon_orthogonalises_the_block_matrices_and_adams_the_rest(data_dir, sca
     assert bool(m["finite"])
 
 
+def test_muon_options_exclude_modules_and_set_newton_schulz_steps(data_dir):
+    """optim.muon_exclude keeps the named block modules (adaLN's 'ada') on AdamW: their first
+    update is Nesterov AdamW's +-lr * (1 + b1 / (1 + b1)); optim.muon_ns_steps sets how far each
+    update is orthogonalised: one Newton-Schulz step leaves the singular values spread wider
+    than five."""
+    def first_updates(**overrides):
+        c = smoke_config(data_dir, **{"optim.name": "muon", "optim.warmup_steps": 0,
+                                      "optim.schedule": "constant", "optim.lr": 1e-2,
+                                      "optim.clip_norm": 0.0, **overrides})
+        setup = Setup(c, sharding.make_mesh(dict(fsdp=1), jax.devices()[:1]))
+        params = setup.init().params
+        grads = jax.tree.map(lambda p: jax.random.normal(jax.random.key(p.size % 97), p.shape),
+                             params)
+        return setup.tx.update(grads, setup.tx.init(params), params)[0]["blocks"][0]
+
+    adam_step = 1e-2 * (1 + 0.9 / 1.9)
+    default = first_updates()
+    assert not np.allclose(np.abs(np.asarray(default["ada"]["kernel"])), adam_step, rtol=1e-3)
+    excluded = first_updates(**{"optim.muon_exclude": ("ada",)})
+    np.testing.assert_allclose(np.abs(np.asarray(excluded["ada"]["kernel"])), adam_step,
+                               rtol=1e-3)
+    np.testing.assert_allclose(excluded["attn"]["qkv"]["kernel"],
+                               default["attn"]["qkv"]["kernel"], rtol=1e-5, atol=1e-8)
+
+    def spread(update):  # q's singular values: max / median
+        q = np.asarray(update["attn"]["qkv"]["kernel"])[:, 0]
+        sv = np.linalg.svd(q.reshape(q.shape[0], -1), compute_uv=False)
+        return sv.max() / np.median(sv)
+
+    assert spread(first_updates(**{"optim.muon_ns_steps": 1})) > 1.5 * spread(default)
+    with pytest.raises(ConfigError, match=r"muon_exclude names \['adaln'\]"):
+        first_updates(**{"optim.muon_exclude": ("adaln",)})
+    with pytest.raises(ConfigError, match="muon_ns_steps=0"):
+        first_updates(**{"optim.muon_ns_steps": 0})
+
+
 def test_muon_refuses_what_it_cannot_train(data_dir):
     c = smoke_config(data_dir, **{"optim.name": "lion"})
     with pytest.raises(ConfigError, match="config.optim.name='lion'"):
@@ -495,7 +531,7 @@ def test_evaluate_reports_every_step_count(data_dir, tmp_path, monkeypatch):
     from vidit import evaluate
     from vidit.eval import classifier
 
-    c = smoke_config(data_dir, **{"train.steps": 2, "train.ckpt_every": 2})
+    c = smoke_config(data_dir, **{"train.steps": 2, "train.ckpt_every": 2, "sample.steps": 3})
     workdir = str(tmp_path / "run")
     train_lib.train(c, workdir, stop_at=2)
     asked = []
@@ -511,6 +547,9 @@ def test_evaluate_reports_every_step_count(data_dir, tmp_path, monkeypatch):
         assert 0.0 <= r["precision"] <= 1.0 and 0.0 <= r["recall"] <= 1.0
         assert r["samples_per_s"] > 0
     assert "| 2 |" in evaluate.markdown(report)
+    # Without step counts: the run's own sampler (config.sample.steps), as the quickstart samples.
+    default = evaluate.evaluate(workdir, num=4, batch=4, classifier_steps=600)
+    assert [r["steps"] for r in default["results"]] == [3]
 
 
 def test_vp_objective_trains_and_samples(data_dir, tmp_path):
