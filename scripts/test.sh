@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/venv.sh  # the project's .venv (created on the first run), or $VIDIT_PYTHON
-"$PYTHON" -m pip install --quiet --disable-pip-version-check -e ".[test,video,tpu]"
+# --no-compile: modules are byte-compiled on first import, not all at install (faster).
+"$PYTHON" -m pip install --quiet --disable-pip-version-check --no-compile -e ".[test,video,tpu]"
 export JAX_PLATFORMS=cpu
 # Two worker processes (pytest-xdist), whole files per worker so module-level compile caches
 # are shared (about 1.7x faster than one process on 2 cores), the longest files first
