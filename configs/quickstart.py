@@ -46,6 +46,10 @@ def get_config(arg=None):
         # 0.87 / 0.87 / 0.85 / 0.90 for AdamW at 4800 steps. 1600 steps: 87.8% (docs/quickstart).
         c.optim.name = "muon"
         c.train.steps = 3200
+        # 25 Euler steps sample as well as 50 at half the time (the quick evaluation's and the
+        # samples'): seeds 0 / 2 98.6 / 97.8% and frame agreement 0.93 / 0.93 against 99.2 /
+        # 97.8% and 0.93 / 0.93 at 50 steps, the same checkpoints (docs/quickstart).
+        c.sample.steps = 25
     c.train.eval_every = c.train.ckpt_every = c.train.steps // 2
     if arg.smoke:
         config_lib.make_smoke(c)
