@@ -18,6 +18,7 @@ import dataclasses
 import fcntl
 import functools
 import os
+import sys
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -339,6 +340,8 @@ def load_builder(data_dir=None, **kwargs) -> MovingDigits:
                   f"validation clips) in {builder.data_dir} ...", flush=True)
             # ArrayRecord writes local files only: a bucket's copy is built locally, then
             # uploaded (vidit/storage.py); readers read it from the bucket.
+            if not sys.stderr.isatty():  # logs (CI, SLURM): the two lines around it suffice,
+                tfds.display_progress_bar(False)  # not a bar redrawn into the file
             with storage.staged(data_dir) as local_dir:
                 local = MovingDigits(data_dir=local_dir, **kwargs)
                 local.download_and_prepare()

@@ -158,6 +158,8 @@ def test_concurrent_first_builds_both_succeed(tmp_path):
         assert rc == 0, err[-2000:]
         assert out.split()[-1] == "64"
     assert sum("Building" in out for out, _, _ in results) == 1  # one built, one waited
+    # Output to a pipe (a log file): no TFDS progress bar redrawn into it.
+    assert not any("examples/s" in err or "Generating" in err for _, err, _ in results)
 
 
 # --------------------------------------------------------------------------- #
