@@ -85,14 +85,14 @@ def muon_axes(model: nnx.Module, names: Any, exclude: Any = ()) -> Any:
     batch axes: each projection is orthogonalised on its own. Dense modules whose attribute name
     is in `exclude` stay on AdamW."""
     axes = jax.tree.map(lambda _: None, names, is_leaf=lambda x: isinstance(x, tuple))
-    block_dense = {path[-1] for path, node in nnx.iter_graph(model)
-                   if isinstance(node, layers.Dense) and path[:1] == ("blocks",)}
-    if unknown := sorted(set(exclude) - block_dense):
+    block_dense = [(path, node) for path, node in nnx.iter_graph(model)
+                   if isinstance(node, layers.Dense) and path[:1] == ("blocks",)]
+    names_in_blocks = {path[-1] for path, _ in block_dense}
+    if unknown := sorted(set(exclude) - names_in_blocks):
         raise ConfigError(f"config.optim.muon_exclude names {unknown}, not Dense modules of the "
-                          f"blocks: {sorted(block_dense)}")
-    for path, node in nnx.iter_graph(model):
-        if not (isinstance(node, layers.Dense) and path[:1] == ("blocks",)
-                and path[-1] not in exclude):
+                          f"blocks: {sorted(names_in_blocks)}")
+    for path, node in block_dense:
+        if path[-1] in exclude:
             continue
         parent, n = axes, names
         for k in path:
