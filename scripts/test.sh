@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/venv.sh  # the project's .venv (created on the first run), or $VIDIT_PYTHON
-# --no-compile: modules are byte-compiled on first import, not all at install (faster).
+# --no-compile: modules are byte-compiled on first import, not all at install (scripts/quickstart.sh).
 "$PYTHON" -m pip install --quiet --disable-pip-version-check --no-compile -e ".[test,video,tpu]"
 export JAX_PLATFORMS=cpu
 # Two worker processes (pytest-xdist), whole files per worker so module-level compile caches

@@ -119,7 +119,7 @@ def base_config() -> ml_collections.ConfigDict:
         name="adamw",
         muon_beta=0.95,  # Muon's momentum
         # Newton-Schulz iterations that orthogonalise each update; 3 made the quickstart's step
-        # 19% cheaper and its samples 5 points worse (docs/quickstart).
+        # 19% cheaper and its samples 5.6 points worse (docs/quickstart).
         muon_ns_steps=5,
         # Dense modules inside the blocks that stay on AdamW, by attribute name (e.g. "ada", the
         # adaLN modulation): fewer Newton-Schulz products per step.

@@ -118,8 +118,9 @@ def make_optimizer(optim: Any, schedule: optax.Schedule, params: Any,
         raise ConfigError(f"config.optim.name='{name}' is not one of {list(OPTIMIZERS)}")
     clip = optax.clip_by_global_norm(optim.clip_norm) if optim.clip_norm else optax.identity()
     if name == "muon":
-        if int(optim.get("muon_ns_steps", 5)) < 1:
-            raise ConfigError(f"config.optim.muon_ns_steps={optim.muon_ns_steps} must be >= 1")
+        ns_steps = int(optim.get("muon_ns_steps", 5))
+        if ns_steps < 1:
+            raise ConfigError(f"config.optim.muon_ns_steps={ns_steps} must be >= 1")
         if matrix_axes is None or lr_multipliers is not None or trainable is not None:
             raise ConfigError("config.optim.name='muon' trains a DiT or Wan model's matrices; "
                               "it does not combine with muP or LoRA")
@@ -127,7 +128,7 @@ def make_optimizer(optim: Any, schedule: optax.Schedule, params: Any,
             schedule, beta=optim.get("muon_beta", 0.95), weight_decay=optim.weight_decay,
             weight_decay_mask=decay_mask(params), adam_b1=optim.b1, adam_b2=optim.b2,
             eps=optim.eps, adam_weight_decay=0.0, muon_weight_dimension_numbers=matrix_axes,
-            consistent_rms=MUON_RMS, ns_steps=optim.get("muon_ns_steps", 5)))
+            consistent_rms=MUON_RMS, ns_steps=ns_steps))
     tx = [clip, optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
                             weight_decay=optim.weight_decay, mask=decay_mask(params))]
     if lr_multipliers is not None:
