@@ -50,8 +50,8 @@ fi
 git clone --quiet "$repo" "$work/vidit"
 cd "$work/vidit"
 start=$(date +%s)
-# As on a fresh machine: no pip cache, and vidit's dataset, classifier and XLA caches empty.
+# As on a fresh machine: no pip or uv cache, and vidit's dataset, classifier and XLA caches empty.
 env -u VIDIT_PYTHON PATH="$system/bin:$PATH" WORKDIR="$work/run" PIP_NO_CACHE_DIR=1 \
     VIDIT_DATA_DIR="$work/cache/datasets" VIDIT_CACHE="$work/cache" \
-    VIDIT_XLA_CACHE="$work/cache/xla" scripts/quickstart.sh
+    UV_CACHE_DIR="$work/cache/uv" VIDIT_XLA_CACHE="$work/cache/xla" scripts/quickstart.sh
 echo "quickstart from a fresh clone under a PEP 668 Python: $(( $(date +%s) - start )) s"

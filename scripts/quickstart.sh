@@ -9,10 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 started=$(date +%s)
 source scripts/venv.sh
-# --no-compile: Python byte-compiles each module on its first import instead of pip compiling
-# every file it installs (most of jaxlib, scipy, ... are never imported): a fresh install took
-# 105 s against 178 s (2026-12-07, docs/quickstart).
-"$PYTHON" -m pip install --quiet --disable-pip-version-check --no-compile -e ".[video]"
+source scripts/install.sh
+install_vidit video  # with uv, or pip (scripts/install.sh)
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
 WORKDIR="${WORKDIR:-runs/quickstart}"
 "$PYTHON" -m vidit.train --config configs/quickstart.py --workdir "$WORKDIR" "$@"

@@ -4,8 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/venv.sh  # the project's .venv (created on the first run), or $VIDIT_PYTHON
-# --no-compile: modules are byte-compiled on first import, not all at install (scripts/quickstart.sh).
-"$PYTHON" -m pip install --quiet --disable-pip-version-check --no-compile -e ".[test,video,tpu]"
+source scripts/install.sh
+install_vidit test,video,tpu  # with uv, or pip (scripts/install.sh)
 export JAX_PLATFORMS=cpu
 # Two worker processes (pytest-xdist), whole files per worker so module-level compile caches
 # are shared (about 1.7x faster than one process on 2 cores), the longest files first
