@@ -552,6 +552,29 @@ def test_evaluate_reports_every_step_count(data_dir, tmp_path, monkeypatch):
     assert [r["steps"] for r in default["results"]] == [3]
 
 
+def test_evaluate_classifier_only_caches_the_scorer_for_a_config(data_dir, tmp_path,
+                                                                 monkeypatch):
+    """`vidit.evaluate --config ... --classifier_only` (the quickstart trains its quick check's
+    classifier beside the model): trained for the config's data, cached where the evaluation
+    of the trained run looks, which then loads it instead of training another."""
+    from vidit import evaluate
+    from vidit.eval import classifier
+
+    monkeypatch.setenv("VIDIT_CACHE", str(tmp_path / "cache"))
+    c = smoke_config(data_dir)
+    evaluate.prepare_classifier(c, 5)
+    (cached,) = (tmp_path / "cache" / "classifiers").iterdir()
+    assert "_steps5" in cached.name and classifier.saved_info(cached)["extra"]["steps"] == 5
+    trained = []
+    monkeypatch.setattr(classifier, "train_classifier", lambda *a, **k: trained.append(1))
+    assert isinstance(evaluate.classifier_for(c.data, 5), classifier.FrameClassifier)
+    assert not trained
+    with c.unlocked():
+        c.data.autoencoder = str(tmp_path / "vae")  # a latent DiT: scored on its VAE's pixels
+    with pytest.raises(ValueError, match="pixel-space config"):
+        evaluate.prepare_classifier(c, 5)
+
+
 def test_vp_objective_trains_and_samples(data_dir, tmp_path):
     """The DiT paper's objective runs through the same trainer (config variant objective=vp)."""
     c = moving_digits.get_config("smoke,objective=vp")

@@ -3,6 +3,7 @@
     python -m vidit.evaluate --workdir runs/digits --steps 50 --num 200
     python -m vidit.evaluate --workdir runs/meanflow --steps 1,2,4,50 --num 500
     python -m vidit.evaluate --workdir runs/text_minilm --num 500   # seen and paraphrased captions
+    python -m vidit.evaluate --config configs/quickstart.py --classifier_only   # cache the scorer
 
 For each step count (and for a text-conditional moving-digits run, for captions in the
 dataset's own phrasing and for paraphrases never seen in training): class accuracy of the samples
@@ -203,11 +204,30 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def prepare_classifier(config, classifier_steps: int) -> None:
+    """Train and cache the scoring classifier for a pixel-space config's data, before or while
+    its model trains (scripts/quickstart.sh runs this at low priority beside the training)."""
+    if config.data.get("autoencoder") and config.model.get("kind", "dit") != "vae":
+        raise ValueError("--classifier_only takes a pixel-space config; a latent DiT's scorer is "
+                         "its VAE's data's: evaluate the trained run with --workdir")
+    classifier_for(config.data, classifier_steps)
+
+
 def main(argv):
     del argv
     from absl import flags
     f = flags.FLAGS
     cli.setup()
+    if f.classifier_only:
+        if f.config is None:
+            sys.exit("error: --classifier_only needs --config (the run's config file)")
+        try:
+            prepare_classifier(f.config, f.classifier_steps)
+        except (LoadError, ValueError) as e:
+            sys.exit(f"error: {e}")
+        return
+    if f.workdir is None:
+        sys.exit("error: --workdir is required (the run or export to evaluate)")
     try:
         report = evaluate(f.workdir, step_counts=[int(s) for s in f.steps.split(",")]
                           if f.steps else None,
@@ -224,6 +244,7 @@ def main(argv):
 
 def define_flags():
     from absl import flags
+    from ml_collections import config_flags
     flags.DEFINE_string("workdir", None, "Training workdir or export folder.")
     flags.DEFINE_string("steps", None, "Comma-separated sampling step counts (default: the "
                         "config's sample.steps).")
@@ -234,7 +255,10 @@ def define_flags():
     flags.DEFINE_string("out", None, "Output folder (default: <workdir>/eval).")
     flags.DEFINE_integer("classifier_steps", classifier.DEFAULT_STEPS, "Training steps of the "
                          "scoring frame classifier; fewer give a quick check (cached apart)")
-    flags.mark_flags_as_required(["workdir"])
+    flags.DEFINE_bool("classifier_only", False, "Only train and cache the scoring classifier for "
+                      "--config's data (with --classifier_steps), then exit; needs no run.")
+    config_flags.DEFINE_config_file("config", None, "With --classifier_only: a config file "
+                                    "(path[:variant]) whose data the classifier is for.")
 
 
 def entry_point():

@@ -343,7 +343,8 @@ def _pipeline_clips(data_cfg: Any, split: str, num: int, seed: int, train: bool)
 
     cfg = data_config.defaults()
     cfg.update(data_cfg)
-    cfg.batch_size = min(64, num)
+    # whole batches only: no larger than the split (a smoke build's 16 validation clips)
+    cfg.batch_size = max(1, min(64, num, pipeline.load_builder(cfg).info.splits[split].num_examples))
     cfg.num_workers = 0
     # All rows on this process: the classifier is trained and cached by one process.
     iterator = pipeline.make_iterator(cfg, split, seed=seed, train=train, process_index=0, process_count=1)
@@ -354,6 +355,9 @@ def _pipeline_clips(data_cfg: Any, split: str, num: int, seed: int, train: bool)
         count += len(labels[-1])
         if count >= num:
             break
+    if not videos:
+        raise ValueError(f"the {split!r} split of dataset {cfg.name!r} gave no clips to train or "
+                         "validate the frame classifier on")
     return np.concatenate(videos)[:num], np.concatenate(labels)[:num]
 
 
