@@ -6,9 +6,8 @@ uv reads no pip.conf, so a machine that installs from a mirror, a local wheel fo
 constraints (pip.conf files, PIP_* variables) would otherwise resolve elsewhere than pip does.
 This reads pip's effective settings (`pip config list`, whose [global] and [install] values
 have the config files' precedence applied; PIP_* variables override both, as in pip) and
-passes the ones that choose packages to uv. Like pip, uv then
-takes the best version over all indexes (--index-strategy unsafe-best-match), not the first
-index's. Exits with uv's status.
+passes the ones that choose packages to uv. Like pip, uv then takes the best version over all
+indexes (--index-strategy unsafe-best-match), not the first index's. Exits with uv's status.
 """
 import ast
 import os

@@ -228,6 +228,9 @@ def main(argv):
         return
     if f.workdir is None:
         sys.exit("error: --workdir is required (the run or export to evaluate)")
+    if f.config is not None:
+        sys.exit("error: --config is for --classifier_only; an evaluation reads the run's own "
+                 "config from --workdir")
     try:
         report = evaluate(f.workdir, step_counts=[int(s) for s in f.steps.split(",")]
                           if f.steps else None,
