@@ -1,6 +1,6 @@
 # Sourced by the scripts after venv.sh: `install_vidit EXTRAS` installs vidit (editable) with its
 # dependencies and EXTRAS into $PYTHON's environment. uv, installed into that environment first,
-# fetches and unpacks the ~130 wheels in parallel from the indexes pip is configured with
+# fetches and unpacks the ~115 packages in parallel from the indexes pip is configured with
 # (scripts/uv_install.py): a fresh install took 14 s against 73 s with pip (2026-12-08,
 # docs/quickstart). VIDIT_INSTALLER=pip installs with pip; so does any failure of uv.
 install_vidit() {
