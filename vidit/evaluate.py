@@ -207,7 +207,7 @@ def markdown(report: dict) -> str:
 def prepare_classifier(config, classifier_steps: int) -> None:
     """Train and cache the scoring classifier for a pixel-space config's data, before or while
     its model trains (scripts/quickstart.sh runs this at low priority beside the training)."""
-    if config.data.get("autoencoder") and config.model.get("kind", "dit") != "vae":
+    if run_lib.autoencoder_path(config):
         raise ValueError("--classifier_only takes a pixel-space config; a latent DiT's scorer is "
                          "its VAE's data's: evaluate the trained run with --workdir")
     classifier_for(config.data, classifier_steps)

@@ -85,6 +85,13 @@ def check_shapes(loaded: dict, expected: dict, source: str) -> None:
                         + "\n  ".join(problems[:20]))
 
 
+def autoencoder_path(config) -> str:
+    """The VAE run a latent DiT's config names ('' for a pixel-space model, or a VAE itself)."""
+    if config.model.get("kind", "dit") == "vae":
+        return ""
+    return config.data.get("autoencoder") or ""
+
+
 def load(path, *, mesh=None, step: int | None = None) -> Run:
     """The run at `path` (local or gs://): an export folder, or a training workdir's newest
     checkpoint (or the one at `step`). Its parameters are laid out over `mesh` (default: FSDP
@@ -95,7 +102,7 @@ def load(path, *, mesh=None, step: int | None = None) -> Run:
     config = read_config(root)
     mesh = mesh or sharding.make_mesh({"fsdp": -1})
     config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, sequence=1))
-    ae_path = config.data.get("autoencoder") if config.model.get("kind", "dit") != "vae" else ""
+    ae_path = autoencoder_path(config)
     autoencoder = load_autoencoder(ae_path, mesh) if ae_path else None
     text_encoder = load_text_encoder(root, config, mesh)
     setup = Setup(config, mesh, autoencoder=autoencoder, text_encoder=text_encoder)
